@@ -1,0 +1,109 @@
+"""Adapter base: what the engine needs to know about one model family, and nothing about methods."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..engine.layout import SampleLayout
+from ..errors import UnsupportedModelError
+
+
+class SignalStore(dict):
+    """Per-forward vision signals, keyed by name, each indexed [vision_row, patch_index, ...].
+
+    Capture hooks write only while ``capturing`` is set (between the model call and the decoder call), so the
+    projector can be reused afterwards to project merged tokens without overwriting anything.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.capturing = False
+        self.wanted: set[str] = set()
+        self.patch_offset = 0  # index of the first patch token among the vision tower's tokens
+
+
+class Adapter:
+    """One model family. Subclasses list the transformers class names they handle."""
+
+    family: ClassVar[str]
+    model_class_names: ClassVar[tuple[str, ...]]
+    #: signals this adapter can capture
+    provides: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # -- structure ---------------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config(decoder=True)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.model.language_model
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    # -- per call ----------------------------------------------------------------------------------
+    def has_visual_input(self, call: dict[str, Any]) -> bool:
+        return call.get("pixel_values") is not None
+
+    def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
+        raise NotImplementedError(f"{type(self).__name__} must implement build_layouts")
+
+    def begin_capture(self, call: dict[str, Any], store: SignalStore) -> None:
+        """Called at the start of a forward with visual input: reset ``store`` and start capturing."""
+        store.clear()
+        store.capturing = bool(store.wanted)
+
+    def install_signal_hooks(self, store: SignalStore) -> list[Any]:
+        """Register the hooks that fill ``store`` with ``store.wanted``; return their handles."""
+        return []
+
+    def project(self, vision_hidden: torch.Tensor) -> torch.Tensor:
+        """Map vision-space tokens [M, dv] to LLM input embeddings [M, D]."""
+        raise NotImplementedError(f"{type(self).__name__} cannot project merged vision tokens")
+
+    def check_signals(self, needed: set[str], method_name: str) -> None:
+        missing = sorted(set(needed) - set(self.provides) - {"grid"})
+        if missing:
+            raise UnsupportedModelError(
+                f"method {method_name!r} needs signal(s) {', '.join(missing)}, which the {self.family} adapter "
+                f"cannot provide (it provides: {', '.join(self.provides) or 'none'}). Pick another method."
+            )
+
+
+_ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    _ADAPTERS.append(cls)
+    return cls
+
+
+def supported_model_classes() -> list[str]:
+    from . import llava  # noqa: F401  (registers the built-in adapters)
+
+    return sorted(name for cls in _ADAPTERS for name in cls.model_class_names)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    supported = supported_model_classes()
+    for klass in type(model).__mro__:
+        for cls in _ADAPTERS:
+            if klass.__name__ in cls.model_class_names:
+                return cls(model)
+    raise UnsupportedModelError(
+        f"vtprune has no adapter for {type(model).__name__}. Supported model classes: {', '.join(supported)}. "
+        "Load the model with its conditional-generation class (e.g. LlavaForConditionalGeneration), not the "
+        "bare backbone."
+    )

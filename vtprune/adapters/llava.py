@@ -1,0 +1,218 @@
+"""LLaVA-1.5 (``LlavaForConditionalGeneration``) and LLaVA-NeXT (``LlavaNextForConditionalGeneration``).
+
+Both use a CLIP-style vision tower with a CLS token and a per-token MLP projector. The visual signals come
+from forward pre-hooks on one vision attention module (the layer whose output feeds the projector) and on the
+projector; the CLS attention row is computed from that layer's q/k, so the tower keeps running on SDPA.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
+from ..errors import UnsupportedModelError
+from ..selectors.cls_attention import cls_attention_scores
+from .base import Adapter, SignalStore, register_adapter
+
+
+def _call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
+    return kwargs[name] if name in kwargs else (args[index] if len(args) > index else None)
+
+
+class _ClipLlavaAdapter(Adapter):
+    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid")
+
+    # -- vision tower ------------------------------------------------------------------------------
+    def _feature_strategy(self, call: dict[str, Any]) -> str:
+        return call.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+
+    def _feature_layer_index(self) -> int:
+        """Index of the encoder layer whose output is ``hidden_states[vision_feature_layer]``."""
+        feature_layer = self.config.vision_feature_layer
+        num_layers = self.config.vision_config.num_hidden_layers
+        if not isinstance(feature_layer, int):
+            raise UnsupportedModelError(
+                f"vision_feature_layer={feature_layer!r} (several layers) is not supported for vision signals; "
+                "use a method that needs no vision-encoder signal (e.g. divprune, random, pool)."
+            )
+        index = num_layers + feature_layer if feature_layer < 0 else feature_layer - 1
+        if not 0 <= index < num_layers:
+            raise UnsupportedModelError(f"vision_feature_layer={feature_layer} selects no encoder layer.")
+        return index
+
+    def _vision_layers(self):
+        tower = self.model.model.vision_tower
+        vision_model = getattr(tower, "vision_model", tower)
+        return vision_model.encoder.layers
+
+    def _patches_per_row(self) -> int:
+        vc = self.config.vision_config
+        return (vc.image_size // vc.patch_size) ** 2
+
+    def begin_capture(self, call: dict[str, Any], store: SignalStore) -> None:
+        super().begin_capture(call, store)
+        # signals are indexed like the projector's input: without the CLS token under the "default" strategy
+        store.patch_offset = 1 if self._feature_strategy(call) == "default" else 0
+
+    def install_signal_hooks(self, store: SignalStore) -> list[Any]:
+        handles = []
+        if store.wanted & {"cls_attention", "vit_keys"}:
+            attention = self._vision_layers()[self._feature_layer_index()].self_attn
+
+            def on_attention(module, args, kwargs):
+                if not store.capturing:
+                    return
+                hidden = _call_arg(args, kwargs, "hidden_states")  # [rows, T, dv] after layer_norm1
+                with torch.no_grad():
+                    rows, tokens, _ = hidden.shape
+                    keys = module.k_proj(hidden).view(rows, tokens, module.num_heads, module.head_dim)
+                    offset = store.patch_offset
+                    if "cls_attention" in store.wanted:
+                        cls_query = module.q_proj(hidden[:, 0]).view(rows, module.num_heads, module.head_dim)
+                        scores = torch.stack(
+                            [cls_attention_scores(cls_query[r], keys[r].transpose(0, 1), module.scale)
+                             for r in range(rows)]
+                        )  # [rows, T]
+                        store["cls_attention"] = scores[:, offset:]
+                    if "vit_keys" in store.wanted:
+                        store["vit_keys"] = keys.mean(dim=2)[:, offset:]  # [rows, P, dh], head-averaged
+
+            handles.append(attention.register_forward_pre_hook(on_attention, with_kwargs=True))
+        if "vit_hidden" in store.wanted:
+
+            def on_projector(module, args, kwargs):
+                if store.capturing:
+                    store["vit_hidden"] = _call_arg(args, kwargs, "image_features").detach()
+
+            projector = self.model.model.multi_modal_projector
+            handles.append(projector.register_forward_pre_hook(on_projector, with_kwargs=True))
+        return handles
+
+    def project(self, vision_hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.model.multi_modal_projector(vision_hidden)
+
+    # -- layout ------------------------------------------------------------------------------------
+    def _image_token_positions(self, call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = call["input_ids"]
+        batch_index, positions = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)
+        return batch_index.cpu(), positions.cpu()
+
+    def _split_spans(self, call, image_lengths: list[int], spans_builder) -> list[SampleLayout]:
+        batch_index, positions = self._image_token_positions(call)
+        if sum(image_lengths) != positions.numel():
+            raise UnsupportedModelError(
+                f"found {positions.numel()} image tokens in input_ids but the images produce "
+                f"{sum(image_lengths)} features; build the inputs with the model's processor."
+            )
+        layouts = [SampleLayout() for _ in range(call["input_ids"].shape[0])]
+        start = 0
+        for image_idx, length in enumerate(image_lengths):
+            rows = batch_index[start:start + length]
+            if rows.numel() and bool((rows != rows[0]).any()):
+                raise UnsupportedModelError("an image's tokens span two samples; the inputs are malformed.")
+            span = spans_builder(image_idx, positions[start:start + length])
+            layout = layouts[int(rows[0])]
+            layout.images.append(span)
+            layout.vision_inputs += span.num_vision_inputs
+            start += length
+        return layouts
+
+
+@register_adapter
+class LlavaAdapter(_ClipLlavaAdapter):
+    family = "llava"
+    model_class_names = ("LlavaForConditionalGeneration",)
+
+    def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
+        strategy = self._feature_strategy(call)
+        num_patches = self._patches_per_row() + (0 if strategy == "default" else 1)
+        side = math.isqrt(num_patches)
+        height = width = side if side * side == num_patches else None
+        num_images = call["pixel_values"].shape[0]
+        index = torch.arange(num_patches)
+
+        def span(image_idx: int, positions: torch.Tensor) -> ImageSpan:
+            group = TokenGroup(
+                members=index, height=height, width=width,
+                vision_row=torch.full((num_patches,), image_idx), patch_index=index,
+            )
+            return ImageSpan(
+                positions=positions, structural=torch.zeros(num_patches, dtype=torch.bool),
+                row=index // side if height else torch.zeros(num_patches, dtype=torch.long), groups=[group],
+            )
+
+        return self._split_spans(call, [num_patches] * num_images, span)
+
+
+@register_adapter
+class LlavaNextAdapter(_ClipLlavaAdapter):
+    """AnyRes: the base image, then the crops as one unpadded grid with an image-newline token after each row.
+
+    The layout is obtained by running the model's own ``pack_image_features`` on index tensors, so it always
+    matches the model's packing (crop order, unpadding, newline placement).
+    """
+
+    family = "llava_next"
+    model_class_names = ("LlavaNextForConditionalGeneration",)
+
+    def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        strategy = self._feature_strategy(call)
+        if strategy != "default":
+            raise UnsupportedModelError(
+                "LLaVA-NeXT with vision_feature_select_strategy='full' is not supported; use 'default'."
+            )
+        image_sizes = call["image_sizes"]
+        num_patches = self._patches_per_row()
+        side = math.isqrt(num_patches)
+        crops_per_image = [
+            image_size_to_num_patches(
+                image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                patch_size=self.config.vision_config.image_size,
+            )
+            for size in image_sizes
+        ]
+        index_features, row_offset = [], 0
+        for crops in crops_per_image:
+            rows = torch.arange(row_offset, row_offset + crops, dtype=torch.float32)
+            patch = torch.arange(num_patches, dtype=torch.float32)
+            feats = torch.stack(  # [crops, P, 3]: (vision row, patch index, 1 = content)
+                torch.broadcast_tensors(rows[:, None], patch[None, :], torch.ones(1, 1)), dim=-1
+            )
+            index_features.append(feats)
+            row_offset += crops
+        newline_marker = torch.tensor([-1.0, -1.0, 0.0])
+        packed, _ = self.model.model.pack_image_features(
+            index_features, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes,
+            vision_feature_select_strategy=strategy, image_newline=newline_marker,
+        )
+        spans = [self._image_span(p, crops > 1, num_patches, side) for p, crops in zip(packed, crops_per_image)]
+        return self._split_spans(call, [s.num_tokens for s in spans], lambda i, positions: _with_positions(
+            spans[i], positions))
+
+    @staticmethod
+    def _image_span(packed: torch.Tensor, has_crops: bool, num_patches: int, side: int) -> ImageSpan:
+        # packed: [n, 3] rows of (vision row, patch index, is_content)
+        structural = packed[:, 2] == 0
+        vision_row = packed[:, 0].round().long()
+        patch = packed[:, 1].round().long()
+        row = torch.cumsum(structural.long(), 0) - structural.long()  # newline closes the row it ends
+        if has_crops:
+            row[:num_patches] = -1  # the base image has no newline tokens
+        groups = []
+        content_rows = vision_row[~structural]
+        for r in torch.unique_consecutive(content_rows).tolist():
+            members = torch.nonzero((vision_row == r) & ~structural).flatten()
+            patch_index = patch[members]
+            height = int(torch.unique(patch_index // side).numel())
+            width = int(torch.unique(patch_index % side).numel())
+            groups.append(TokenGroup(members, height, width, torch.full_like(members, r), patch_index))
+        return ImageSpan(torch.empty(0, dtype=torch.long), structural, row, groups)
+
+
+def _with_positions(span: ImageSpan, positions: torch.Tensor) -> ImageSpan:
+    return ImageSpan(positions, span.structural, span.row, span.groups)

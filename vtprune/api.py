@@ -1,0 +1,89 @@
+"""The public entry points: apply / remove / pruned / methods / stats."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from torch import nn
+
+from .adapters.base import adapter_for
+from .budget import Budget, validate_budget
+from .engine.session import SESSION_ATTRIBUTE, PruneSession
+from .errors import VTPruneError
+from .registry import Method, MethodInfo, build_method, registered_methods
+from .stats import PruneStats
+
+
+def apply(
+    model: nn.Module,
+    method: str | Method | Sequence[str | Method],
+    budget: Budget = None,
+    *,
+    positions: str | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> nn.Module:
+    """Install visual-token pruning on ``model`` (in place) and return the same object.
+
+    ``method``     a registered name (see :func:`methods`), a configured :class:`Method`, or a list of them
+    ``budget``     int = equivalent visual tokens per image; float in (0, 1] = fraction; None = paper default
+    ``positions``  "original" or "compact" position ids for the kept tokens (default: the paper's)
+    ``options``    method options with the papers' names (e.g. ``dominant=54, contextual=10`` for visionzip)
+
+    Everything else about the model is unchanged: call ``model(...)`` / ``model.generate(...)`` as usual.
+    """
+    validate_budget(budget)
+    adapter = adapter_for(model)
+    names = [method] if isinstance(method, str | Method) else list(method)
+    if not names:
+        raise VTPruneError("method list is empty; pass a method name such as 'divprune'.")
+    if len(names) > 1 and options:
+        raise VTPruneError(
+            "options cannot be passed to vtprune.apply when composing methods; build each method with "
+            "vtprune.registry.build_method(name, budget, **options) and pass the list."
+        )
+    built = [build_method(m, budget=budget, positions=positions, seed=seed, **options)
+             if isinstance(m, str) else build_method(m) for m in names]
+    session = PruneSession(model, adapter, built)
+    session.install()
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Remove every hook and attribute vtprune installed; the model behaves exactly as before ``apply``."""
+    session = getattr(model, SESSION_ATTRIBUTE, None)
+    if session is None:
+        raise VTPruneError("this model has no vtprune pruning installed; nothing to remove.")
+    session.remove()
+    return model
+
+
+def is_pruned(model: nn.Module) -> bool:
+    return getattr(model, SESSION_ATTRIBUTE, None) is not None
+
+
+@contextmanager
+def pruned(model: nn.Module, method, budget: Budget = None, **kwargs: Any) -> Iterator[nn.Module]:
+    """Scoped form of :func:`apply`: pruning is removed when the block exits (also on error)."""
+    apply(model, method, budget, **kwargs)
+    try:
+        yield model
+    finally:
+        remove(model)
+
+
+def methods() -> dict[str, MethodInfo]:
+    """Registered methods: name -> stage, signals needed, paper, defaults."""
+    return registered_methods()
+
+
+def stats(model: nn.Module) -> PruneStats:
+    """What the last forward of a pruned model did (the prefill, for ``generate``)."""
+    session = getattr(model, SESSION_ATTRIBUTE, None)
+    if session is None:
+        raise VTPruneError("this model is not pruned; call vtprune.apply(model, method, budget) first.")
+    if session.last_stats is None:
+        raise VTPruneError("no forward has run since vtprune.apply; call the model (or generate) first.")
+    return session.last_stats

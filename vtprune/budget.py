@@ -1,0 +1,72 @@
+"""Budget semantics shared by every method.
+
+* ``int``   — equivalent visual tokens **per image**: the visual tokens the LLM processes, averaged over its
+  decoder layers (the 64/128/192 convention of the literature). For a single pre-LLM stage it is simply the
+  number of kept (content) tokens of each image; structural tokens such as LLaVA-NeXT's row newlines are not
+  counted and are kept for every row that still holds a token.
+* ``float`` in (0, 1] — a fraction of each image's visual tokens.
+* ``None``  — the method's paper default.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .errors import BudgetError
+
+Budget = int | float | None
+
+
+def validate_budget(budget: Budget) -> Budget:
+    """Check the type and range of a budget; return it unchanged."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, int | float):
+        raise BudgetError(
+            f"budget must be an int (visual tokens per image), a float in (0, 1] (fraction of the visual "
+            f"tokens) or None (the method's paper default); got {budget!r} of type {type(budget).__name__}."
+        )
+    if isinstance(budget, int):
+        if budget <= 0:
+            raise BudgetError(f"budget={budget} keeps no visual token; use a positive int such as 64.")
+        return budget
+    if not math.isfinite(budget) or not 0.0 < budget <= 1.0:
+        raise BudgetError(
+            f"budget={budget} is a fraction outside (0, 1]; use e.g. 0.25 to keep a quarter of the visual "
+            f"tokens, or an int for an absolute number of tokens per image."
+        )
+    return float(budget)
+
+
+def tokens_for(budget: int | float, num_tokens: int) -> int:
+    """Number of tokens to keep out of ``num_tokens`` for a validated, non-None budget (at least 1)."""
+    if num_tokens <= 0:
+        return 0
+    if isinstance(budget, int):
+        return min(budget, num_tokens)
+    return min(num_tokens, max(1, round(budget * num_tokens)))
+
+
+def split_proportional(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``total`` over groups proportionally to ``sizes`` (largest remainder; sums to ``total``).
+
+    Used by the per-crop budget policy: LLaVA-NeXT's base image and every crop keep the same fraction.
+    No group gets more than its size.
+    """
+    whole = sum(sizes)
+    if whole == 0:
+        return [0 for _ in sizes]
+    total = min(total, whole)
+    exact = [total * s / whole for s in sizes]
+    shares = [min(int(math.floor(e)), s) for e, s in zip(exact, sizes)]
+    # hand out the remainder by largest fractional part (ties: earlier group)
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
+    remaining = total - sum(shares)
+    for i in order:
+        if remaining == 0:
+            break
+        if shares[i] < sizes[i]:
+            shares[i] += 1
+            remaining -= 1
+    return shares

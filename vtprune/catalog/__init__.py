@@ -1,0 +1,3 @@
+"""Built-in methods; importing this package registers them."""
+
+from . import pre_llm  # noqa: F401

@@ -1,0 +1,158 @@
+"""Pre-LLM methods: choose visual tokens after the projector, before decoder layer 0.
+
+Each class is registry glue only: it reads the signals the engine captured for a :class:`VisualGroup`
+and calls a pure function of ``vtprune.selectors``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MethodOptionError
+from ..registry import Method, Selection, VisualGroup, register_method
+from ..selectors.baselines import pool_grid, random_select, uniform_grid_select
+from ..selectors.cls_attention import topk_select
+from ..selectors.divprune import divprune_select
+from ..selectors.visionzip import split_visionzip_budget, visionzip_select
+
+
+def _all_kept(group: VisualGroup) -> Selection:
+    return Selection(keep=torch.arange(group.num_tokens, device=group.features.device))
+
+
+def _require_grid(method: str, group: VisualGroup) -> tuple[int, int]:
+    if group.height is None or group.width is None or group.height * group.width != group.num_tokens:
+        raise MethodOptionError(f"{method!r} needs a rectangular patch grid, but this group is not one.")
+    return group.height, group.width
+
+
+@register_method
+class RandomPrune(Method):
+    """Random subset of the visual tokens (seeded) — a strong baseline that every table should report.
+
+    Default budget 64 tokens per image; ``seed=0``.
+    """
+
+    name = "random"
+    paper = "baseline"
+    budget_policy = "per_crop"
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        keep = random_select(group.num_tokens, k, seed=group.seed).to(group.features.device)
+        return Selection(keep=keep)
+
+
+@register_method
+class UniformGrid(Method):
+    """Uniform spatial sub-grid of the patch grid (exactly ``k`` tokens spread evenly). Baseline; default 64."""
+
+    name = "uniform"
+    paper = "baseline"
+    signals = ("grid",)
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        h, w = _require_grid(self.name, group)
+        return Selection(keep=uniform_grid_select(h, w, k).to(group.features.device))
+
+
+@register_method
+class AveragePool(Method):
+    """Average pooling of the projected patch grid down to at most ``k`` tokens (adaptive windows).
+
+    Baseline (the "downsample" family: LLaVA-OneVision / LLaVA-Video pool projected features 2×2). Each pooled
+    token takes the position of its window's top-left patch; default positions ``compact`` (as if the image
+    had been smaller). Default 64 tokens per image.
+    """
+
+    name = "pool"
+    paper = "baseline"
+    signals = ("grid",)
+    default_positions = "compact"
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        h, w = _require_grid(self.name, group)
+        pooled = pool_grid(group.features, h, w, k)
+        empty = torch.empty(0, dtype=torch.long, device=group.features.device)
+        return Selection(keep=empty, merged=pooled.tokens, anchors=pooled.anchors.to(group.features.device))
+
+
+@register_method
+class FasterVLM(Method):
+    """FasterVLM — keep the top-k patches by [CLS] attention (Zhang et al., arXiv 2412.01818).
+
+    Score = attention of the ViT's [CLS] query to each patch at the layer whose hidden states feed the projector
+    (LLaVA: the penultimate layer), averaged over heads; computed from that layer's q/k for the CLS row only
+    (the vision tower stays on SDPA). Kept tokens stay in raster order; original positions. LLaVA-NeXT: the
+    budget is split over the base image and every crop in proportion to their sizes (same keep ratio per crop,
+    as in the official code). Encoders without CLS use the mean attention each patch receives instead.
+    Paper budgets: 75/90/95 % reduction (144/58/29 of 576); default 64.
+    """
+
+    name = "fastervlm"
+    paper = "arXiv:2412.01818"
+    signals = ("cls_attention",)
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        return Selection(keep=topk_select(group.signals["cls_attention"], k))
+
+
+@register_method
+class VisionZip(Method):
+    """VisionZip — dominant tokens by [CLS] attention + contextual tokens merged by key similarity
+    (Yang et al., CVPR 2025, arXiv 2412.04467).
+
+    Dominant: top-D patches by CLS attention at the feature layer. Contextual: C targets taken by a uniform
+    stride over the remaining tokens; every other remaining token is merged (mean) into its most
+    cosine-similar target by head-averaged ViT keys; merged in ViT hidden space, then projected. Default split
+    54:10 of each 64 (``dominant``/``contextual`` override it). The official LLaVA code also keeps the CLS
+    token (one token beyond the budget); that token has no placeholder in the HF sequence, so it is not kept
+    here and the budget is exact. Contextual tokens take the position of their target token. LLaVA-NeXT:
+    per-crop budget.
+    """
+
+    name = "visionzip"
+    paper = "arXiv:2412.04467"
+    signals = ("cls_attention", "vit_keys", "vit_hidden")
+    options = {"dominant": None, "contextual": None}
+
+    def validate_options(self) -> None:
+        for key in ("dominant", "contextual"):
+            value = self.config[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise MethodOptionError(f"visionzip option {key}={value!r} must be a non-negative int.")
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        dominant, contextual = self.config["dominant"], self.config["contextual"]
+        if dominant is None and contextual is None:
+            dominant, contextual = split_visionzip_budget(k)
+        elif dominant is None:
+            dominant = max(k - contextual, 0)
+        elif contextual is None:
+            contextual = max(k - dominant, 0)
+        if dominant + contextual >= group.num_tokens:
+            return _all_kept(group)
+        s = group.signals
+        result = visionzip_select(s["vit_hidden"], s["vit_keys"], s["cls_attention"], dominant, contextual)
+        merged = group.project(result.merged) if result.merged.shape[0] else None
+        anchors = result.anchors if merged is not None else None
+        return Selection(keep=result.keep, merged=merged, anchors=anchors)
+
+
+@register_method
+class DivPrune(Method):
+    """DivPrune — Max-Min diversity selection on the projected visual tokens (Alvar et al., CVPR 2025,
+    arXiv 2503.02175).
+
+    Distance = 1 − cosine similarity of the LLM input embeddings; greedy max-min with a running minimum
+    (O(N·k) after the distance matrix). Kept tokens in original order. Budget is global over the image
+    (base and crops together), as in the official code; the official code re-indexes positions (``compact``),
+    which is the default here too. Default 64 tokens per image.
+    """
+
+    name = "divprune"
+    paper = "arXiv:2503.02175"
+    budget_policy = "global"
+    default_positions = "compact"
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        return Selection(keep=divprune_select(group.features, k))

@@ -1,0 +1,91 @@
+"""TokenLayout: where each sample's visual tokens are and how they are organised.
+
+Adapters build it from the processor inputs (``input_ids``, ``image_sizes``, ...); the engine and the
+methods only read it. Everything is in the coordinates of the unpruned input sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class TokenGroup:
+    """Content tokens of one crop (or of the base image), in raster order.
+
+    ``members``      LongTensor[g]: indices into the image span
+    ``height``/``width``  patch grid of the group (height * width == g), or None if not a grid
+    ``vision_row``   LongTensor[g]: row of the vision-encoder batch each token came from (for ViT signals)
+    ``patch_index``  LongTensor[g]: index of each token among that row's patch tokens (CLS excluded)
+    """
+
+    members: torch.Tensor
+    height: int | None
+    width: int | None
+    vision_row: torch.Tensor
+    patch_index: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.members.numel())
+
+    @staticmethod
+    def concat(groups: list[TokenGroup]) -> TokenGroup:
+        """One group holding the tokens of several (a grid only if there is a single group)."""
+        if len(groups) == 1:
+            return groups[0]
+        return TokenGroup(
+            members=torch.cat([g.members for g in groups]),
+            height=None,
+            width=None,
+            vision_row=torch.cat([g.vision_row for g in groups]),
+            patch_index=torch.cat([g.patch_index for g in groups]),
+        )
+
+
+@dataclass
+class ImageSpan:
+    """All placeholder tokens of one image (or video) in one sample.
+
+    ``positions``   LongTensor[n]: sequence positions of the placeholders, ascending
+    ``structural``  BoolTensor[n]: tokens that are layout, not content (LLaVA-NeXT row newlines); never pruned
+    ``row``         LongTensor[n]: visual row id of each token; a structural token is kept iff a content token
+                    of its row survives (or a merged token is anchored in it). -1 when rows do not apply.
+    ``groups``      the content tokens split into crops / base image
+    """
+
+    positions: torch.Tensor
+    structural: torch.Tensor
+    row: torch.Tensor
+    groups: list[TokenGroup]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.structural.numel())
+
+    @property
+    def num_vision_inputs(self) -> int:
+        """Vision-encoder inputs (image, crops) this image used."""
+        return int(torch.unique(torch.cat([g.vision_row for g in self.groups])).numel()) if self.groups else 0
+
+    @property
+    def num_content(self) -> int:
+        return sum(g.size for g in self.groups)
+
+
+@dataclass
+class SampleLayout:
+    images: list[ImageSpan] = field(default_factory=list)
+    #: number of vision-encoder inputs (images, crops, frames) belonging to this sample
+    vision_inputs: int = 0
+
+    @property
+    def num_visual(self) -> int:
+        return sum(img.num_tokens for img in self.images)
+
+    def visual_positions(self) -> torch.Tensor:
+        if not self.images:
+            return torch.empty(0, dtype=torch.long)
+        return torch.cat([img.positions for img in self.images])

@@ -1,0 +1,100 @@
+"""Assemble the pruned sequence of a padded batch: gather, merge, re-pad, positions, mask.
+
+Pure tensor code; the session decides *what* to keep, this module builds the tensors the decoder sees.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplePlan:
+    """What one sample keeps, in original coordinates.
+
+    ``keep``            LongTensor[k], ascending: original positions of the real tokens kept (text + visual)
+    ``merged``          Tensor[m, D] or None: merged tokens to insert
+    ``merged_anchors``  LongTensor[m]: original position each merged token stands at
+    ``last``            original position of the sample's last real token (decoding continues after it)
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+    merged_anchors: torch.Tensor | None = None
+    last: int = -1
+
+    @property
+    def length(self) -> int:
+        return int(self.keep.numel()) + (0 if self.merged is None else int(self.merged.shape[0]))
+
+
+@dataclass
+class PrunedBatch:
+    inputs_embeds: torch.Tensor    # [B, Lp, D]
+    attention_mask: torch.Tensor   # [B, Lp] long, 1 = real token
+    position_ids: torch.Tensor     # [..., B, Lp]
+    source: list[torch.Tensor]     # per sample LongTensor[n_b]: original position (anchor for merged tokens)
+    merged: list[torch.Tensor]     # per sample BoolTensor[n_b]: True for merged tokens
+    slots: list[torch.Tensor]      # per sample LongTensor[n_b]: column of each token in the padded batch
+    position_shift: torch.Tensor   # [..., B]: decode position = unwrapped decode position - shift
+
+
+def assemble(
+    inputs_embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    plans: list[SamplePlan],
+    positions: str,
+    pad_left: bool,
+) -> PrunedBatch:
+    """Build the pruned, re-padded batch.
+
+    ``inputs_embeds``  [B, L, D] the unpruned input embeddings
+    ``position_ids``   [..., B, L] the position ids the unwrapped model would use (1-D RoPE: [B, L])
+    ``positions``      "original": each token keeps its position id (merged tokens: their anchor's);
+                       "compact": positions re-indexed from the sample's first token as if the pruned
+                       sequence had been the input
+    ``pad_left``       pad on the left (generation) or on the right
+    """
+    batch, _, hidden = inputs_embeds.shape
+    lengths = [p.length for p in plans]
+    width = max(lengths) if lengths else 0
+    lead = position_ids.shape[:-2]
+    out_embeds = inputs_embeds.new_zeros(batch, width, hidden)
+    out_mask = torch.zeros(batch, width, dtype=torch.long, device=inputs_embeds.device)
+    out_pos = position_ids.new_zeros(*lead, batch, width)
+    shift = position_ids.new_zeros(*lead, batch)
+    sources, merged_flags, slots = [], [], []
+    for b, plan in enumerate(plans):
+        keep = plan.keep.to(inputs_embeds.device)
+        rows = [inputs_embeds[b, keep]]
+        src = [keep]
+        is_merged = [torch.zeros_like(keep, dtype=torch.bool)]
+        if plan.merged is not None and plan.merged.shape[0]:
+            anchors = plan.merged_anchors.to(inputs_embeds.device)
+            rows.append(plan.merged.to(inputs_embeds.dtype))
+            src.append(anchors)
+            is_merged.append(torch.ones_like(anchors, dtype=torch.bool))
+        src_all, merged_all = torch.cat(src), torch.cat(is_merged)
+        # order by (position, kept-before-merged): a merged token sits right after its anchor
+        order = torch.argsort(src_all * 2 + merged_all.long(), stable=True)
+        src_all, merged_all = src_all[order], merged_all[order]
+        embeds = torch.cat(rows)[order]
+        n = embeds.shape[0]
+        start = width - n if pad_left else 0
+        slot = torch.arange(start, start + n, device=inputs_embeds.device)
+        out_embeds[b, slot] = embeds
+        out_mask[b, slot] = 1
+        original = position_ids[..., b, :][..., src_all]  # [..., n]
+        if positions == "original":
+            new = original  # decoding continues after the unpruned length: shift stays 0
+        else:  # compact: consecutive from the sample's first real token; decoding continues after the last
+            new = original[..., :1] + torch.arange(n, device=position_ids.device, dtype=position_ids.dtype)
+            if n:
+                shift[..., b] = position_ids[..., b, plan.last] - new[..., -1]
+        out_pos[..., b, slot] = new
+        sources.append(src_all)
+        merged_flags.append(merged_all)
+        slots.append(slot)
+    return PrunedBatch(out_embeds, out_mask, out_pos, sources, merged_flags, slots, shift)

@@ -1,0 +1,370 @@
+"""The engine: one object per pruned model that owns hooks, positions, masks, the KV-cache view and stats.
+
+Hooks (all per instance, all removed by :meth:`PruneSession.remove`):
+
+* a forward pre-hook on the top-level model notes whether this call carries images (a prefill to prune);
+* adapter hooks on the vision tower / projector capture the signals the methods asked for;
+* a forward pre-hook on the language model replaces ``inputs_embeds``, ``attention_mask`` and
+  ``position_ids`` by the pruned, re-padded batch at prefill, and during cached decoding translates the
+  caller's (unpruned) mask and positions to the pruned cache;
+* a forward hook on the top-level model computes the loss on the kept positions when labels were given.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters.base import Adapter, SignalStore
+from ..budget import split_proportional, tokens_for
+from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
+from ..engine.sequence import PrunedBatch, SamplePlan, assemble
+from ..errors import VTPruneError
+from ..registry import PRE_LLM, Method, Selection, VisualGroup
+from ..stats import PruneStats, SampleStats, StageStats
+
+SESSION_ATTRIBUTE = "_vtprune_session"
+
+
+@dataclass
+class _Prefill:
+    call: dict[str, Any]
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class _DecodeState:
+    """Bookkeeping that maps the caller's unpruned coordinates onto the pruned cache."""
+
+    cache: Any                    # the Cache object filled by the pruned prefill
+    cache_len: int                # tokens in the cache (pruned coordinates)
+    prompt_len: int               # unpruned prefill length (columns of the caller's mask before decoding)
+    seen_len: int                 # unpruned tokens seen so far (prompt + decoded)
+    prompt_mask: torch.Tensor     # [B, Lp] mask of the pruned prefill
+    position_shift: torch.Tensor  # [..., B] unwrapped position - pruned position
+
+
+def _mix_seed(seed: int, *parts: int) -> int:
+    value = seed & 0xFFFFFFFF
+    for part in parts:
+        value = (value * 1_000_003 + part + 1) & 0x7FFFFFFF
+    return value
+
+
+class PruneSession:
+    def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method]):
+        self.model = model
+        self.adapter = adapter
+        self.methods = methods
+        pre = [m for m in methods if m.stage == PRE_LLM]
+        if len(pre) > 1:
+            raise VTPruneError(
+                f"at most one pre-LLM method can run per model; got {[m.name for m in pre]}. Compose a pre-LLM "
+                "method with in-LLM methods instead."
+            )
+        if len(pre) != len(methods):
+            raise VTPruneError(
+                f"in-LLM methods ({[m.name for m in methods if m.stage != PRE_LLM]}) are not available in this "
+                "version; use a pre-LLM method."
+            )
+        self.pre_method = pre[0]
+        self.store = SignalStore()
+        self.store.wanted = {s for m in methods for s in m.signals} - {"grid"}
+        for m in methods:
+            adapter.check_signals(set(m.signals), m.name)
+        self._handles: list[Any] = []
+        self._signature = inspect.signature(model.forward)
+        self._pending: _Prefill | None = None
+        self._decode: _DecodeState | None = None
+        self._batch: PrunedBatch | None = None
+        self.last_stats: PruneStats | None = None
+
+    @property
+    def name(self) -> str:
+        return "+".join(m.name for m in self.methods)
+
+    # -- install / remove ----------------------------------------------------------------------------
+    def install(self) -> None:
+        if hasattr(self.model, SESSION_ATTRIBUTE):
+            raise VTPruneError("this model is already pruned; call vtprune.remove(model) before applying again.")
+        lm = self.adapter.language_model
+        self._handles = [
+            self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
+            self.model.register_forward_hook(self._on_model_return, with_kwargs=True),
+            lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True),
+            *self.adapter.install_signal_hooks(self.store),
+        ]
+        setattr(self.model, SESSION_ATTRIBUTE, self)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.store.clear()
+        self._pending = self._decode = self._batch = None
+        if getattr(self.model, SESSION_ATTRIBUTE, None) is self:
+            delattr(self.model, SESSION_ATTRIBUTE)
+
+    # -- hooks ---------------------------------------------------------------------------------------
+    def _on_model_call(self, module, args, kwargs):
+        call = self._signature.bind_partial(*args, **kwargs).arguments
+        self._pending = None
+        self._batch = None
+        if not self.adapter.has_visual_input(call):
+            return None
+        if call.get("input_ids") is None:
+            raise VTPruneError(
+                "vtprune needs input_ids on a forward with images (it locates the image tokens there); pass "
+                "input_ids instead of inputs_embeds."
+            )
+        self._pending = _Prefill(call=call)
+        self.adapter.begin_capture(call, self.store)
+        if call.get("labels") is not None:
+            # the loss is computed on the kept positions in _on_model_return
+            self._pending.labels = call["labels"]
+            kwargs = dict(kwargs)
+            if "labels" in kwargs:
+                kwargs["labels"] = None
+                return args, kwargs
+            raise VTPruneError("pass labels as a keyword argument to a pruned model.")
+        return None
+
+    def _on_language_model_call(self, module, args, kwargs):
+        self.store.capturing = False
+        pending, self._pending = self._pending, None
+        cache = kwargs.get("past_key_values")
+        cached = 0 if cache is None else cache.get_seq_length()
+        if pending is not None:
+            if cached:
+                raise VTPruneError("a forward with images on a non-empty KV cache is not supported by vtprune.")
+            return args, self._prefill(module, pending, kwargs)
+        state = self._decode
+        if state is not None and cache is state.cache and cached == state.cache_len:
+            return args, self._continue(state, kwargs)
+        self._decode = None
+        if not cached:  # a new forward without images
+            self._record_text_only(kwargs)
+        return None
+
+    def _on_model_return(self, module, args, kwargs, output):
+        pending, self._pending = self._pending, None
+        self.store.capturing = False
+        labels = pending.labels if pending is not None else None
+        if labels is None or output is None or getattr(output, "logits", None) is None:
+            return None
+        output.loss = self._loss(module, output.logits, labels, self._batch)
+        return output
+
+    # -- prefill -------------------------------------------------------------------------------------
+    def _prefill(self, lm: nn.Module, pending: _Prefill, kwargs: dict[str, Any]) -> dict[str, Any]:
+        embeds = kwargs["inputs_embeds"]  # [B, L, D]
+        batch, length, _ = embeds.shape
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            raise VTPruneError("vtprune needs a 2-D attention mask (batch, sequence) or None.")
+        real = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:  # what the decoder itself would use
+            position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
+        layouts = self.adapter.build_layouts(pending.call)
+        plans, samples = [], []
+        for b, layout in enumerate(layouts):
+            plan, sample = self._plan_sample(layout, embeds[b], real[b])
+            plans.append(plan)
+            samples.append(sample)
+        changed = any(p.length < int(real[b].sum()) or p.merged is not None for b, p in enumerate(plans))
+        new_kwargs = dict(kwargs)
+        num_layers = len(self.adapter.decoder_layers)
+        if not changed:  # nothing pruned: leave the call untouched (bitwise-identical results)
+            for b, sample in enumerate(samples):
+                self._finish_sample_stats(sample, int(real[b].sum()), num_layers, layouts[b], kwargs)
+            self.last_stats = PruneStats(self.name, samples)
+            self._decode = None
+            return new_kwargs
+        pad_left = not (mask is not None and bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any()))
+        pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left)
+        self._batch = pruned
+        pruned_mask = pruned.attention_mask
+        needs_mask = mask is not None or bool((pruned_mask == 0).any())
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(lm.config, "use_cache", False)
+        if cache is None and use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=lm.config)
+        new_kwargs.update(
+            inputs_embeds=pruned.inputs_embeds,
+            attention_mask=pruned_mask if needs_mask else None,
+            position_ids=pruned.position_ids,
+            past_key_values=cache,
+        )
+        self._decode = None if cache is None else _DecodeState(
+            cache=cache, cache_len=pruned.inputs_embeds.shape[1], prompt_len=length, seen_len=length,
+            prompt_mask=pruned_mask, position_shift=pruned.position_shift,
+        )
+        for b, sample in enumerate(samples):
+            self._finish_sample_stats(sample, plans[b].length, num_layers, layouts[b], kwargs)
+        self.last_stats = PruneStats(self.name, samples)
+        return new_kwargs
+
+    def _plan_sample(self, layout: SampleLayout, embeds: torch.Tensor, real: torch.Tensor):
+        """Kept positions and merged tokens of one sample [L, D] (padding excluded)."""
+        keep = real.clone()
+        merged, anchors = [], []
+        kept_visual, num_merged = [], 0
+        for image_idx, image in enumerate(layout.images):
+            span_keep, image_merged, image_anchors = self._select_image(image, image_idx, embeds)
+            keep[image.positions[~span_keep].to(keep.device)] = False
+            kept_visual.append(image.positions[span_keep])
+            if image_merged is not None:
+                merged.append(image_merged)
+                anchors.append(image.positions[image_anchors])
+                num_merged += image_merged.shape[0]
+        real_positions = torch.nonzero(real).flatten()
+        plan = SamplePlan(
+            keep=torch.nonzero(keep).flatten(),
+            merged=torch.cat(merged) if merged else None,
+            merged_anchors=torch.cat(anchors).to(embeds.device) if anchors else None,
+            last=int(real_positions[-1]) if real_positions.numel() else -1,
+        )
+        kept_positions = torch.sort(torch.cat(kept_visual)).values if kept_visual else torch.empty(0, dtype=torch.long)
+        sample = SampleStats(visual_in=layout.num_visual)
+        sample.stages.append(StageStats(
+            name=self.pre_method.name, layer=0, kept_positions=kept_positions, merged=num_merged,
+            visual_out=int(kept_positions.numel()) + num_merged,
+        ))
+        return plan, sample
+
+    def _select_image(self, image: ImageSpan, image_idx: int, embeds: torch.Tensor):
+        """Run the pre-LLM method on one image. Returns (BoolTensor[n] kept over the span, merged, anchors)."""
+        method = self.pre_method
+        span_keep = torch.zeros(image.num_tokens, dtype=torch.bool)
+        span_keep[image.structural] = True
+        content = image.num_content
+        budget = tokens_for(method.budget, content)
+        if budget >= content:
+            return torch.ones(image.num_tokens, dtype=torch.bool), None, None
+        groups = image.groups if method.budget_policy == "per_crop" else [TokenGroup.concat(image.groups)]
+        shares = split_proportional(budget, [g.size for g in groups])
+        merged, anchors = [], []
+        for group_idx, (group, k) in enumerate(zip(groups, shares)):
+            if k >= group.size:
+                span_keep[group.members] = True
+                continue
+            if k == 0:
+                continue
+            selection = method.select(self._visual_group(image, group, embeds, image_idx, group_idx), k)
+            self._check_selection(selection, group.size, k)
+            span_keep[group.members[selection.keep.cpu()]] = True
+            if selection.num_merged:
+                merged.append(selection.merged)
+                anchors.append(group.members[selection.anchors.cpu()])
+        anchor_span = torch.cat(anchors) if anchors else torch.empty(0, dtype=torch.long)
+        # structural tokens (row newlines) stay for every row that still holds a token
+        alive_rows = torch.cat([image.row[span_keep & ~image.structural], image.row[anchor_span]])
+        span_keep[image.structural] = torch.isin(image.row[image.structural], alive_rows)
+        return span_keep, (torch.cat(merged) if merged else None), (anchor_span if anchors else None)
+
+    def _visual_group(self, image: ImageSpan, group: TokenGroup, embeds: torch.Tensor, image_idx: int,
+                      group_idx: int) -> VisualGroup:
+        positions = image.positions[group.members].to(embeds.device)
+        signals = {}
+        for name in self.store.wanted:
+            if name not in self.store:
+                raise VTPruneError(f"signal {name!r} was not captured during the vision forward.")
+            table = self.store[name]
+            signals[name] = table[group.vision_row.to(table.device), group.patch_index.to(table.device)]
+        return VisualGroup(
+            features=embeds[positions], height=group.height, width=group.width, signals=signals,
+            project=self.adapter.project, seed=_mix_seed(self.pre_method.seed, image_idx, group_idx),
+        )
+
+    def _check_selection(self, selection: Selection, size: int, k: int) -> None:
+        keep = selection.keep
+        if keep.numel() + selection.num_merged > k or (keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= size)):
+            raise RuntimeError(
+                f"method {self.pre_method.name!r} returned {keep.numel()} kept + {selection.num_merged} merged "
+                f"tokens for a budget of {k} out of {size}; this is a bug in the method."
+            )
+
+    # -- decode --------------------------------------------------------------------------------------
+    def _continue(self, state: _DecodeState, kwargs: dict[str, Any]) -> dict[str, Any]:
+        embeds = kwargs["inputs_embeds"]
+        batch, steps, _ = embeds.shape
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2 or mask.shape[1] != state.seen_len + steps:
+                raise VTPruneError(
+                    f"decoding a pruned model needs the unpruned 2-D attention mask ({state.seen_len + steps} "
+                    f"columns), got shape {tuple(mask.shape)}."
+                )
+            mask = torch.cat([state.prompt_mask, mask[:, state.prompt_len:]], dim=1)
+        elif bool((state.prompt_mask == 0).any()):
+            tail = state.prompt_mask.new_ones(batch, state.seen_len - state.prompt_len + steps)
+            mask = torch.cat([state.prompt_mask, tail], dim=1)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(state.seen_len, state.seen_len + steps, device=embeds.device).expand(batch, steps)
+        position_ids = position_ids - state.position_shift.unsqueeze(-1)
+        state.seen_len += steps
+        state.cache_len += steps
+        return {**kwargs, "attention_mask": mask, "position_ids": position_ids}
+
+    # -- stats ---------------------------------------------------------------------------------------
+    def _finish_sample_stats(self, sample: SampleStats, length: int, num_layers: int, layout: SampleLayout,
+                             kwargs: dict[str, Any]) -> None:
+        visual = sample.stages[-1].visual_out if sample.stages else sample.visual_in
+        sample.layer_lengths = [length] * num_layers
+        sample.visual_lengths = [visual] * num_layers
+        unpruned_length = length - visual + sample.visual_in
+        sample.flops, sample.flops_unpruned = self._flops(layout, sample.layer_lengths, unpruned_length)
+
+    def _flops(self, layout: SampleLayout, layer_lengths: list[int], unpruned_length: int):
+        from ..bench.flops import model_prefill_flops
+
+        num_layers = len(layer_lengths)
+        projected = layout.vision_inputs * self._projected_per_input()
+        pruned = model_prefill_flops(self.model.config, layer_lengths, layout.vision_inputs, projected,
+                                     layer_lengths[-1] if layer_lengths else 0)
+        full = model_prefill_flops(self.model.config, [unpruned_length] * num_layers, layout.vision_inputs,
+                                   projected, unpruned_length)
+        return pruned.total, full.total
+
+    def _projected_per_input(self) -> int:
+        vc = getattr(self.model.config, "vision_config", None)
+        if vc is None or not hasattr(vc, "image_size"):
+            return 0
+        return (vc.image_size // vc.patch_size) ** 2
+
+    def _record_text_only(self, kwargs: dict[str, Any]) -> None:
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return
+        mask = kwargs.get("attention_mask")
+        lengths = mask.sum(-1).tolist() if mask is not None and mask.dim() == 2 else [embeds.shape[1]] * embeds.shape[0]
+        num_layers = len(self.adapter.decoder_layers)
+        samples = []
+        for length in lengths:
+            sample = SampleStats(visual_in=0)
+            self._finish_sample_stats(sample, int(length), num_layers, SampleLayout(), kwargs)
+            samples.append(sample)
+        self.last_stats = PruneStats(self.name, samples)
+
+    # -- loss ----------------------------------------------------------------------------------------
+    def _loss(self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, batch: PrunedBatch | None):
+        """Causal-LM loss of the pruned sequence: labels of kept positions, -100 on merged and padding."""
+        vocab = self.adapter.text_config.vocab_size
+        if batch is None:  # nothing was pruned
+            return model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
+        pruned_labels = torch.full(logits.shape[:2], -100, dtype=labels.dtype, device=logits.device)
+        for b, (src, merged, slot) in enumerate(zip(batch.source, batch.merged, batch.slots)):
+            values = labels[b, src.to(labels.device)].to(logits.device)
+            values[merged.to(logits.device)] = -100
+            pruned_labels[b, slot] = values
+        return model.loss_function(logits=logits, labels=pruned_labels, vocab_size=vocab)

@@ -1,0 +1,190 @@
+"""Method registry: one place that knows every pruning method by name.
+
+A method is a class deriving from :class:`Method`, registered with :func:`register_method`. Its class
+attributes describe it (stage, signals it needs, paper, default options); its instances hold the options of
+one ``vtprune.apply`` call and turn tensors into selections via the pure functions of ``vtprune.selectors``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .budget import Budget, validate_budget
+from .errors import MethodOptionError, UnknownMethodError
+
+PRE_LLM = "pre-llm"
+IN_LLM = "in-llm"
+POSITION_CONVENTIONS = ("original", "compact")
+
+
+@dataclass
+class VisualGroup:
+    """The visual tokens a pre-LLM method selects from in one call (one image, or one crop of it).
+
+    ``features``  [N, D]  projected visual tokens (the LLM's input embeddings at those positions)
+    ``height``/``width``  the group's patch grid (N == height * width) or None when the group is not a grid
+    ``signals``   per-token vision-encoder signals that the method asked for, each with N rows:
+                  ``cls_attention`` [N] (CLS→patch attention, or mean received attention without CLS),
+                  ``vit_keys`` [N, dk] (head-averaged keys of the feature layer), ``vit_hidden`` [N, dv]
+                  (the projector's input)
+    ``project``   maps merged vision-space tokens [M, dv] to LLM embeddings [M, D] (the model's projector)
+    ``seed``      seed for stochastic methods, derived from the user's seed and the group's place in its sample
+    """
+
+    features: torch.Tensor
+    height: int | None
+    width: int | None
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    project: Any = None
+    seed: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0]
+
+
+@dataclass
+class Selection:
+    """What a pre-LLM method returns for a group.
+
+    ``keep``     LongTensor[k], ascending: indices (into the group) of the tokens kept as they are
+    ``merged``   Tensor[m, D] or None: new tokens in LLM-embedding space
+    ``anchors``  LongTensor[m]: index (into the group) whose position each merged token takes
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+    anchors: torch.Tensor | None = None
+
+    @property
+    def num_merged(self) -> int:
+        return 0 if self.merged is None else self.merged.shape[0]
+
+
+class Method:
+    """Base class of registered methods. Subclasses set the class attributes and implement ``select``."""
+
+    name: ClassVar[str]
+    stage: ClassVar[str] = PRE_LLM
+    paper: ClassVar[str] = ""
+    signals: ClassVar[tuple[str, ...]] = ()
+    #: option name -> default value (papers' names)
+    options: ClassVar[dict[str, Any]] = {}
+    #: budget used when the user passes ``budget=None``
+    default_budget: ClassVar[int | float] = 64
+    #: "per_crop": every crop / base image keeps the same fraction; "global": one selection over the image
+    budget_policy: ClassVar[str] = "per_crop"
+    #: the paper's position convention
+    default_positions: ClassVar[str] = "original"
+
+    def __init__(self, budget: Budget = None, positions: str | None = None, seed: int = 0, **options: Any):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            accepted = ", ".join(sorted(self.options)) or "none"
+            raise MethodOptionError(
+                f"method {self.name!r} does not take option(s) {', '.join(unknown)}; "
+                f"its options are: {accepted} (plus budget, positions, seed)."
+            )
+        if positions is None:
+            positions = self.default_positions
+        if positions not in POSITION_CONVENTIONS:
+            raise MethodOptionError(
+                f"positions={positions!r} is not a position convention; use one of {POSITION_CONVENTIONS}."
+            )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise MethodOptionError(f"seed must be an int, got {seed!r}.")
+        validate_budget(budget)
+        self.budget = self.default_budget if budget is None else budget
+        self.positions = positions
+        self.seed = seed
+        self.config = {**self.options, **options}
+        self.validate_options()
+
+    def validate_options(self) -> None:
+        """Hook for subclasses to check option values (raise MethodOptionError)."""
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        raise NotImplementedError(f"{type(self).__name__} is an {self.stage} method without a pre-LLM select()")
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, "budget": self.budget, "positions": self.positions, "seed": self.seed,
+                **self.config}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "method")
+        return f"{type(self).__name__}({opts})"
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    stage: str
+    signals: tuple[str, ...]
+    paper: str
+    defaults: dict[str, Any]
+    default_budget: int | float
+    budget_policy: str
+    positions: str
+    summary: str
+
+
+_REGISTRY: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a :class:`Method` subclass available by its ``name``."""
+    name = getattr(cls, "name", None)
+    if not name or not isinstance(name, str):
+        raise TypeError(f"{cls.__name__} needs a class attribute `name` to be registered")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].__name__})")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    _ensure_catalog_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(sorted(_REGISTRY))
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise UnknownMethodError(f"unknown method {name!r}.{hint} Known methods: {known}.") from None
+
+
+def build_method(method: str | Method, budget: Budget = None, **kwargs: Any) -> Method:
+    """A method instance from a registered name (or an instance, returned as is)."""
+    if isinstance(method, Method):
+        if kwargs or budget is not None:
+            raise MethodOptionError(
+                f"{method!r} is already a configured method object; pass options when constructing it, "
+                "not to vtprune.apply."
+            )
+        return method
+    if not isinstance(method, str):
+        raise UnknownMethodError(
+            f"method must be a registered name, a Method object or a list of them; got {type(method).__name__}."
+        )
+    return method_class(method)(budget=budget, **kwargs)
+
+
+def registered_methods() -> dict[str, MethodInfo]:
+    _ensure_catalog_loaded()
+    out = {}
+    for name, cls in sorted(_REGISTRY.items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        out[name] = MethodInfo(
+            name=name, stage=cls.stage, signals=tuple(cls.signals), paper=cls.paper, defaults=dict(cls.options),
+            default_budget=cls.default_budget, budget_policy=cls.budget_policy, positions=cls.default_positions,
+            summary=doc[0] if doc else "",
+        )
+    return out
+
+
+def _ensure_catalog_loaded() -> None:
+    from . import catalog  # noqa: F401  (registers the built-in methods)
