@@ -23,6 +23,8 @@ class SignalStore(dict):
         self.capturing = False
         self.wanted: set[str] = set()
         self.patch_offset = 0  # index of the first patch token among the vision tower's tokens
+        #: arguments of the last vision-encoder call (pixel_values, image_sizes, ...), read by build_layouts
+        self.vision_call: dict[str, Any] | None = None
 
 
 class Adapter:
@@ -54,15 +56,24 @@ class Adapter:
         return self.language_model.layers
 
     # -- per call ----------------------------------------------------------------------------------
+    #: (attribute path from the model, method name) of the functions that run the vision encoder. They are
+    #: wrapped per instance so that signals are captured and the encoder's arguments recorded, whether the
+    #: encoder runs inside forward() or before it (generate() pre-encodes images in transformers 5).
+    vision_entry_points: ClassVar[tuple[tuple[str, str], ...]] = (("model", "get_image_features"),)
+
     def has_visual_input(self, call: dict[str, Any]) -> bool:
-        return call.get("pixel_values") is not None
+        if call.get("pixel_values") is not None:
+            return True
+        encoded = call.get("mm_encoder_outputs") or {}
+        return any(value is not None for value in encoded.values())
 
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         raise NotImplementedError(f"{type(self).__name__} must implement build_layouts")
 
     def begin_capture(self, call: dict[str, Any], store: SignalStore) -> None:
-        """Called at the start of a forward with visual input: reset ``store`` and start capturing."""
+        """Called when the vision encoder starts (``call``: its arguments): reset ``store``, start capturing."""
         store.clear()
+        store.vision_call = call
         store.capturing = bool(store.wanted)
 
     def install_signal_hooks(self, store: SignalStore) -> list[Any]:

@@ -131,7 +131,7 @@ class LlavaAdapter(_ClipLlavaAdapter):
         num_patches = self._patches_per_row() + (0 if strategy == "default" else 1)
         side = math.isqrt(num_patches)
         height = width = side if side * side == num_patches else None
-        num_images = call["pixel_values"].shape[0]
+        num_images = call["pixel_values"].shape[0]  # the vision call's pixel_values: [images, 3, H, W]
         index = torch.arange(num_patches)
 
         def span(image_idx: int, positions: torch.Tensor) -> ImageSpan:
@@ -205,7 +205,7 @@ class LlavaNextAdapter(_ClipLlavaAdapter):
             row[:num_patches] = -1  # the base image has no newline tokens
         groups = []
         content_rows = vision_row[~structural]
-        for r in torch.unique_consecutive(content_rows).tolist():
+        for r in torch.unique(content_rows).tolist():  # base image first, then the crops
             members = torch.nonzero((vision_row == r) & ~structural).flatten()
             patch_index = patch[members]
             height = int(torch.unique(patch_index // side).numel())

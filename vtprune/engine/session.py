@@ -12,6 +12,7 @@ Hooks (all per instance, all removed by :meth:`PruneSession.remove`):
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -92,6 +93,7 @@ class PruneSession:
         if hasattr(self.model, SESSION_ATTRIBUTE):
             raise VTPruneError("this model is already pruned; call vtprune.remove(model) before applying again.")
         lm = self.adapter.language_model
+        self._wrap_vision_entry_points()
         self._handles = [
             self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
             self.model.register_forward_hook(self._on_model_return, with_kwargs=True),
@@ -100,10 +102,36 @@ class PruneSession:
         ]
         setattr(self.model, SESSION_ATTRIBUTE, self)
 
+    def _wrap_vision_entry_points(self) -> None:
+        """Per-instance wrappers (instance attributes shadowing the class methods; deleted on remove)."""
+        self._wrapped = []
+        for path, name in self.adapter.vision_entry_points:
+            owner = self.model
+            for part in path.split(".") if path else []:
+                owner = getattr(owner, part)
+            original = getattr(owner, name)
+            signature = inspect.signature(original)
+
+            @functools.wraps(original)
+            def run_vision(*args, __original=original, __signature=signature, **kwargs):
+                call = __signature.bind_partial(*args, **kwargs).arguments
+                self.adapter.begin_capture({**call, **call.get("kwargs", {})}, self.store)
+                try:
+                    return __original(*args, **kwargs)
+                finally:
+                    self.store.capturing = False
+
+            setattr(owner, name, run_vision)
+            self._wrapped.append((owner, name))
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for owner, name in getattr(self, "_wrapped", []):
+            if name in vars(owner):
+                delattr(owner, name)
+        self._wrapped = []
         self.store.clear()
         self._pending = self._decode = self._batch = None
         if getattr(self.model, SESSION_ATTRIBUTE, None) is self:
@@ -122,7 +150,6 @@ class PruneSession:
                 "input_ids instead of inputs_embeds."
             )
         self._pending = _Prefill(call=call)
-        self.adapter.begin_capture(call, self.store)
         if call.get("labels") is not None:
             # the loss is computed on the kept positions in _on_model_return
             self._pending.labels = call["labels"]
@@ -170,7 +197,13 @@ class PruneSession:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # what the decoder itself would use
             position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
-        layouts = self.adapter.build_layouts(pending.call)
+        if self.store.vision_call is None:
+            raise VTPruneError(
+                "vtprune did not see the vision encoder run for this forward (were pre-computed image features "
+                "passed?); pass pixel_values so the visual tokens can be located and scored."
+            )
+        layouts = self.adapter.build_layouts({**pending.call, **self.store.vision_call})
+        self.store.vision_call = None
         plans, samples = [], []
         for b, layout in enumerate(layouts):
             plan, sample = self._plan_sample(layout, embeds[b], real[b])
