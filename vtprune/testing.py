@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,22 +43,29 @@ import torch
 
 __all__ = ["FAMILIES", "tiny_image", "tiny_inputs", "tiny_vlm"]
 
-# Family name -> (model class, config class), in priority order.
+# Family name -> (transformers.models submodule, model class, config class), in priority order.
 _CLASSES = {
-    "llava": ("LlavaForConditionalGeneration", "LlavaConfig"),
-    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextConfig"),
-    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
-    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
-    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig"),
-    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
+    "llava": ("llava", "LlavaForConditionalGeneration", "LlavaConfig"),
+    "llava_next": ("llava_next", "LlavaNextForConditionalGeneration", "LlavaNextConfig"),
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", "Qwen2VLConfig"),
+    "qwen2_5_vl": ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig"),
+    "llava_onevision": ("llava_onevision", "LlavaOnevisionForConditionalGeneration", "LlavaOnevisionConfig"),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", "Qwen3VLConfig"),
 }
 
 
 def _available_families() -> tuple[str, ...]:
-    import transformers
+    # find_spec locates the model sub-package without importing any modeling code
+    return tuple(
+        fam for fam, (module, _, _) in _CLASSES.items() if _has_module(f"transformers.models.{module}")
+    )
 
-    names = set(dir(transformers))  # lazy module: listing names imports no modeling code
-    return tuple(fam for fam, (model_cls, _) in _CLASSES.items() if model_cls in names)
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 FAMILIES: tuple[str, ...] = _available_families()
@@ -67,7 +75,7 @@ FAMILIES: tuple[str, ...] = _available_families()
 # Tokenizer
 # --------------------------------------------------------------------------------------------------
 
-# Shared by every family, so token ids are the same everywhere (Qwen ids are family-agnostic).
+# One vocabulary for every family (each uses its own subset), so token ids are stable across families.
 _SPECIAL_TOKENS = (
     "<unk>",
     "<s>",
@@ -174,12 +182,8 @@ def _make_tokenizer(special: dict[str, str], chat_template: str):
 # {"type": "image"} / {"type": "video"} / {"type": "text", "text": ...} items.
 # --------------------------------------------------------------------------------------------------
 
-_TEXT_ITEMS = (
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-)
-_LLAVA_IMAGE_ITEMS = (
-    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-)
+_TEXT_ITEMS = "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+_LLAVA_IMAGE_ITEMS = "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
 
 # LLaVA-1.5 (Vicuna style): "<s>USER: <image>\nWhat is this? ASSISTANT:"
 _LLAVA_TEMPLATE = (
@@ -332,7 +336,11 @@ def _default_config(family: str) -> dict[str, Any]:
     text = {**_TEXT_SIZES, "rms_norm_eps": 1e-6}
     head_dim = _TEXT_SIZES["hidden_size"] // _TEXT_SIZES["num_attention_heads"]  # 16 -> 8 rotary freqs
     if family == "qwen2_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": [2, 3, 3],
+        }
         vision = {
             "depth": 2,
             "embed_dim": 32,
@@ -344,7 +352,11 @@ def _default_config(family: str) -> dict[str, Any]:
             "temporal_patch_size": 2,
         }
     elif family == "qwen2_5_vl":
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]}
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": [2, 3, 3],
+        }
         vision = {
             "depth": 3,
             "hidden_size": 32,
@@ -404,16 +416,18 @@ def _image_processor(name: str, **kwargs):
     """The PIL backend of the family's image processor (needs no torchvision; deterministic)."""
     import transformers
 
-    names = set(dir(transformers))
-    cls_name = name + "Pil" if name + "Pil" in names else name
-    return getattr(transformers, cls_name)(**kwargs)
+    try:
+        cls = getattr(transformers, name + "Pil")  # transformers >= 5.x split backends: PIL class
+    except AttributeError:
+        cls = getattr(transformers, name)  # older 5.x: the slow (PIL/numpy) class
+    return cls(**kwargs)
 
 
 class _NoVideoProcessorError(NotImplementedError):
     pass
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _stub_video_processor_class():
     from transformers.video_processing_utils import VideoProcessorMixin
 
@@ -425,7 +439,14 @@ def _stub_video_processor_class():
                 "vtprune.testing: video inputs need torchvision; the real video processor could not be built"
             )
 
+    TinyNoVideoProcessor.__qualname__ = "TinyNoVideoProcessor"  # picklable via module __getattr__
     return TinyNoVideoProcessor
+
+
+def __getattr__(name: str):
+    if name == "TinyNoVideoProcessor":
+        return _stub_video_processor_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _video_processor(class_name: str, **attrs):
@@ -446,32 +467,30 @@ def _video_processor(class_name: str, **attrs):
         return proc
 
 
-@functools.lru_cache(maxsize=None)
-def _accepting_stub(processor_cls):
-    """Subclass of ``processor_cls`` (same name) that also accepts the stub video processor.
-
-    ``ProcessorMixin`` type-checks ``video_processor`` through the video auto-mapping, which is a
-    placeholder without torchvision; everything else is the real class, unchanged.
-    """
-
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and isinstance(argument, _stub_video_processor_class()):
-            return type(argument)
-        return processor_cls.check_argument_for_proper_class(self, argument_name, argument)
-
-    namespace = {
-        "check_argument_for_proper_class": check_argument_for_proper_class,
-        "__module__": __name__,
-        "__qualname__": processor_cls.__qualname__,
-        "__doc__": processor_cls.__doc__,
-    }
-    return type(processor_cls.__name__, (processor_cls,), namespace)
-
-
 def _make_processor(processor_cls, **kwargs):
-    if isinstance(kwargs.get("video_processor"), _stub_video_processor_class()):
-        processor_cls = _accepting_stub(processor_cls)
-    return processor_cls(**kwargs)
+    """Instantiate the real ``processor_cls``; also accept the stub video processor if one is used.
+
+    ``ProcessorMixin.__init__`` type-checks ``video_processor`` through the video auto-mapping,
+    which is a placeholder without torchvision. For the stub, that single check is relaxed on the
+    instance during ``__init__`` only; the processor stays an instance of the real class.
+    """
+    stub_cls = _stub_video_processor_class()
+    if not isinstance(kwargs.get("video_processor"), stub_cls):
+        return processor_cls(**kwargs)
+
+    processor = processor_cls.__new__(processor_cls)
+
+    def check_argument_for_proper_class(argument_name, argument):
+        if argument_name == "video_processor" and isinstance(argument, stub_cls):
+            return stub_cls
+        return processor_cls.check_argument_for_proper_class(processor, argument_name, argument)
+
+    processor.check_argument_for_proper_class = check_argument_for_proper_class
+    try:
+        processor_cls.__init__(processor, **kwargs)
+    finally:
+        del processor.check_argument_for_proper_class
+    return processor
 
 
 def _build_processor(family: str, tokenizer, config):
@@ -490,7 +509,9 @@ def _build_processor(family: str, tokenizer, config):
             processor_cls = transformers.LlavaProcessor
         else:
             image_processor = _image_processor(
-                "LlavaNextImageProcessor", image_grid_pinpoints=copy.deepcopy(config.image_grid_pinpoints), **common
+                "LlavaNextImageProcessor",
+                image_grid_pinpoints=copy.deepcopy(config.image_grid_pinpoints),
+                **common,
             )
             processor_cls = transformers.LlavaNextProcessor
         return processor_cls(
@@ -508,7 +529,9 @@ def _build_processor(family: str, tokenizer, config):
             "image_std": [0.5, 0.5, 0.5],
         }
         image_processor = _image_processor(
-            "LlavaOnevisionImageProcessor", image_grid_pinpoints=copy.deepcopy(config.image_grid_pinpoints), **common
+            "LlavaOnevisionImageProcessor",
+            image_grid_pinpoints=copy.deepcopy(config.image_grid_pinpoints),
+            **common,
         )
         return _make_processor(
             transformers.LlavaOnevisionProcessor,
@@ -531,7 +554,9 @@ def _build_processor(family: str, tokenizer, config):
         processor_cls, video_cls = transformers.Qwen3VLProcessor, "Qwen3VLVideoProcessor"
     else:
         min_pixels, max_pixels = _QWEN2_MIN_PIXELS, _QWEN2_MAX_PIXELS
-        processor_cls = transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+        processor_cls = (
+            transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+        )
         video_cls = "Qwen2VLVideoProcessor"
     size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
     return _make_processor(
@@ -565,7 +590,7 @@ def tiny_vlm(family: str, seed: int = 0, **config_overrides):
         raise ValueError(f"Unknown family {family!r}; supported families: {', '.join(FAMILIES)}")
     import transformers
 
-    model_cls_name, config_cls_name = _CLASSES[family]
+    _, model_cls_name, config_cls_name = _CLASSES[family]
     if family in ("llava", "llava_next"):
         special, template = _LLAMA_SPECIAL, (_LLAVA_TEMPLATE if family == "llava" else _LLAVA_NEXT_TEMPLATE)
     elif family == "llava_onevision":
@@ -597,7 +622,9 @@ def tiny_vlm(family: str, seed: int = 0, **config_overrides):
 
     config = getattr(transformers, config_cls_name)(**cfg)
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls_name)._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = getattr(transformers, model_cls_name)._from_config(
+        config, attn_implementation="sdpa", dtype=torch.float32
+    )
     model.eval()
 
     generation_config = model.generation_config
@@ -649,7 +676,7 @@ def tiny_inputs(processor, images, prompts, padding_side: str = "left"):
         raise ValueError(f"got {len(images)} image entries for {len(prompts)} prompts")
 
     texts, flat_images = [], []
-    for sample_images, prompt in zip(images, prompts):
+    for sample_images, prompt in zip(images, prompts, strict=True):
         if sample_images is None:
             sample_images = []
         elif not isinstance(sample_images, (list, tuple)):
@@ -659,7 +686,12 @@ def tiny_inputs(processor, images, prompts, padding_side: str = "left"):
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         flat_images.extend(sample_images)
 
-    kwargs: dict[str, Any] = {"text": texts, "return_tensors": "pt", "padding": True, "padding_side": padding_side}
+    kwargs: dict[str, Any] = {
+        "text": texts,
+        "return_tensors": "pt",
+        "padding": True,
+        "padding_side": padding_side,
+    }
     if flat_images:
         kwargs["images"] = flat_images
     return processor(**kwargs)
