@@ -74,8 +74,8 @@ class Method:
     signals: ClassVar[tuple[str, ...]] = ()
     #: option name -> default value (papers' names)
     options: ClassVar[dict[str, Any]] = {}
-    #: budget used when the user passes ``budget=None``
-    default_budget: ClassVar[int | float] = 64
+    #: budget used when the user passes ``budget=None`` (None: the method derives its paper default itself)
+    default_budget: ClassVar[int | float | None] = 64
     #: "per_crop": every crop / base image keeps the same fraction; "global": one selection over the image
     budget_policy: ClassVar[str] = "per_crop"
     #: the paper's position convention
