@@ -34,7 +34,6 @@ SESSION_ATTRIBUTE = "_vtprune_session"
 @dataclass
 class _Prefill:
     call: dict[str, Any]
-    labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -80,6 +79,7 @@ class PruneSession:
         self._handles: list[Any] = []
         self._signature = inspect.signature(model.forward)
         self._pending: _Prefill | None = None
+        self._labels: torch.Tensor | None = None  # labels of the current call, for the loss on kept positions
         self._decode: _DecodeState | None = None
         self._batch: PrunedBatch | None = None
         self.last_stats: PruneStats | None = None
@@ -133,7 +133,7 @@ class PruneSession:
                 delattr(owner, name)
         self._wrapped = []
         self.store.clear()
-        self._pending = self._decode = self._batch = None
+        self._pending = self._decode = self._batch = self._labels = None
         if getattr(self.model, SESSION_ATTRIBUTE, None) is self:
             delattr(self.model, SESSION_ATTRIBUTE)
 
@@ -142,6 +142,7 @@ class PruneSession:
         call = self._signature.bind_partial(*args, **kwargs).arguments
         self._pending = None
         self._batch = None
+        self._labels = None
         if not self.adapter.has_visual_input(call):
             return None
         if call.get("input_ids") is None:
@@ -151,8 +152,9 @@ class PruneSession:
             )
         self._pending = _Prefill(call=call)
         if call.get("labels") is not None:
-            # the loss is computed on the kept positions in _on_model_return
-            self._pending.labels = call["labels"]
+            # the loss is computed on the kept positions in _on_model_return (the language-model hook consumes
+            # _pending before the model returns, so the labels are kept apart)
+            self._labels = call["labels"]
             kwargs = dict(kwargs)
             if "labels" in kwargs:
                 kwargs["labels"] = None
@@ -178,9 +180,9 @@ class PruneSession:
         return None
 
     def _on_model_return(self, module, args, kwargs, output):
-        pending, self._pending = self._pending, None
+        self._pending = None
+        labels, self._labels = self._labels, None
         self.store.capturing = False
-        labels = pending.labels if pending is not None else None
         if labels is None or output is None or getattr(output, "logits", None) is None:
             return None
         output.loss = self._loss(module, output.logits, labels, self._batch)

@@ -1,0 +1,582 @@
+"""The design invariants (design.md §2) for every supported family × pre-LLM method.
+
+Every reference here is built by hand from an *unwrapped* run of the model (the embeddings and position ids
+its language model receives), never by the engine: the engine's output is only ever compared with it.
+All runs are CPU, float32, SDPA, under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vtprune
+from vtprune.registry import method_class
+from vtprune.selectors.baselines import pool_grid
+from vtprune.testing import tiny_image, tiny_inputs
+
+FAMILIES = ("llava", "llava_next")
+METHODS = ("random", "uniform", "pool", "fastervlm", "visionzip", "divprune")
+MERGE_METHODS = ("pool", "visionzip")  # methods whose selection adds merged tokens
+CLS_METHODS = ("fastervlm", "visionzip")  # methods that read the ViT's CLS attention
+POSITIONS = ("original", "compact")
+# budgets that prune: llava has 64 visual tokens per image; llava_next 268 (base 64 + crops + newlines)
+BUDGET = {"llava": 16, "llava_next": 24}
+PROMPT = "Describe the image."
+NEW_TOKENS = 8
+# batch for the batching invariant: different images (llava_next: different crop counts), different
+# prompt lengths, and a text-only sample
+BATCH_PROMPTS = ("Describe the image.", "What color is the box on the left of this picture?", "Hi")
+
+HOOK_DICTS = (
+    "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The unwrapped run of one sample, computed once per family
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    family: str
+    model: torch.nn.Module
+    processor: object
+    inputs: dict            # processor output for one image + PROMPT, batch of 1, no padding
+    logits: torch.Tensor    # [L, V] unwrapped logits
+    tokens: list[int]       # unwrapped greedy tokens
+    step_logits: torch.Tensor  # [len(tokens), V] unwrapped logits of each generation step
+    embeds: torch.Tensor    # [L, D] inputs_embeds the language model receives, unwrapped
+    position_ids: torch.Tensor  # [L] position ids the language model uses, unwrapped
+    image_positions: torch.Tensor  # LongTensor: positions of the image placeholder tokens
+    text_positions: torch.Tensor   # LongTensor: every other position
+
+    @property
+    def length(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def eos(self) -> int:
+        return self.model.generation_config.eos_token_id
+
+
+@contextmanager
+def capture_lm_calls(model) -> Iterator[list[dict]]:
+    """Record the keyword arguments every call of the language model receives (after any earlier hook)."""
+    calls: list[dict] = []
+
+    def hook(module, args, kwargs):
+        assert not args, "the language model is expected to be called with keyword arguments only"
+        calls.append({k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in kwargs.items()})
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def new_tokens(model, inputs) -> torch.Tensor:
+    """Greedy ``generate`` continuation tokens, [B, <= NEW_TOKENS]."""
+    return generate(model, inputs)[0]
+
+
+def generate(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy ``generate``: (continuation tokens [B, n], raw logits of each step [B, n, V]), n <= NEW_TOKENS."""
+    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, dim=1)
+
+
+_CASES: dict[str, Case] = {}
+
+
+@pytest.fixture(params=FAMILIES)
+def case(request, tiny_models) -> Case:
+    family = request.param
+    if family not in _CASES:
+        model, processor = tiny_models[family]
+        assert not vtprune.is_pruned(model)
+        inputs = tiny_inputs(processor, [tiny_image(0)], [PROMPT])
+        with torch.no_grad(), capture_lm_calls(model) as calls:
+            logits = model(**inputs).logits[0]
+        (call,) = calls
+        length = inputs["input_ids"].shape[1]
+        position_ids = call.get("position_ids")
+        position_ids = torch.arange(length) if position_ids is None else position_ids[0]
+        with torch.no_grad():
+            tokens, step_logits = generate(model, inputs)
+        is_image = inputs["input_ids"][0] == model.config.image_token_id
+        _CASES[family] = Case(
+            family, model, processor, inputs, logits, tokens[0].tolist(), step_logits[0], call["inputs_embeds"][0],
+            position_ids,
+            torch.nonzero(is_image).flatten(), torch.nonzero(~is_image).flatten(),
+        )
+    return _CASES[family]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference helpers (no engine code involved)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def lm_logits(model, embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Run the bare language model + LM head on one sequence [n, D] with position ids [n]; logits [n, V]."""
+    out = model.model.language_model(inputs_embeds=embeds[None], position_ids=position_ids[None])
+    return model.lm_head(out.last_hidden_state)[0]
+
+
+def reference_greedy(model, embeds, position_ids, next_position: int, steps: int = NEW_TOKENS):
+    """Greedy decoding of the bare language model with a DynamicCache: prefill ``embeds`` at ``position_ids``,
+    then feed each argmax token's embedding at ``next_position``, ``next_position + 1``, ...
+    Returns (tokens, logits [steps, V] of each step)."""
+    from transformers import DynamicCache
+
+    lm = model.model.language_model
+    cache = DynamicCache(config=lm.config)
+    out = lm(inputs_embeds=embeds[None], position_ids=position_ids[None], past_key_values=cache, use_cache=True)
+    tokens, logits = [], []
+    for t in range(steps):
+        logits.append(model.lm_head(out.last_hidden_state[:, -1])[0])
+        token = logits[-1].argmax(-1)[None]  # [1]
+        tokens.append(int(token))
+        if t + 1 == steps:
+            break
+        out = lm(inputs_embeds=model.get_input_embeddings()(token[:, None]),
+                 position_ids=torch.tensor([[next_position + t]]), past_key_values=cache, use_cache=True)
+    return tokens, torch.stack(logits)
+
+
+def assert_same_greedy(generated: tuple, reference: tuple, eos: int, atol: float = 1e-5) -> None:
+    """Same tokens (``generate`` stops at EOS, the reference loop does not) and same logits at every step."""
+    (tokens, logits), (ref_tokens, ref_logits) = generated, reference
+    n = len(tokens)
+    assert tokens == ref_tokens[:n]
+    if n < len(ref_tokens):
+        assert tokens and tokens[-1] == eos
+    torch.testing.assert_close(logits, ref_logits[:n], rtol=0, atol=atol)
+
+
+def pruned_run(case: Case, method: str, positions: str | None = None, budget=None, **options):
+    """Apply ``method``, run one forward capturing what the language model receives; leaves pruning installed."""
+    vtprune.apply(case.model, method, BUDGET[case.family] if budget is None else budget,
+                  positions=positions, **options)
+    with capture_lm_calls(case.model) as calls:
+        logits = case.model(**case.inputs).logits[0]
+    (call,) = calls
+    return logits, call, vtprune.stats(case.model)
+
+
+@contextmanager
+def spy_selections(monkeypatch, method: str) -> Iterator[list]:
+    """Record what the method's ``select`` returned: (group features [g, D], Selection)."""
+    records: list = []
+    cls = method_class(method)
+    original = cls.select
+
+    def select(self, group, k):
+        selection = original(self, group, k)
+        records.append((group.features.clone(), selection))
+        return selection
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cls, "select", select)
+        yield records
+
+
+def rows_to_positions(rows: torch.Tensor, embeds: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """Sequence position (among ``candidates``) of each row of ``rows``, by exact equality with ``embeds``."""
+    equal = (rows[:, None, :] == embeds[candidates][None, :, :]).all(-1)  # [g, n]
+    assert bool((equal.sum(-1) == 1).all()), "a group token does not match exactly one image position"
+    return candidates[equal.float().argmax(-1)]
+
+
+def merged_tokens(case: Case, records) -> tuple[torch.Tensor, torch.Tensor]:
+    """(merged rows [m, D], anchor sequence positions [m]) from the recorded selections."""
+    rows, anchors = [], []
+    for features, selection in records:
+        if not selection.num_merged:
+            continue
+        rows.append(selection.merged)
+        group_positions = rows_to_positions(features, case.embeds, case.image_positions)
+        anchors.append(group_positions[selection.anchors.cpu()])
+    if not rows:
+        return case.embeds.new_zeros(0, case.embeds.shape[1]), torch.empty(0, dtype=torch.long)
+    return torch.cat(rows), torch.cat(anchors)
+
+
+def reference_sequence(case: Case, kept_visual: torch.Tensor, positions: str,
+                       merged: torch.Tensor | None = None, anchors: torch.Tensor | None = None):
+    """The pruned sequence built by hand: text + kept visual tokens in original order, each merged token right
+    after its anchor position. Returns (embeds [n, D], position ids [n], is_merged [n])."""
+    kept = torch.sort(torch.cat([case.text_positions, kept_visual])).values
+    entries = [(int(p), 0, case.embeds[p], case.position_ids[p]) for p in kept.tolist()]
+    if merged is not None:
+        entries += [(int(a), 1, row, case.position_ids[a]) for a, row in zip(anchors.tolist(), merged, strict=True)]
+    entries.sort(key=lambda e: (e[0], e[1]))
+    embeds = torch.stack([e[2] for e in entries])
+    is_merged = torch.tensor([bool(e[1]) for e in entries])
+    if positions == "original":  # each token keeps its (anchor's) original position id
+        position_ids = torch.stack([e[3] for e in entries])
+    else:  # re-indexed as if the pruned sequence had been the input
+        position_ids = case.position_ids[0] + torch.arange(len(entries))
+    return embeds, position_ids, is_merged
+
+
+def hook_snapshot(model) -> dict:
+    """Per module: class, every hook dict, and the names of its instance attributes; key None: global hooks."""
+    snap = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        hooks = {attr: dict(getattr(module, attr, {})) for attr in HOOK_DICTS}
+        snap[name] = (type(module), hooks, frozenset(vars(module)))
+    global_hooks = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                    "_global_module_registration_hooks")
+    snap[None] = tuple(dict(getattr(torch.nn.modules.module, attr)) for attr in global_hooks)
+    return snap
+
+
+def assert_untouched(model, before: dict) -> None:
+    after = hook_snapshot(model)
+    assert after.keys() == before.keys()
+    assert after.pop(None) == before[None], "a global module hook was left behind"
+    for name, entry in before.items():
+        if name is None:
+            continue
+        cls, hooks, attrs = entry
+        assert after[name][0] is cls, f"class of {name!r} changed"
+        assert after[name][1] == hooks, f"hooks of {name!r} changed"
+        assert after[name][2] == attrs, f"attributes of {name!r} changed: {after[name][2] ^ attrs}"
+    for name, module in model.named_modules(remove_duplicate=False):
+        left = [a for a in vars(module) if a.startswith("_vtprune")]
+        assert not left, f"{name!r} still has {left}"
+
+
+def is_newline(case: Case, positions: torch.Tensor) -> torch.Tensor:
+    """LLaVA-NeXT row newlines among ``positions`` (their embedding is the model's image_newline)."""
+    newline = getattr(case.model.model, "image_newline", None)
+    if newline is None:
+        return torch.zeros(positions.numel(), dtype=torch.bool)
+    return (case.embeds[positions] == newline[None]).all(-1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. nothing pruned => nothing changed
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("budget", [100000, 1.0])
+@pytest.mark.parametrize("method", METHODS)
+def test_full_budget_changes_nothing(case, method, budget):
+    model = case.model
+    with vtprune.pruned(model, method, budget):
+        logits = model(**case.inputs).logits[0]
+        assert torch.equal(logits, case.logits)
+        for sample in vtprune.stats(model).samples:
+            assert not sample.pruned
+            assert sample.equivalent_tokens == sample.visual_in == case.image_positions.numel()
+        tokens, step_logits = generate(model, case.inputs)
+        assert tokens[0].tolist() == case.tokens
+        assert torch.equal(step_logits[0], case.step_logits)
+        assert not vtprune.stats(model).samples[0].pruned
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. remove() restores exactly
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_remove_restores_exactly(case, method):
+    model = case.model
+    before = hook_snapshot(model)
+    config_before = model.config.to_dict()
+    vtprune.apply(model, method, BUDGET[case.family])
+    assert vtprune.is_pruned(model)
+    pruned_logits = model(**case.inputs).logits[0]
+    assert vtprune.stats(model).samples[0].pruned
+    assert pruned_logits.shape[0] < case.length
+    new_tokens(model, case.inputs)
+    vtprune.remove(model)
+    assert not vtprune.is_pruned(model)
+    assert_untouched(model, before)
+    assert model.config.to_dict() == config_before
+    assert torch.equal(model(**case.inputs).logits[0], case.logits)
+    with pytest.raises(vtprune.VTPruneError):
+        vtprune.stats(model)
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "visionzip"])
+def test_pruned_context_manager_removes_on_exit_and_on_error(case, method):
+    model = case.model
+    before = hook_snapshot(model)
+    with vtprune.pruned(model, method, BUDGET[case.family]) as same:
+        assert same is model and vtprune.is_pruned(model)
+        assert model(**case.inputs).logits.shape[1] < case.length
+    assert not vtprune.is_pruned(model)
+    assert_untouched(model, before)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with vtprune.pruned(model, method, BUDGET[case.family]):
+            model(**case.inputs)
+            raise RuntimeError("boom")
+    assert not vtprune.is_pruned(model)
+    assert_untouched(model, before)
+    assert torch.equal(model(**case.inputs).logits[0], case.logits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. text tokens never pruned; kept order; sequence length
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_text_kept_and_visual_order(case, method):
+    logits, call, stats = pruned_run(case, method)
+    (sample,) = stats.samples
+    assert sample.visual_in == case.image_positions.numel()
+    (stage,) = sample.stages
+    assert stage.layer == 0 and stage.name == method
+    kept = stage.kept_positions
+    assert kept.dtype == torch.long
+    assert bool((kept[1:] > kept[:-1]).all()), "kept positions must be strictly ascending"
+    assert bool(torch.isin(kept, case.image_positions).all()), "kept positions must be image-token positions"
+    if method not in MERGE_METHODS:
+        assert stage.merged == 0
+    elif method == "pool":
+        assert stage.merged > 0 and kept.numel() == int(is_newline(case, kept).sum())
+    # the budget counts content tokens (LLaVA-NeXT row newlines are layout and come on top)
+    content = int((~is_newline(case, kept)).sum())
+    assert 0 < content + stage.merged <= BUDGET[case.family]
+    assert sample.pruned
+    expected = case.text_positions.numel() + kept.numel() + stage.merged
+    assert sample.layer_lengths[0] == expected
+    assert call["inputs_embeds"].shape[1] == expected == logits.shape[0]
+    # every text token enters the decoder, unchanged and in order
+    embeds = call["inputs_embeds"][0]
+    slot = 0
+    for p in case.text_positions.tolist():  # an in-order subsequence match
+        while slot < embeds.shape[0] and not torch.equal(embeds[slot], case.embeds[p]):
+            slot += 1
+        assert slot < embeds.shape[0], f"text token at position {p} was pruned or reordered"
+        slot += 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. reference equivalence (logits and greedy generation), both position conventions
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("method", METHODS)
+def test_reference_equivalence(case, method, positions, monkeypatch):
+    model = case.model
+    with spy_selections(monkeypatch, method) as records:
+        logits, call, stats = pruned_run(case, method, positions)
+    (stage,) = stats.samples[0].stages
+    merged = anchors = None
+    if method in MERGE_METHODS:
+        merged, anchors = merged_tokens(case, records)
+        assert merged.shape[0] == stage.merged
+        # merged tokens stand for pruned visual tokens: their anchors are image positions that were dropped
+        assert bool(torch.isin(anchors, case.image_positions).all())
+        assert not bool(torch.isin(anchors, stage.kept_positions).any())
+    else:
+        assert stage.merged == 0
+    embeds, position_ids, is_merged = reference_sequence(case, stage.kept_positions, positions, merged, anchors)
+
+    engine_embeds, engine_positions = call["inputs_embeds"][0], call["position_ids"]
+    assert engine_embeds.shape == embeds.shape
+    # kept rows are the unpruned embeddings, bitwise; merged rows are the method's tokens at their anchors
+    assert torch.equal(engine_embeds[~is_merged], embeds[~is_merged])
+    assert torch.equal(engine_embeds, embeds)
+    assert torch.equal(engine_positions.reshape(-1), position_ids)
+    if method == "pool" and case.family == "llava":  # one 8x8 grid: check the pooled tokens independently
+        side = 8
+        assert case.image_positions.numel() == side * side
+        pooled = pool_grid(case.embeds[case.image_positions], side, side, BUDGET[case.family])
+        windows = pooled.assignment
+        means = torch.stack([case.embeds[case.image_positions[windows == w]].mean(0)
+                             for w in range(int(windows.max()) + 1)])
+        torch.testing.assert_close(engine_embeds[is_merged], means, rtol=0, atol=1e-6)
+        assert torch.equal(anchors, case.image_positions[pooled.anchors])
+
+    reference = lm_logits(model, embeds, position_ids)
+    torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
+
+    tokens, step_logits = generate(model, case.inputs)
+    generated = (tokens[0].tolist(), step_logits[0])
+    # generate leaves the stats of its prefill, which is the forward above
+    after = vtprune.stats(model).samples[0]
+    assert torch.equal(after.stages[0].kept_positions, stage.kept_positions)
+    assert after.layer_lengths == stats.samples[0].layer_lengths
+    next_position = case.length if positions == "original" else int(position_ids[-1]) + 1
+    assert_same_greedy(generated, reference_greedy(model, embeds, position_ids, next_position), case.eos)
+    vtprune.remove(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loss on the kept positions
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_on_kept_positions(case, method):
+    input_ids = case.inputs["input_ids"]
+    labels = input_ids.masked_fill(input_ids == case.model.config.image_token_id, -100)
+    logits, _, stats = pruned_run(case, method)
+    out = case.model(**case.inputs, labels=labels)
+    assert torch.equal(out.logits[0], logits)
+    (stage,) = stats.samples[0].stages
+    # the image span is contiguous; the pruned one holds the kept visual and merged tokens, all unlabelled
+    first, last = int(case.image_positions[0]), int(case.image_positions[-1])
+    assert case.image_positions.numel() == last - first + 1
+    span = stage.kept_positions.numel() + stage.merged
+    pruned_labels = torch.cat([labels[0, :first], torch.full((span,), -100), labels[0, last + 1:]])
+    assert pruned_labels.shape[0] == logits.shape[0]
+    expected = F.cross_entropy(logits[:-1], pruned_labels[1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. batching: padded batch == each sample alone
+# ---------------------------------------------------------------------------------------------------------
+
+_ALONE: dict[tuple, tuple] = {}
+
+
+def batch_images(family: str):
+    second = tiny_image(3, size=(40, 80)) if family == "llava_next" else tiny_image(3)
+    return [tiny_image(0), second, None]
+
+
+def run_alone(case: Case, method: str, positions: str, index: int):
+    """One sample of the batch run alone, pruned: (logits [n, V], kept positions, tokens, step logits [t, V])."""
+    key = (case.family, method, positions, index)
+    if key not in _ALONE:
+        image = batch_images(case.family)[index]
+        inputs = tiny_inputs(case.processor, [image], [BATCH_PROMPTS[index]])
+        with vtprune.pruned(case.model, method, BUDGET[case.family], positions=positions):
+            logits = case.model(**inputs).logits[0]
+            sample = vtprune.stats(case.model).samples[0]
+            kept = sample.stages[0].kept_positions if sample.stages else torch.empty(0, dtype=torch.long)
+            tokens, step_logits = generate(case.model, inputs)
+        assert logits.shape[0] == sample.layer_lengths[0]
+        _ALONE[key] = (logits, kept, tokens[0].tolist(), step_logits[0])
+    return _ALONE[key]
+
+
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_equals_alone(case, method, padding_side, positions):
+    model = case.model
+    inputs = tiny_inputs(case.processor, batch_images(case.family), list(BATCH_PROMPTS), padding_side=padding_side)
+    mask = inputs["attention_mask"]
+    assert len(set(mask.sum(-1).tolist())) == 3, "the samples must have different lengths"
+    assert bool((mask[:, 0] == 0).any()) == (padding_side == "left")
+    alone = [run_alone(case, method, positions, b) for b in range(3)]
+    vtprune.apply(model, method, BUDGET[case.family], positions=positions)
+    logits = model(**inputs).logits
+    stats = vtprune.stats(model)
+    lengths = [s.layer_lengths[0] for s in stats.samples]
+    assert logits.shape[1] == max(lengths)
+    assert stats.samples[0].pruned and stats.samples[1].pruned
+    assert stats.samples[2].visual_in == 0 and not stats.samples[2].pruned
+    for b, (ref_logits, ref_kept, _, _) in enumerate(alone):
+        n = lengths[b]
+        assert n == ref_logits.shape[0]
+        # the pruned output keeps the input's padding side
+        real = logits[b, -n:] if padding_side == "left" else logits[b, :n]
+        torch.testing.assert_close(real, ref_logits, rtol=0, atol=1e-4)
+        # the same visual tokens are kept as when the sample runs alone (up to its padding offset)
+        first = int(torch.nonzero(mask[b]).min())
+        sample = stats.samples[b]
+        kept = sample.stages[0].kept_positions if sample.stages else torch.empty(0, dtype=torch.long)
+        assert torch.equal(kept - first, ref_kept)
+    if padding_side == "left":  # batched generation needs left padding
+        tokens, step_logits = generate(model, inputs)
+        for b, (_, _, ref_tokens, ref_step_logits) in enumerate(alone):
+            n = len(ref_tokens)
+            assert tokens[b, :n].tolist() == ref_tokens
+            torch.testing.assert_close(step_logits[b, :n], ref_step_logits, rtol=0, atol=1e-4)
+            if n < NEW_TOKENS:  # stopped at EOS alone; the batch pads after it
+                assert ref_tokens[-1] == case.eos
+    vtprune.remove(model)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. SDPA everywhere
+# ---------------------------------------------------------------------------------------------------------
+
+
+def attention_implementations(model) -> set[str]:
+    configs = [model.config.get_text_config(decoder=True), model.config.vision_config,
+               model.model.language_model.config, model.model.vision_tower.config]
+    return {c._attn_implementation for c in configs}
+
+
+@pytest.mark.parametrize("method", CLS_METHODS)
+def test_sdpa_everywhere(case, method, monkeypatch):
+    import transformers.models.clip.modeling_clip as clip
+    import transformers.models.llama.modeling_llama as llama
+
+    model = case.model
+    assert attention_implementations(model) == {"sdpa"}
+
+    def no_eager(*args, **kwargs):
+        raise AssertionError("eager attention was used")
+
+    monkeypatch.setattr(clip, "eager_attention_forward", no_eager)
+    monkeypatch.setattr(llama, "eager_attention_forward", no_eager)
+    seen = []
+    handle = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda module, args: seen.append(attention_implementations(model)))
+    try:
+        with vtprune.pruned(model, method, BUDGET[case.family]):
+            logits = model(**case.inputs).logits
+            assert vtprune.stats(model).samples[0].pruned
+            assert logits.shape[1] < case.length
+    finally:
+        handle.remove()
+    assert seen == [{"sdpa"}]
+    assert attention_implementations(model) == {"sdpa"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. determinism
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_deterministic_selection(case, method):
+    _, _, first = pruned_run(case, method)
+    kept = first.samples[0].stages[0].kept_positions.clone()
+    logits = case.model(**case.inputs).logits
+    again = vtprune.stats(case.model).samples[0].stages[0].kept_positions
+    assert torch.equal(kept, again)
+    vtprune.remove(case.model)
+    _, _, fresh = pruned_run(case, method)
+    assert torch.equal(fresh.samples[0].stages[0].kept_positions, kept)
+    assert torch.equal(case.model(**case.inputs).logits, logits)
+
+
+def test_random_seed_changes_selection(case):
+    _, _, stats = pruned_run(case, "random", seed=0)
+    seed0 = stats.samples[0].stages[0].kept_positions.clone()
+    vtprune.remove(case.model)
+    _, _, stats = pruned_run(case, "random", seed=1)
+    seed1 = stats.samples[0].stages[0].kept_positions
+    assert seed0.numel() > 0 and not torch.equal(seed0, seed1)
