@@ -59,7 +59,7 @@ def split_proportional(total: int, sizes: Sequence[int]) -> list[int]:
         return [0 for _ in sizes]
     total = min(total, whole)
     exact = [total * s / whole for s in sizes]
-    shares = [min(int(math.floor(e)), s) for e, s in zip(exact, sizes)]
+    shares = [min(int(math.floor(e)), s) for e, s in zip(exact, sizes, strict=True)]
     # hand out the remainder by largest fractional part (ties: earlier group)
     order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - shares[i]), i))
     remaining = total - sum(shares)

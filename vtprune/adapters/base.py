@@ -10,6 +10,9 @@ from torch import nn
 from ..engine.layout import SampleLayout
 from ..errors import UnsupportedModelError
 
+#: signals the engine itself provides for every family (the layout's grid, decoder q/k attention rows)
+ENGINE_SIGNALS = frozenset({"grid", "decoder_attention"})
+
 
 class SignalStore(dict):
     """Per-forward vision signals, keyed by name, each indexed [vision_row, patch_index, ...].
@@ -85,7 +88,7 @@ class Adapter:
         raise NotImplementedError(f"{type(self).__name__} cannot project merged vision tokens")
 
     def check_signals(self, needed: set[str], method_name: str) -> None:
-        missing = sorted(set(needed) - set(self.provides) - {"grid"})
+        missing = sorted(set(needed) - set(self.provides) - ENGINE_SIGNALS)
         if missing:
             raise UnsupportedModelError(
                 f"method {method_name!r} needs signal(s) {', '.join(missing)}, which the {self.family} adapter "

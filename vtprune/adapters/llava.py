@@ -190,7 +190,7 @@ class LlavaNextAdapter(_ClipLlavaAdapter):
             index_features, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes,
             vision_feature_select_strategy=strategy, image_newline=newline_marker,
         )
-        spans = [self._image_span(p, crops > 1, num_patches, side) for p, crops in zip(packed, crops_per_image)]
+        spans = [self._image_span(p, crops > 1, num_patches, side) for p, crops in zip(packed, crops_per_image, strict=True)]
         return self._split_spans(call, [s.num_tokens for s in spans], lambda i, positions: _with_positions(
             spans[i], positions))
 

@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters.base import Adapter, SignalStore
+from ..adapters.base import ENGINE_SIGNALS, Adapter, SignalStore
 from ..budget import split_proportional, tokens_for
+from ..engine.layer_stage import LayerRun, Segment, decode_segment_inputs, prune_at_layer
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..engine.sequence import PrunedBatch, SamplePlan, assemble
 from ..errors import VTPruneError
-from ..registry import PRE_LLM, Method, Selection, VisualGroup
+from ..registry import IN_LLM, PRE_LLM, Method, Selection, VisualGroup
 from ..stats import PruneStats, SampleStats, StageStats
 
 SESSION_ATTRIBUTE = "_vtprune_session"
@@ -66,14 +67,24 @@ class PruneSession:
                 f"at most one pre-LLM method can run per model; got {[m.name for m in pre]}. Compose a pre-LLM "
                 "method with in-LLM methods instead."
             )
-        if len(pre) != len(methods):
+        layer = [m for m in methods if m.stage == IN_LLM]
+        if len(layer) > 1:
             raise VTPruneError(
-                f"in-LLM methods ({[m.name for m in methods if m.stage != PRE_LLM]}) are not available in this "
-                "version; use a pre-LLM method."
+                f"at most one in-LLM method can run per model; got {[m.name for m in layer]}. Compose one "
+                "pre-LLM method with one in-LLM method."
             )
-        self.pre_method = pre[0]
+        if layer and pre and methods.index(layer[0]) < methods.index(pre[0]):
+            raise VTPruneError("list the pre-LLM method before the in-LLM method when composing.")
+        self.pre_method = pre[0] if pre else None
+        self.layer_method = layer[0] if layer else None
+        self._run: LayerRun | None = None
+        self._run_mask: torch.Tensor | None = None
+        self._run_layouts: list[SampleLayout] = []
+        self._run_samples: list[SampleStats] = []
+        self._segments: list[Segment] = []
+        self._step: tuple | None = None
         self.store = SignalStore()
-        self.store.wanted = {s for m in methods for s in m.signals} - {"grid"}
+        self.store.wanted = {s for m in methods for s in m.signals} - ENGINE_SIGNALS
         for m in methods:
             adapter.check_signals(set(m.signals), m.name)
         self._handles: list[Any] = []
@@ -100,6 +111,11 @@ class PruneSession:
             lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True),
             *self.adapter.install_signal_hooks(self.store),
         ]
+        if self.layer_method is not None:
+            self._handles.append(lm.register_forward_hook(self._on_language_model_return))
+            for index, layer in enumerate(self.adapter.decoder_layers):
+                hook = functools.partial(self._on_decoder_layer, index)
+                self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         setattr(self.model, SESSION_ATTRIBUTE, self)
 
     def _wrap_vision_entry_points(self) -> None:
@@ -133,7 +149,8 @@ class PruneSession:
                 delattr(owner, name)
         self._wrapped = []
         self.store.clear()
-        self._pending = self._decode = self._batch = self._labels = None
+        self._pending = self._decode = self._batch = self._labels = self._run = self._step = None
+        self._segments = []
         if getattr(self.model, SESSION_ATTRIBUTE, None) is self:
             delattr(self.model, SESSION_ATTRIBUTE)
 
@@ -208,31 +225,32 @@ class PruneSession:
         self.store.vision_call = None
         plans, samples = [], []
         for b, layout in enumerate(layouts):
-            plan, sample = self._plan_sample(layout, embeds[b], real[b])
+            if self.pre_method is not None:
+                plan, sample = self._plan_sample(layout, embeds[b], real[b])
+            else:
+                kept = torch.nonzero(real[b]).flatten()
+                plan = SamplePlan(keep=kept, last=int(kept[-1]) if kept.numel() else -1)
+                sample = SampleStats(visual_in=layout.num_visual)
             plans.append(plan)
             samples.append(sample)
         changed = any(p.length < int(real[b].sum()) or p.merged is not None for b, p in enumerate(plans))
         new_kwargs = dict(kwargs)
         num_layers = len(self.adapter.decoder_layers)
+        pad_left = not (mask is not None and bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any()))
+        if self.layer_method is not None:
+            return self._prefill_with_layer_stage(lm, kwargs, embeds, mask, real, position_ids, layouts, plans,
+                                                  samples, changed, pad_left)
         if not changed:  # nothing pruned: leave the call untouched (bitwise-identical results)
             for b, sample in enumerate(samples):
                 self._finish_sample_stats(sample, int(real[b].sum()), num_layers, layouts[b], kwargs)
             self.last_stats = PruneStats(self.name, samples)
             self._decode = None
             return new_kwargs
-        pad_left = not (mask is not None and bool((mask[:, -1] == 0).any()) and not bool((mask[:, 0] == 0).any()))
         pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left)
         self._batch = pruned
         pruned_mask = pruned.attention_mask
         needs_mask = mask is not None or bool((pruned_mask == 0).any())
-        cache = kwargs.get("past_key_values")
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(lm.config, "use_cache", False)
-        if cache is None and use_cache:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=lm.config)
+        cache = self._cache_for(lm, kwargs)
         new_kwargs.update(
             inputs_embeds=pruned.inputs_embeds,
             attention_mask=pruned_mask if needs_mask else None,
@@ -247,6 +265,125 @@ class PruneSession:
             self._finish_sample_stats(sample, plans[b].length, num_layers, layouts[b], kwargs)
         self.last_stats = PruneStats(self.name, samples)
         return new_kwargs
+
+    @staticmethod
+    def _cache_for(lm: nn.Module, kwargs: dict[str, Any]):
+        """The caller's cache, or the DynamicCache the decoder would create itself (created here so that the
+        engine can recognise it in later decode steps)."""
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(lm.config, "use_cache", False)
+        if cache is None and use_cache:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=lm.config)
+        return cache
+
+    # -- in-LLM stage --------------------------------------------------------------------------------
+    def _prefill_with_layer_stage(self, lm, kwargs, embeds, mask, real, position_ids, layouts, plans, samples,
+                                  changed, pad_left) -> dict[str, Any]:
+        batch, length, _ = embeds.shape
+        new_kwargs = dict(kwargs)
+        cache = self._cache_for(lm, kwargs)
+        if changed:
+            pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left)
+            self._batch = pruned
+            lm_mask, lm_positions, shift = pruned.attention_mask, pruned.position_ids, pruned.position_shift
+            sources, merged = pruned.source, pruned.merged
+            new_kwargs.update(inputs_embeds=pruned.inputs_embeds, attention_mask=lm_mask, position_ids=lm_positions)
+        else:
+            lm_mask, shift = mask, position_ids.new_zeros(position_ids.shape[:-1])
+            sources = [torch.nonzero(real[b]).flatten() for b in range(batch)]
+            merged = [torch.zeros_like(src, dtype=torch.bool) for src in sources]
+            new_kwargs.update(position_ids=position_ids)
+        new_kwargs["past_key_values"] = cache
+        visual, schedules, structural = [], [], []
+        num_layers = len(self.adapter.decoder_layers)
+        for b, layout in enumerate(layouts):
+            content = torch.cat([img.positions[~img.structural] for img in layout.images]) if layout.images \
+                else torch.empty(0, dtype=torch.long)
+            is_visual = torch.isin(sources[b].cpu(), content) | merged[b].cpu()
+            visual.append(is_visual)
+            placeholders = layout.visual_positions()
+            structural.append(int(torch.isin(sources[b].cpu(), placeholders).sum()) - int(is_visual.sum())
+                              + int(merged[b].sum()))
+            count = int(is_visual.sum())
+            schedules.append(self.layer_method.schedule(num_layers, count, len(layout.images)) if count else [])
+        self._run = LayerRun(
+            method=self.layer_method, schedules=schedules, source=[s.cpu() for s in sources], visual=visual,
+            merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural,
+        )
+        self._run_mask = lm_mask
+        self._run_layouts, self._run_samples = layouts, samples
+        self._segments = []
+        self._decode = None if cache is None else _DecodeState(
+            cache=cache, cache_len=new_kwargs["inputs_embeds"].shape[1], prompt_len=length, seen_len=length,
+            prompt_mask=lm_mask if lm_mask is not None else torch.ones(batch, length, dtype=torch.long,
+                                                                          device=embeds.device),
+            position_shift=shift,
+        )
+        return new_kwargs
+
+    def _on_decoder_layer(self, index: int, module, args, kwargs):
+        run = self._run
+        if run is not None:  # prefill
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if any(layer == index for sched in run.schedules for layer, _ in sched):
+                segment = prune_at_layer(run, self.adapter.language_model, index, hidden,
+                                         {**kwargs, **({"position_ids": run.segments[-1].position_ids,
+                                                        "position_embeddings": run.segments[-1].position_embeddings}
+                                                       if run.segments else {})},
+                                         self._run_mask, kwargs.get("past_key_values"))
+                if segment is not None:
+                    hidden = segment.hidden
+                    self._run_mask = segment.prompt_mask
+                    args = (hidden, *args[1:]) if args else args
+                    if not args:
+                        kwargs = {**kwargs, "hidden_states": hidden}
+            segment = run.segments[-1] if run.segments else None
+            if segment is not None:
+                kwargs = {**kwargs, "attention_mask": segment.attention_mask,
+                          "position_embeddings": segment.position_embeddings, "position_ids": segment.position_ids}
+            run.previous = (hidden, kwargs["position_embeddings"])
+            run.history.append([(len(src), int(vis.sum()) + extra)
+                                for src, vis, extra in zip(run.source, run.visual, run.structural, strict=True)])
+            return args, kwargs
+        if self._step is None or not self._segments:
+            return None
+        active = [seg for seg in self._segments if seg.layer <= index]
+        if not active:
+            return None
+        segment = active[-1]
+        hidden = args[0] if args else kwargs["hidden_states"]
+        if segment.layer == index:
+            tail, decoded, positions, cache = self._step
+            decode_segment_inputs(segment, self.adapter.language_model, hidden, tail, decoded, positions,
+                                  kwargs["position_embeddings"], cache)
+        return args, {**kwargs, "attention_mask": segment.attention_mask,
+                      "position_embeddings": segment.position_embeddings, "position_ids": segment.position_ids}
+
+    def _on_language_model_return(self, module, args, output):
+        run, self._run = self._run, None
+        self._step = None
+        if run is None:
+            return None
+        self._segments = run.segments
+        num_layers = len(self.adapter.decoder_layers)
+        for b, sample in enumerate(self._run_samples):
+            sample.layer_lengths = [run.history[i][b][0] for i in range(num_layers)]
+            sample.visual_lengths = [run.history[i][b][1] for i in range(num_layers)]
+            kept = run.source[b][run.visual[b] & ~run.merged[b]]
+            if any(layer for layer, _ in run.schedules[b]):
+                sample.stages.append(StageStats(
+                    name=self.layer_method.name, layer=run.schedules[b][-1][0],
+                    kept_positions=torch.sort(kept).values, merged=int(run.merged[b].sum()),
+                    visual_out=int(run.visual[b].sum()),
+                ))
+            unpruned = sample.layer_lengths[0] - sample.visual_lengths[0] + sample.visual_in
+            sample.flops, sample.flops_unpruned = self._flops(self._run_layouts[b], sample.layer_lengths, unpruned)
+        self.last_stats = PruneStats(self.name, self._run_samples)
+        return None
 
     def _plan_sample(self, layout: SampleLayout, embeds: torch.Tensor, real: torch.Tensor):
         """Kept positions and merged tokens of one sample [L, D] (padding excluded)."""
@@ -288,7 +425,7 @@ class PruneSession:
         groups = image.groups if method.budget_policy == "per_crop" else [TokenGroup.concat(image.groups)]
         shares = split_proportional(budget, [g.size for g in groups])
         merged, anchors = [], []
-        for group_idx, (group, k) in enumerate(zip(groups, shares)):
+        for group_idx, (group, k) in enumerate(zip(groups, shares, strict=True)):
             if k >= group.size:
                 span_keep[group.members] = True
                 continue
@@ -347,6 +484,10 @@ class PruneSession:
         if position_ids is None:
             position_ids = torch.arange(state.seen_len, state.seen_len + steps, device=embeds.device).expand(batch, steps)
         position_ids = position_ids - state.position_shift.unsqueeze(-1)
+        if self._segments:
+            given = kwargs.get("attention_mask")
+            tail = given[:, state.prompt_len:] if given is not None else None
+            self._step = (tail, state.seen_len - state.prompt_len, position_ids, state.cache)
         state.seen_len += steps
         state.cache_len += steps
         return {**kwargs, "attention_mask": mask, "position_ids": position_ids}
@@ -398,7 +539,7 @@ class PruneSession:
         if batch is None:  # nothing was pruned
             return model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
         pruned_labels = torch.full(logits.shape[:2], -100, dtype=labels.dtype, device=logits.device)
-        for b, (src, merged, slot) in enumerate(zip(batch.source, batch.merged, batch.slots)):
+        for b, (src, merged, slot) in enumerate(zip(batch.source, batch.merged, batch.slots, strict=True)):
             values = labels[b, src.to(labels.device)].to(logits.device)
             values[merged.to(logits.device)] = -100
             pruned_labels[b, slot] = values

@@ -1,0 +1,132 @@
+"""In-LLM pruning: drop visual tokens before decoder layer k, per sample, with padding and a KV cache.
+
+The language model runs its layer loop unchanged; forward pre-hooks on the decoder layers swap in, from
+the pruning layer on, the shorter hidden states and the matching position embeddings, position ids and
+attention mask. Layers from k on therefore cache only the kept tokens; during decoding the same hooks give
+those layers a mask sized to their own (shorter) cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..catalog.in_llm import LayerContext, LayerMethod
+from .attention_rows import last_token_index
+from .sequence import SamplePlan, assemble
+
+
+@dataclass
+class Segment:
+    """Layers from ``layer`` on (until the next segment) see this sequence."""
+
+    layer: int
+    prompt_mask: torch.Tensor        # [B, Lk] 2-D mask of the pruned prompt at this segment
+    position_shift: torch.Tensor     # [..., B] language-model-level position - this segment's position
+    position_ids: torch.Tensor | None = None   # prefill only
+    position_embeddings: Any = None             # prefill, or the current decode step
+    attention_mask: Any = None                  # 4-D / None, prefill or the current decode step
+
+
+@dataclass
+class LayerRun:
+    """Per-forward state of the in-LLM stage: the columns of the current sequence and what they are."""
+
+    method: LayerMethod
+    schedules: list[list[tuple[int, int]]]   # per sample [(layer, visual kept), ...]
+    source: list[torch.Tensor]                # per sample: original position of each real column (in order)
+    visual: list[torch.Tensor]                # per sample: BoolTensor, candidate visual columns
+    merged: list[torch.Tensor]                # per sample: BoolTensor, merged (pre-LLM) columns
+    pad_left: bool
+    structural: list[int]                     # per sample: structural visual tokens (newlines), never dropped here
+    segments: list[Segment] = field(default_factory=list)
+    previous: tuple[torch.Tensor, Any] | None = None   # input (hidden, pos emb) of the previous layer
+    history: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per sample (layer, length, visual)
+
+
+def real_columns(mask2d: torch.Tensor | None, batch: int, length: int, device) -> list[torch.Tensor]:
+    if mask2d is None:
+        return [torch.arange(length, device=device) for _ in range(batch)]
+    return [torch.nonzero(mask2d[b]).flatten() for b in range(batch)]
+
+
+def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.Tensor, kwargs: dict,
+                   mask2d: torch.Tensor | None, cache) -> Segment | None:
+    """Run the method's selection at ``layer_idx`` (prefill) and build the segment the later layers use."""
+    from transformers.masking_utils import create_causal_mask
+
+    batch, length, _ = hidden.shape
+    wanted = []
+    for b in range(batch):
+        counts = [keep for layer, keep in run.schedules[b] if layer == layer_idx]
+        wanted.append(counts[0] if counts else None)
+    if all(w is None or w >= int(run.visual[b].sum()) for b, w in enumerate(wanted)):
+        return None
+    columns = real_columns(mask2d, batch, length, hidden.device)
+    real = torch.zeros(batch, length, dtype=torch.bool, device=hidden.device)
+    visual = torch.zeros_like(real)
+    for b in range(batch):
+        real[b, columns[b]] = True
+        visual[b, columns[b][run.visual[b].to(hidden.device)]] = True
+    position_ids = kwargs["position_ids"]
+    position_embeddings = kwargs["position_embeddings"]
+    prev_hidden, prev_pe = run.previous if run.previous is not None else (None, None)
+    ctx = LayerContext(
+        layer=layer_idx, layers=lm.layers, hidden=hidden, position_embeddings=position_embeddings,
+        previous_hidden=prev_hidden, previous_position_embeddings=prev_pe, real=real, visual=visual,
+        last=last_token_index(mask2d, batch, length).to(hidden.device),
+    )
+    scores = run.method.score(ctx)  # [B, L]
+    plans = []
+    for b in range(batch):
+        cols = columns[b]
+        is_visual = run.visual[b].to(hidden.device)
+        keep_local = ~is_visual  # text / structural / merged columns stay
+        if wanted[b] is not None and wanted[b] < int(is_visual.sum()):
+            candidates = torch.nonzero(is_visual).flatten()
+            order = torch.argsort(scores[b, cols[candidates]], descending=True, stable=True)
+            keep_local[candidates[order[: wanted[b]]]] = True
+        else:
+            keep_local |= is_visual
+        run.source[b] = run.source[b][keep_local.cpu()]
+        run.visual[b] = run.visual[b][keep_local.cpu()]
+        run.merged[b] = run.merged[b][keep_local.cpu()]
+        plans.append(SamplePlan(keep=cols[keep_local], last=int(cols[-1]) if cols.numel() else -1))
+    pruned = assemble(hidden, position_ids, plans, run.method.positions, run.pad_left)
+    base_shift = run.segments[-1].position_shift if run.segments else torch.zeros_like(pruned.position_shift)
+    new_pos = pruned.position_ids
+    segment = Segment(
+        layer=layer_idx, prompt_mask=pruned.attention_mask, position_shift=base_shift + pruned.position_shift,
+        position_ids=new_pos,
+        position_embeddings=lm.rotary_emb(pruned.inputs_embeds, position_ids=new_pos),
+    )
+    segment.attention_mask = create_causal_mask(
+        config=lm.config, inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask,
+        past_key_values=cache, position_ids=new_pos, layer_idx=layer_idx,
+    )
+    run.segments.append(segment)
+    segment.hidden = pruned.inputs_embeds
+    return segment
+
+
+def decode_segment_inputs(segment: Segment, lm: nn.Module, hidden: torch.Tensor, tail_mask: torch.Tensor | None,
+                          decoded: int, position_ids: torch.Tensor, position_embeddings, cache) -> None:
+    """Mask and positions of one decode step for the layers of ``segment`` (their cache is shorter)."""
+    from transformers.masking_utils import create_causal_mask
+
+    batch, steps, _ = hidden.shape
+    if tail_mask is None:
+        tail_mask = segment.prompt_mask.new_ones(batch, decoded + steps)
+    mask2d = torch.cat([segment.prompt_mask, tail_mask.to(segment.prompt_mask)], dim=1)
+    positions = position_ids - segment.position_shift.unsqueeze(-1)
+    if bool((segment.position_shift != 0).any()):
+        position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
+    segment.position_ids = positions
+    segment.position_embeddings = position_embeddings
+    segment.attention_mask = create_causal_mask(
+        config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=cache,
+        position_ids=positions, layer_idx=segment.layer,
+    )
