@@ -29,6 +29,7 @@ class Segment:
     position_ids: torch.Tensor | None = None   # prefill only
     position_embeddings: Any = None             # prefill, or the current decode step
     attention_mask: Any = None                  # 4-D / None, prefill or the current decode step
+    hidden: torch.Tensor | None = None          # prefill: the pruned hidden states entering ``layer``
 
 
 @dataclass
@@ -44,7 +45,8 @@ class LayerRun:
     structural: list[int]                     # per sample: structural visual tokens (newlines), never dropped here
     segments: list[Segment] = field(default_factory=list)
     previous: tuple[torch.Tensor, Any] | None = None   # input (hidden, pos emb) of the previous layer
-    history: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per sample (layer, length, visual)
+    #: one entry per decoder layer run so far: per sample (sequence length, visual tokens) entering it
+    history: list[list[tuple[int, int]]] = field(default_factory=list)
 
 
 def real_columns(mask2d: torch.Tensor | None, batch: int, length: int, device) -> list[torch.Tensor]:
@@ -102,13 +104,13 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         layer=layer_idx, prompt_mask=pruned.attention_mask, position_shift=base_shift + pruned.position_shift,
         position_ids=new_pos,
         position_embeddings=lm.rotary_emb(pruned.inputs_embeds, position_ids=new_pos),
+        hidden=pruned.inputs_embeds,
     )
     segment.attention_mask = create_causal_mask(
         config=lm.config, inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask,
         past_key_values=cache, position_ids=new_pos, layer_idx=layer_idx,
     )
     run.segments.append(segment)
-    segment.hidden = pruned.inputs_embeds
     return segment
 
 
