@@ -17,6 +17,7 @@ from torch import nn
 from ..catalog.in_llm import LayerContext, LayerMethod
 from .attention_rows import last_token_index
 from .sequence import SamplePlan, assemble
+from .timing import section
 
 
 @dataclass
@@ -47,6 +48,7 @@ class LayerRun:
     previous: tuple[torch.Tensor, Any] | None = None   # input (hidden, pos emb) of the previous layer
     #: one entry per decoder layer run so far: per sample (sequence length, visual tokens) entering it
     history: list[list[tuple[int, int]]] = field(default_factory=list)
+    timer: Any = None                         # the session's timer (engine/timing.py), None when not timing
 
 
 def real_columns(mask2d: torch.Tensor | None, batch: int, length: int, device) -> list[torch.Tensor]:
@@ -81,7 +83,8 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         previous_hidden=prev_hidden, previous_position_embeddings=prev_pe, real=real, visual=visual,
         last=last_token_index(mask2d, batch, length).to(hidden.device),
     )
-    scores = run.method.score(ctx)  # [B, L]
+    with section(run.timer, "select"):
+        scores = run.method.score(ctx)  # [B, L]
     plans = []
     for b in range(batch):
         cols = columns[b]

@@ -25,6 +25,7 @@ from ..budget import split_proportional, tokens_for
 from ..engine.layer_stage import LayerRun, Segment, decode_segment_inputs, prune_at_layer
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..engine.sequence import PrunedBatch, SamplePlan, assemble
+from ..engine.timing import section
 from ..errors import VTPruneError
 from ..registry import IN_LLM, PRE_LLM, Method, Selection, VisualGroup
 from ..stats import PruneStats, SampleStats, StageStats
@@ -94,6 +95,9 @@ class PruneSession:
         self._decode: _DecodeState | None = None
         self._batch: PrunedBatch | None = None
         self.last_stats: PruneStats | None = None
+        #: None, or a timer with ``section(name)`` set by vtprune.bench to time the engine's and the method's
+        #: own work separately (see engine/timing.py)
+        self.timer: Any = None
 
     @property
     def name(self) -> str:
@@ -187,7 +191,9 @@ class PruneSession:
         if pending is not None:
             if cached:
                 raise VTPruneError("a forward with images on a non-empty KV cache is not supported by vtprune.")
-            return args, self._prefill(module, pending, kwargs)
+            with section(self.timer, "engine"):
+                new_kwargs = self._prefill(module, pending, kwargs)
+            return args, new_kwargs
         state = self._decode
         if state is not None and cache is state.cache and cached == state.cache_len:
             return args, self._continue(state, kwargs)
@@ -312,7 +318,7 @@ class PruneSession:
             schedules.append(self.layer_method.schedule(num_layers, count, len(layout.images)) if count else [])
         self._run = LayerRun(
             method=self.layer_method, schedules=schedules, source=[s.cpu() for s in sources], visual=visual,
-            merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural,
+            merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural, timer=self.timer,
         )
         self._run_mask = lm_mask
         self._run_layouts, self._run_samples = layouts, samples
@@ -330,11 +336,12 @@ class PruneSession:
         if run is not None:  # prefill
             hidden = args[0] if args else kwargs["hidden_states"]
             if any(layer == index for sched in run.schedules for layer, _ in sched):
-                segment = prune_at_layer(run, self.adapter.language_model, index, hidden,
-                                         {**kwargs, **({"position_ids": run.segments[-1].position_ids,
-                                                        "position_embeddings": run.segments[-1].position_embeddings}
-                                                       if run.segments else {})},
-                                         self._run_mask, kwargs.get("past_key_values"))
+                with section(self.timer, "engine"):
+                    segment = prune_at_layer(run, self.adapter.language_model, index, hidden,
+                                             {**kwargs, **({"position_ids": run.segments[-1].position_ids,
+                                                            "position_embeddings": run.segments[-1].position_embeddings}
+                                                           if run.segments else {})},
+                                             self._run_mask, kwargs.get("past_key_values"))
                 if segment is not None:
                     hidden = segment.hidden
                     self._run_mask = segment.prompt_mask
@@ -431,7 +438,9 @@ class PruneSession:
                 continue
             if k == 0:
                 continue
-            selection = method.select(self._visual_group(image, group, embeds, image_idx, group_idx), k)
+            group_input = self._visual_group(image, group, embeds, image_idx, group_idx)
+            with section(self.timer, "select"):
+                selection = method.select(group_input, k)
             self._check_selection(selection, group.size, k)
             span_keep[group.members[selection.keep.cpu()]] = True
             if selection.num_merged:
