@@ -1,0 +1,143 @@
+"""Accuracy of a (possibly pruned) VLM on one-word VQA samples, e.g. the synthetic test split.
+
+    from vtprune.synth import load_test_split
+    from vtprune.bench.accuracy import evaluate_vqa
+
+    samples = load_test_split()
+    with vtprune.pruned(model, "fastervlm", budget=32):
+        result = evaluate_vqa(model, processor, samples)
+    print(result.overall, result.per_skill)
+
+Batched greedy ``generate`` with left padding; the prediction is the decoded continuation, compared
+to the reference answer after :func:`normalize_answer` (exact match). Whatever pruning is installed
+on ``model`` is used as is: the caller applies / removes vtprune.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = ["AccuracyResult", "evaluate_vqa", "normalize_answer"]
+
+_NUMBER_WORDS = {
+    "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_DROPPED_WORDS = {"a", "an", "the"}
+_PUNCTUATION = re.compile(r"[^\w\s]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, strip punctuation and articles, number words -> digits, collapse whitespace.
+
+    ``" Two."`` -> ``"2"``, ``"The red"`` -> ``"red"``, ``"Yes!"`` -> ``"yes"``.
+    """
+    words = _PUNCTUATION.sub(" ", text.lower()).split()
+    return " ".join(_NUMBER_WORDS.get(w, w) for w in words if w not in _DROPPED_WORDS)
+
+
+@dataclass
+class AccuracyResult:
+    """``overall`` and ``per_skill`` are fractions in [0, 1]; ``counts`` = samples per skill;
+    ``predictions`` = decoded model outputs in sample order; ``correct`` = per-sample match."""
+
+    n: int
+    overall: float
+    per_skill: dict[str, float]
+    counts: dict[str, int]
+    predictions: list[str]
+    correct: list[bool] = field(default_factory=list)
+
+    @property
+    def stderr(self) -> float:
+        """Binomial standard error of ``overall`` (fraction)."""
+        return math.sqrt(self.overall * (1 - self.overall) / self.n) if self.n else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "overall": self.overall, "stderr": self.stderr, "per_skill": dict(self.per_skill),
+                "counts": dict(self.counts)}
+
+
+def _prompt(processor, question: str) -> str:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _progress_callback(progress, total: int):
+    """``progress``: None/False (silent), True (a tqdm bar), or a callable taking the number of samples done
+    in each batch (e.g. ``bar.update`` of an existing tqdm bar)."""
+    if progress is None or progress is False:
+        return (lambda n: None), (lambda: None)
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="vqa", unit="q")
+        return bar.update, bar.close
+    if callable(progress):
+        return progress, (lambda: None)
+    raise TypeError(f"progress must be None, a bool or a callable, got {type(progress).__name__}")
+
+
+def evaluate_vqa(
+    model,
+    processor,
+    samples: Sequence,
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 4,
+    progress: bool | Callable[[int], Any] | None = None,
+) -> AccuracyResult:
+    """Exact-match accuracy of ``model`` on ``samples`` (objects with ``image``, ``question``, ``answer``,
+    ``skill``, like :class:`vtprune.synth.VQASample`), overall and per skill.
+
+    Batched greedy ``generate`` (``do_sample=False``) with left padding, one image per question; the
+    continuation is decoded without special tokens and compared after :func:`normalize_answer`.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tokenizer = getattr(processor, "tokenizer", processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    update, close = _progress_callback(progress, len(samples))
+
+    predictions: list[str] = []
+    try:
+        for start in range(0, len(samples), batch_size):
+            batch = samples[start:start + batch_size]
+            inputs = processor(
+                images=[s.image for s in batch],
+                text=[_prompt(processor, s.question) for s in batch],
+                return_tensors="pt",
+                padding=True,
+                padding_side="left",
+            ).to(device)
+            with torch.inference_mode():
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=pad_id)
+            new_tokens = output[:, inputs["input_ids"].shape[1]:]
+            predictions.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            update(len(batch))
+    finally:
+        close()
+
+    correct = [normalize_answer(p) == normalize_answer(s.answer) for p, s in zip(predictions, samples, strict=True)]
+    counts: dict[str, int] = {}
+    hits: dict[str, int] = {}
+    for sample, ok in zip(samples, correct, strict=True):
+        counts[sample.skill] = counts.get(sample.skill, 0) + 1
+        hits[sample.skill] = hits.get(sample.skill, 0) + int(ok)
+    n = len(samples)
+    return AccuracyResult(
+        n=n,
+        overall=sum(correct) / n if n else float("nan"),
+        per_skill={skill: hits[skill] / counts[skill] for skill in counts},
+        counts=counts,
+        predictions=predictions,
+        correct=correct,
+    )
