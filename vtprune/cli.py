@@ -1,4 +1,5 @@
-"""The ``vtprune`` command: ``methods`` and ``run`` (one image + prompt through a pruned model)."""
+"""The ``vtprune`` command: ``methods``, ``run`` (one image + prompt through a pruned model), ``bench``
+(sweeps: accuracy, FLOPs, latency, memory), ``plot`` (Pareto plots) and ``eval`` (accuracy through lmms-eval)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,94 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _split(text: str | None) -> list[str]:
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from . import methods
+    from .bench import report
+    from .bench.sweep import SweepOptions, default_models, plan_cells, run_sweep
+    from .errors import VTPruneError
+
+    if args.list_presets:
+        from .bench.presets import list_presets, load_preset
+
+        for name in list_presets():
+            preset = load_preset(name)
+            print(f"{name:<22} {preset.family:<16} {preset.dtype:<9} {preset.reference or '-':<44} {preset.notes}")
+        return 0
+    models = list(args.model or [])
+    presets = [f"preset:{name}" for name in (args.preset or [])]
+    if not models and not presets:
+        models = default_models()
+        if not models:
+            raise VTPruneError("no bundled micro-VLM found in models/ (micro-llava, micro-qwen2vl); pass --model "
+                               "DIR or --preset NAME")
+    registered = list(methods())
+    chosen = registered if args.methods in (None, "all") else _split(args.methods)
+    unknown = [m for m in chosen if m not in registered]
+    if unknown:
+        raise VTPruneError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
+    options = SweepOptions(
+        limit=None if args.limit == 0 else args.limit, batch_size=args.batch_size, repeats=args.repeats,
+        warmup=args.warmup, new_tokens=args.new_tokens, threads=args.threads, device=args.device, dtype=args.dtype,
+        native=not args.no_native, paired=not args.no_paired, seed=args.seed,
+        method_options={m: dict(o) for m, o in _group_options(args.option or []).items()},
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cells = []
+    for group, default_tasks, default_budgets in ((models, "synth", "full,0.5,0.25,0.125"),
+                                                   (presets, "latency", "full,192,128,64")):
+        if group:
+            cells += plan_cells(group, chosen, _split(args.budgets or default_budgets),
+                                _split(args.tasks or default_tasks))
+    out = Path(args.out)
+    rows = run_sweep(cells, out, options, progress=not args.no_progress, use_ray=args.ray)
+    records = report.summaries(rows)
+    stem = out.with_suffix("")
+    Path(f"{stem}.csv").write_text(report.to_csv(records))
+    Path(f"{stem}.md").write_text(report.to_markdown(records))
+    report.print_table(records, title=f"vtprune bench: {len(rows)} cells ({out})")
+    print(f"rows: {out}   tables: {stem}.md, {stem}.csv")
+    return 0
+
+
+def _group_options(pairs) -> dict[str, dict[str, object]]:
+    """``--option fastv.layer=3`` -> {"fastv": {"layer": 3}}."""
+    from .errors import VTPruneError
+
+    grouped: dict[str, dict[str, object]] = {}
+    for key, value in pairs:
+        if "." not in key:
+            raise VTPruneError(f"bench options are per method: --option METHOD.NAME=VALUE (got {key!r})")
+        method, name = key.split(".", 1)
+        grouped.setdefault(method, {})[name] = value
+    return grouped
+
+
+def cmd_plot(args) -> int:
+    from .bench.plot import plot_rows
+    from .bench.sweep import iter_rows
+
+    rows = iter_rows(args.results)
+    paths = plot_rows(rows, args.out)
+    for path in paths:
+        print(path)
+    return 0 if paths else 1
+
+
+def cmd_eval(args) -> int:
+    from .bench.lmms import run_lmms_eval
+
+    return run_lmms_eval(model=args.model, method=args.method, budget=args.budget, tasks=args.tasks,
+                         limit=args.limit, output_path=args.output_path, device=args.device, dtype=args.dtype,
+                         batch_size=args.batch_size, extra=args.lmms_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +203,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("bench", help="sweep methods x budgets x models x tasks; JSONL rows (resumable) + tables")
+    p.add_argument("--model", action="append", metavar="DIR",
+                   help="HF model directory (repeatable); default: the bundled micro-VLMs")
+    p.add_argument("--preset", action="append", metavar="NAME",
+                   help="shape preset of models/presets with random weights, latency only (repeatable)")
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument("--methods", default="all", help="comma-separated registered methods, or 'all' (default)")
+    p.add_argument("--budgets", default=None,
+                   help="comma-separated: 'full' (unpruned), ints (tokens), floats (fractions); default "
+                        "full,0.5,0.25,0.125 for models and full,192,128,64 for presets")
+    p.add_argument("--tasks", default=None, help="synth (accuracy) and/or latency; default synth for models, "
+                                                "latency for presets")
+    p.add_argument("--limit", type=int, default=120, help="synth: questions of the test split (0 = all 600)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per timed generate")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (recorded in every row)")
+    p.add_argument("--no-native", action="store_true", help="latency: skip the native-K reference")
+    p.add_argument("--no-paired", action="store_true", help="latency: skip the interleaved unpruned reference")
+    p.add_argument("--option", type=_parse_option, action="append", metavar="METHOD.NAME=VALUE",
+                   help="method option, repeatable (e.g. --option fastv.layer=3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_results/results.jsonl",
+                   help="JSONL results (re-running with the same file resumes); .md/.csv tables next to it")
+    p.add_argument("--ray", action="store_true", help="run the cells as Ray tasks on a local Ray instance")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: the preset's dtype, float32 for model directories")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("plot", help="Pareto plots (PNG) from bench results")
+    p.add_argument("results", nargs="+", help="JSONL files written by vtprune bench")
+    p.add_argument("--out", default="bench_results/plots", help="output directory")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("eval", help="accuracy through lmms-eval with a pruned model (the 'vtprune' lmms-eval model)")
+    p.add_argument("--model", default=None, help="HF model directory; default: the bundled micro-llava")
+    p.add_argument("--method", default=None, help="registered method (default: none, the unpruned model)")
+    p.add_argument("--budget", type=_parse_budget, default=None)
+    p.add_argument("--tasks", default="vtprune_synth", help="lmms-eval tasks (default: the synthetic test split)")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--output-path", default="bench_results/lmms_eval")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("lmms_args", nargs=argparse.REMAINDER, help="after --: extra lmms-eval arguments")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -1,0 +1,172 @@
+"""Tables from sweep rows: one summary record per row, written as CSV or Markdown, printed with rich.
+
+Derived columns (all from the row itself, never from another run):
+
+``speedup``         unpruned prefill / pruned prefill (medians of the interleaved rounds of the same cell)
+``flops_speedup``   FLOPs-implied speedup = unpruned prefill FLOPs / pruned prefill FLOPs
+``efficiency``      speedup / flops_speedup (1.0 = the wall clock follows the FLOPs)
+``vs_native``       pruned prefill / native-K prefill (pre-LLM methods; 1.0 = the physical limit)
+``select_pct``      the method's selection as % of the pruned prefill
+``decode_ratio``    pruned / unpruned per-token decode
+``kv_ratio``        pruned / unpruned KV-cache bytes; ``kv_expected`` = the cache a dense KV of the kept tokens
+                    would hold, so measured == expected means the cache is exactly proportional to the kept tokens
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["summarize", "summaries", "to_csv", "to_markdown", "print_table", "SKILL_ORDER"]
+
+SKILL_ORDER = ("attribute", "existence", "counting", "spatial", "ocr", "fine_detail")
+
+
+def _median(block: Any) -> float | None:
+    if isinstance(block, dict) and block.get("median") is not None:
+        return float(block["median"])
+    return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def summarize(row: dict[str, Any]) -> dict[str, Any]:
+    """Flat record of one row (numbers, not formatted)."""
+    latency = row.get("latency") or {}
+    unpruned = row.get("unpruned_latency") or {}
+    env = row.get("env") or {}
+    prefill = _median(latency.get("prefill_ms"))
+    ref_prefill = _median(unpruned.get("prefill_ms"))
+    decode = _median(latency.get("decode_ms"))
+    ref_decode = _median(unpruned.get("decode_ms"))
+    select = _median(latency.get("select_ms"))
+    native = _median(row.get("native_prefill_ms"))
+    flops, flops_full = row.get("flops"), row.get("flops_unpruned")
+    kv = latency.get("kv_cache_bytes")
+    kv_ref = unpruned.get("kv_cache_bytes") or row.get("kv_cache_bytes_unpruned")
+    speedup = _ratio(ref_prefill, prefill)
+    flops_speedup = _ratio(flops_full, flops)
+    record = {
+        "model": row["model"], "method": row["method"], "budget": "full" if row["budget"] is None else row["budget"],
+        "task": row["task"], "status": row.get("status"), "stage": row.get("stage"),
+        "visual_tokens": row.get("visual_tokens"), "equivalent_tokens": row.get("equivalent_tokens"),
+        "gflops": None if flops is None else flops / 1e9,
+        "accuracy": row.get("accuracy"),
+        "prefill_ms": prefill,
+        "prefill_p25": (latency.get("prefill_ms") or {}).get("p25"),
+        "prefill_p75": (latency.get("prefill_ms") or {}).get("p75"),
+        "unpruned_prefill_ms": ref_prefill, "speedup": speedup, "flops_speedup": flops_speedup,
+        "efficiency": _ratio(speedup, flops_speedup),
+        "native_k": row.get("native_k"), "native_prefill_ms": native, "vs_native": _ratio(prefill, native),
+        "select_ms": select, "select_pct": None if _ratio(select, prefill) is None else 100 * select / prefill,
+        "engine_ms": _median(latency.get("engine_ms")),
+        "ttft_ms": _median(latency.get("ttft_ms")),
+        "decode_ms": decode, "unpruned_decode_ms": ref_decode, "decode_ratio": _ratio(decode, ref_decode),
+        "e2e_ms": _median(latency.get("e2e_ms")), "new_tokens": latency.get("new_tokens"),
+        "kv_mib": None if kv is None else kv / 2**20, "kv_ratio": _ratio(kv, kv_ref),
+        "kv_expected_mib": None if row.get("kv_cache_bytes_expected") is None else row["kv_cache_bytes_expected"] / 2**20,
+        "peak_mib": None if not row.get("memory") else row["memory"]["delta_bytes"] / 2**20,
+        "threads": env.get("threads"), "load": None if not env.get("loadavg") else env["loadavg"][0],
+        "error": row.get("error"),
+    }
+    for skill, value in (row.get("accuracy_per_skill") or {}).items():
+        record[f"acc_{skill}"] = value
+    return record
+
+
+def summaries(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [summarize(row) for row in rows]
+
+
+def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[str, str, str]]:
+    """(key, header, format) of the columns that have data."""
+    skills = [s for s in SKILL_ORDER if any(f"acc_{s}" in r for r in records)]
+    skills += sorted({k[4:] for r in records for k in r if k.startswith("acc_")} - set(skills))
+    columns = [("model", "model", "model"), ("method", "method", "s"), ("budget", "budget", "s"),
+               ("equivalent_tokens", "eq. tokens", ".1f"), ("gflops", "prefill GFLOPs", ".4g")]
+    if any(r.get("accuracy") is not None for r in records):
+        columns += [("accuracy", "acc %", "pct")] + [(f"acc_{s}", s, "pct") for s in skills]
+    columns += [("prefill_ms", "prefill ms", ".1f"), ("flops_speedup", "FLOPs speedup", ".2f"),
+                ("speedup", "speedup", ".2f"), ("efficiency", "speedup/FLOPs", ".2f"),
+                ("native_prefill_ms", "native-K ms", ".1f"), ("vs_native", "pruned/native", ".3f"),
+                ("select_ms", "select ms", ".2f"), ("select_pct", "select %", ".2f"),
+                ("decode_ms", "decode ms/tok", ".1f"), ("decode_ratio", "decode ratio", ".3f"),
+                ("kv_mib", "KV MiB", ".2f"), ("kv_expected_mib", "KV expected MiB", ".2f"),
+                ("kv_ratio", "KV ratio", ".3f"), ("peak_mib", "peak MiB", ".0f"), ("load", "load", ".2f")]
+    return [c for c in columns if c[0] in ("model", "method", "budget") or any(r.get(c[0]) is not None for r in records)]
+
+
+def _short_model(spec: str) -> str:
+    """``preset:NAME`` -> ``NAME``; a directory path -> its last component."""
+    if spec.startswith("preset:"):
+        return spec[len("preset:"):]
+    return spec.rstrip("/").rsplit("/", 1)[-1] if "/" in spec else spec
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    if value is None:
+        return ""
+    if fmt == "model":
+        return _short_model(str(value))
+    if fmt == "s":
+        return str(value)
+    if fmt == "pct":
+        return f"{100 * value:.1f}"
+    return format(value, fmt)
+
+
+def _table(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    ok = [r for r in records if r.get("status") == "ok"]
+    columns = _columns(ok, None)
+    body = [[_fmt(r.get(key), fmt) for key, _, fmt in columns] for r in ok]
+    return [header for _, header, _ in columns], body
+
+
+def _errors(records: Sequence[dict[str, Any]]) -> list[str]:
+    return [f"{_short_model(r['model'])} {r['method']} @ {r['budget']}: {r.get('error')}"
+            for r in records if r.get("status") != "ok"]
+
+
+def to_csv(records: Sequence[dict[str, Any]]) -> str:
+    """Every field of every record (unformatted numbers)."""
+    keys: list[str] = []
+    for r in records:
+        keys.extend(k for k in r if k not in keys)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    for r in records:
+        writer.writerow({k: r.get(k) for k in keys})
+    return buffer.getvalue()
+
+
+def to_markdown(records: Sequence[dict[str, Any]]) -> str:
+    headers, body = _table(records)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in body]
+    errors = _errors(records)
+    if errors:
+        lines += ["", "Cells that did not run:", ""] + [f"- {e}" for e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(records: Sequence[dict[str, Any]], title: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    headers, body = _table(records)
+    table = Table(title=title, show_lines=False)
+    for header in headers:
+        table.add_column(header, justify="left" if header in ("model", "method") else "right")
+    for line in body:
+        table.add_row(*line)
+    console = Console(width=max(160, 12 * len(headers)))
+    console.print(table)
+    for error in _errors(records):
+        console.print(f"[yellow]not run[/]: {error}")

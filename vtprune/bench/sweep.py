@@ -1,0 +1,523 @@
+"""Benchmark sweeps: methods x budgets x models x tasks, one JSONL row per finished cell, resumable.
+
+A *cell* is ``(model, method, budget, task)``. ``method="none"`` is the unpruned model (budget None). Tasks:
+
+``synth``    accuracy on the synthetic VQA test split (:func:`vtprune.bench.accuracy.evaluate_vqa`), per skill,
+             plus the prefill FLOPs, equivalent tokens and a short latency measurement on one question.
+             Refused for random-weight models (presets, ``tiny:``): their answers are noise.
+``latency``  the full latency protocol on one benchmark input (a preset's image size and prompt, or one
+             synthetic question): prefill (with the method's selection and the engine's own work timed
+             separately), TTFT, per-token decode, end to end, KV-cache bytes, peak memory -- measured in
+             interleaved rounds against the unpruned model and, for pre-LLM methods, the native-K input
+             (:func:`vtprune.bench.latency.measure_paired`).
+
+Models: ``preset:NAME`` (random weights with real shapes, ``models/presets``), ``tiny:FAMILY`` (a tiny random
+model from :mod:`vtprune.testing`), or a local HF directory.
+
+Results file (design.md section 2): each finished cell appends one JSON object and a newline, then
+``flush`` + ``fsync``. A re-run with the same output file reads it first, drops a torn last line (a kill
+during a write), and skips every cell already present, so after a kill nothing is lost and nothing is
+duplicated. Every row records the package version, git commit, torch/transformers versions, device, dtype,
+thread count, machine load and the exact method options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import VTPruneError
+
+__all__ = ["Cell", "SweepOptions", "ResultsFile", "plan_cells", "run_cell", "run_sweep", "default_models",
+           "parse_budget", "UNPRUNED"]
+
+UNPRUNED = "none"
+TASKS = ("synth", "latency")
+
+
+def parse_budget(text: str | int | float | None):
+    """``"full"``/``"none"``/None -> None (unpruned); ``"64"`` -> 64; ``"0.25"`` -> 0.25."""
+    if text is None or isinstance(text, (int, float)):
+        return text
+    lowered = text.strip().lower()
+    if lowered in ("full", "none", ""):
+        return None
+    try:
+        return int(lowered)
+    except ValueError:
+        try:
+            return float(lowered)
+        except ValueError:
+            raise VTPruneError(f"budget {text!r} is not 'full', an int (tokens) or a float fraction") from None
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: str
+    method: str
+    budget: int | float | None
+    task: str
+
+    @property
+    def key(self) -> str:
+        return json.dumps([self.model, self.method, self.budget, self.task])
+
+    @property
+    def label(self) -> str:
+        budget = "full" if self.budget is None else self.budget
+        return f"{self.model} | {self.method} @ {budget} | {self.task}"
+
+
+@dataclass
+class SweepOptions:
+    """How every cell is measured (recorded in each row)."""
+
+    limit: int | None = 120            # synth: questions of the test split (None = all 600)
+    batch_size: int = 16               # synth: evaluate_vqa batch size
+    repeats: int = 5
+    warmup: int = 1
+    new_tokens: int = 8
+    threads: int | None = None         # torch.set_num_threads in the process running the cells
+    device: str = "cpu"
+    dtype: str | None = None           # None: the preset's dtype, float32 for directories and tiny models
+    native: bool = True                # latency: also time native-K for pre-LLM methods
+    paired: bool = True                # latency: interleave the unpruned reference in every cell
+    seed: int = 0
+    method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_models() -> list[str]:
+    """The bundled micro-VLMs that are present (``models/micro-llava``, ``models/micro-qwen2vl``)."""
+    from ..loading import BUNDLED_MODELS, bundled_model_dir
+
+    found = [bundled_model_dir(name) for name in BUNDLED_MODELS]
+    return [str(path) for path in found if path is not None]
+
+
+def plan_cells(models: Sequence[str], methods: Sequence[str], budgets: Sequence, tasks: Sequence[str]) -> list[Cell]:
+    """Model-major list of cells: per (model, task) the unpruned cell (if "full" is among the budgets), then
+    every method at every other budget."""
+    budgets = [parse_budget(b) for b in budgets]
+    cells = []
+    for model in models:
+        for task in tasks:
+            if task not in TASKS:
+                raise VTPruneError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+            if None in budgets:
+                cells.append(Cell(model, UNPRUNED, None, task))
+            for method in methods:
+                for budget in budgets:
+                    if budget is not None:
+                        cells.append(Cell(model, method, budget, task))
+    seen, unique = set(), []
+    for cell in cells:
+        if cell.key not in seen:
+            seen.add(cell.key)
+            unique.append(cell)
+    return unique
+
+
+# ------------------------------------------------------------------------------------------ results file
+
+
+class ResultsFile:
+    """Append-only JSONL with crash-safe appends and resume."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def load(self) -> list[dict[str, Any]]:
+        """Rows already written. A torn last line (no trailing newline or not JSON) is cut off the file."""
+        if not self.path.exists():
+            return []
+        data = self.path.read_bytes()
+        rows, good_end, start = [], 0, 0
+        while start < len(data):
+            newline = data.find(b"\n", start)
+            if newline < 0:  # unterminated tail: an interrupted write
+                break
+            line = data[start:newline]
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if data[newline + 1:].strip():
+                        raise VTPruneError(f"{self.path}: line {len(rows) + 1} is not JSON and is not the last "
+                                           "line; the file is corrupted (fix or remove it)") from None
+                    break
+            good_end = start = newline + 1
+        if good_end < len(data):
+            with open(self.path, "r+b") as handle:
+                handle.truncate(good_end)
+                handle.flush()
+                os.fsync(handle.fileno())
+        return rows
+
+    def done_keys(self) -> set[str]:
+        return {Cell(r["model"], r["method"], r["budget"], r["task"]).key for r in self.load()}
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(row, sort_keys=False, default=_json_default) + "\n"
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def _json_default(value: Any):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not commit:
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def environment(device: str, dtype: str) -> dict[str, Any]:
+    import transformers
+
+    import vtprune
+
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or platform.machine())
+    return {
+        "vtprune": vtprune.__version__, "git_commit": _git_commit(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(), "device": str(dev),
+        "device_name": name, "dtype": dtype, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "host": platform.node(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+@dataclass
+class LoadedModel:
+    spec: str
+    model: Any
+    processor: Any
+    description: str
+    random_weights: bool
+    dtype: str
+    preset: Any = None
+    bench_inputs: Any = None   # the latency input (on device)
+
+
+_MODEL_CACHE: dict[tuple, LoadedModel] = {}
+
+
+def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
+    """Load (once per process) the model of a cell."""
+    key = (spec, options.device, options.dtype, options.seed)
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key]
+    _MODEL_CACHE.clear()  # one model resident at a time
+    from ..loading import load_model
+
+    if spec.startswith("preset:"):
+        from .presets import build_preset, load_preset, preset_inputs
+
+        preset = load_preset(spec.split(":", 1)[1])
+        dtype = options.dtype or preset.dtype
+        model, processor = build_preset(preset, dtype=dtype, device=options.device, seed=options.seed)
+        inputs = preset_inputs(preset, processor, device=options.device, dtype=getattr(torch, dtype))
+        loaded = LoadedModel(spec, model, processor, f"{preset.name} (random weights, real shapes)", True, dtype,
+                             preset=preset, bench_inputs=inputs)
+    else:
+        dtype = options.dtype or "float32"
+        model, processor, description = load_model(spec, dtype=dtype, device=options.device)
+        if spec.startswith("tiny:"):
+            model = model.to(getattr(torch, dtype))
+        loaded = LoadedModel(spec, model, processor, description, spec.startswith("tiny:"), dtype)
+        loaded.bench_inputs = _synth_inputs(loaded, options)
+    _MODEL_CACHE[key] = loaded
+    return loaded
+
+
+def _synth_inputs(loaded: LoadedModel, options: SweepOptions):
+    """One synthetic test question as the latency input of a (non-preset) model."""
+    from ..synth import load_test_split
+
+    sample = load_test_split(limit=1)[0]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
+    text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = loaded.processor(images=[sample.image], text=[text], return_tensors="pt").to(options.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, loaded.dtype))
+    return inputs
+
+
+# ------------------------------------------------------------------------------------------ one cell
+
+
+def _method_stage(name: str) -> str | None:
+    from ..api import methods
+
+    info = methods().get(name)
+    return None if info is None else info.stage
+
+
+def _stats_summary(stats) -> dict[str, Any]:
+    sample = stats.samples[0]
+    return {
+        "visual_tokens": sample.visual_in,
+        "equivalent_tokens": stats.equivalent_tokens,
+        "layer_lengths": list(sample.layer_lengths),
+        "visual_lengths": list(sample.visual_lengths),
+        "kept": [len(stage.kept_positions) for stage in sample.stages],
+        "merged": [stage.merged for stage in sample.stages],
+        "flops": sample.flops,
+        "flops_unpruned": sample.flops_unpruned,
+    }
+
+
+def _unpruned_stats(model, inputs) -> dict[str, Any] | None:
+    """FLOPs and token counts of the unpruned prefill, read from a keep-everything pruning (bitwise the
+    unpruned forward) in an untimed run."""
+    import vtprune
+
+    for name, info in vtprune.methods().items():
+        if info.stage != "pre-llm":
+            continue
+        try:
+            with vtprune.pruned(model, name, budget=1.0), torch.inference_mode():
+                model(**inputs, use_cache=False)
+                return _stats_summary(vtprune.stats(model))
+        except VTPruneError:
+            return None
+    return None
+
+
+def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
+    """Measure one cell; returns its row (``status`` "ok", or "error" with the message for errors that
+    would recur on a re-run, e.g. a budget the method cannot reach)."""
+    import vtprune
+
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    started = time.time()
+    loaded = load_for_bench(cell.model, options)
+    env = environment(options.device, loaded.dtype)
+    method_options = dict(options.method_options.get(cell.method, {}))
+    row: dict[str, Any] = {
+        "model": cell.model, "method": cell.method, "budget": cell.budget, "task": cell.task,
+        "model_description": loaded.description, "random_weights": loaded.random_weights,
+        "options": None, "status": "ok", "error": None, "bench": options.to_dict(),
+    }
+    try:
+        if cell.task == "synth" and loaded.random_weights:
+            raise VTPruneError(f"{cell.model} has random weights: accuracy is not reported for it; use "
+                               "--tasks latency")
+        if cell.method != UNPRUNED:
+            built = vtprune.registry.build_method(cell.method, budget=cell.budget, seed=options.seed,
+                                                  **method_options)
+            row["options"] = built.describe()
+            row["stage"] = built.stage
+        else:
+            row["options"] = {"method": UNPRUNED}
+            row["stage"] = None
+        if cell.task == "synth":
+            row.update(_synth_cell(loaded, cell, options, method_options))
+        else:
+            row.update(_latency_cell(loaded, cell, options, method_options))
+    except VTPruneError as error:
+        row["status"], row["error"] = "error", f"{type(error).__name__}: {error}"
+    finally:
+        if vtprune.is_pruned(loaded.model):
+            vtprune.remove(loaded.model)
+    env["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    env["seconds"] = round(time.time() - started, 3)
+    env["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    row["env"] = env
+    return row
+
+
+def _apply(model, cell: Cell, options: SweepOptions, method_options: dict[str, Any]) -> None:
+    import vtprune
+
+    vtprune.apply(model, cell.method, budget=cell.budget, seed=options.seed, **method_options)
+
+
+def _synth_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method_options) -> dict[str, Any]:
+    import vtprune
+
+    from ..synth import load_test_split
+    from .accuracy import evaluate_vqa
+    from .latency import measure_latency
+
+    samples = load_test_split(limit=options.limit)
+    model, inputs = loaded.model, loaded.bench_inputs
+    out: dict[str, Any] = {}
+    if cell.method == UNPRUNED:
+        out.update(_unpruned_stats(model, inputs) or {})
+    else:
+        _apply(model, cell, options, method_options)
+        with torch.inference_mode():
+            model(**inputs, use_cache=False)
+        out.update(_stats_summary(vtprune.stats(model)))
+    accuracy = evaluate_vqa(model, loaded.processor, samples, batch_size=options.batch_size)
+    latency = measure_latency(model, inputs, new_tokens=options.new_tokens, warmup=options.warmup,
+                              repeats=options.repeats)
+    out.update(
+        accuracy=accuracy.overall, accuracy_stderr=accuracy.stderr, accuracy_per_skill=accuracy.per_skill,
+        accuracy_n=accuracy.n, predictions=accuracy.predictions, latency=latency.to_dict(),
+    )
+    return out
+
+
+def _latency_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method_options) -> dict[str, Any]:
+    import vtprune
+
+    from .latency import PrefillRunner, expected_cache_bytes, measure_latency, measure_paired
+    from .memory import measure_peak_memory
+
+    model, inputs = loaded.model, loaded.bench_inputs
+    dtype = getattr(torch, loaded.dtype)
+    out: dict[str, Any] = {}
+    if cell.method == UNPRUNED:
+        out.update(_unpruned_stats(model, inputs) or {})
+        _, memory = measure_peak_memory(lambda: PrefillRunner(model, inputs)(), options.device)
+        latency = measure_latency(model, inputs, new_tokens=options.new_tokens, warmup=options.warmup,
+                                  repeats=options.repeats)
+        out.update(latency=latency.to_dict(), memory=memory.to_dict())
+        if latency.kv_cache_lengths:
+            out["kv_cache_bytes_expected"] = expected_cache_bytes(model.config, latency.kv_cache_lengths, dtype,
+                                                                  inputs["input_ids"].shape[0])
+        return out
+    _apply(model, cell, options, method_options)
+    with torch.inference_mode():
+        model(**inputs, use_cache=False)
+    summary = _stats_summary(vtprune.stats(model))
+    out.update(summary)
+    _, memory = measure_peak_memory(lambda: PrefillRunner(model, inputs)(), options.device)
+    vtprune.remove(model)
+    out["memory"] = memory.to_dict()
+    native_k = None
+    if options.native and _method_stage(cell.method) == "pre-llm":
+        native_k = summary["visual_lengths"][0]  # the visual tokens the decoder sees after the pre-LLM stage
+    paired = measure_paired(
+        model, inputs, install=lambda: _apply(model, cell, options, method_options),
+        uninstall=lambda: vtprune.remove(model), native_k=native_k, unpruned=options.paired,
+        new_tokens=options.new_tokens, warmup=options.warmup, repeats=options.repeats,
+    )
+    out["latency"] = paired.pruned.to_dict()
+    out["unpruned_latency"] = None if paired.unpruned is None else paired.unpruned.to_dict()
+    out["native_k"] = native_k
+    out["native_prefill_ms"] = None if paired.native is None else paired.native.to_dict()
+    batch = inputs["input_ids"].shape[0]
+    out["kv_cache_bytes_expected"] = expected_cache_bytes(model.config, summary["layer_lengths"], dtype, batch)
+    if summary.get("visual_tokens") is not None and paired.unpruned is not None:
+        out["kv_cache_bytes_unpruned"] = paired.unpruned.kv_cache_bytes
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the sweep
+
+
+def run_sweep(
+    cells: Sequence[Cell],
+    out: str | Path,
+    options: SweepOptions,
+    *,
+    progress: bool = True,
+    use_ray: bool = False,
+    on_row: Callable[[dict[str, Any]], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every cell not yet in ``out`` and append its row; returns all rows of ``out`` for these cells."""
+    results = ResultsFile(out)
+    done = results.done_keys()
+    todo = [cell for cell in cells if cell.key not in done]
+    with _Progress(len(cells), len(cells) - len(todo), enabled=progress) as bar:
+        def finished(row: dict[str, Any]) -> None:
+            results.append(row)
+            bar.advance(Cell(row["model"], row["method"], row["budget"], row["task"]).label)
+            if on_row is not None:
+                on_row(row)
+
+        if use_ray:
+            from .ray_runner import run_cells_with_ray
+
+            run_cells_with_ray(todo, options, finished, on_start=bar.describe)
+        else:
+            for cell in todo:
+                bar.describe(cell.label)
+                finished(run_cell(cell, options))
+    wanted = {cell.key for cell in cells}
+    return [row for row in results.load()
+            if Cell(row["model"], row["method"], row["budget"], row["task"]).key in wanted]
+
+
+class _Progress:
+    """A rich progress bar (cells done / total, elapsed, remaining); silent when disabled."""
+
+    def __init__(self, total: int, done: int, enabled: bool = True):
+        self.total, self.done, self.enabled = total, done, enabled
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self._progress = Progress(TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.description}"))
+            self._progress.start()
+            self._task = self._progress.add_task("", total=self.total, completed=self.done)
+        return self
+
+    def describe(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
+    def advance(self, text: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=1, description=f"done: {text}")
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def iter_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        rows.extend(ResultsFile(path).load())
+    return rows
