@@ -1,0 +1,179 @@
+"""Sweeps: cells, the crash-safe results file, resume after a kill, tables and plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import vtprune
+from vtprune.bench import report
+from vtprune.bench.plot import pareto_front, plot_rows
+from vtprune.bench.sweep import (
+    Cell,
+    ResultsFile,
+    SweepOptions,
+    load_for_bench,
+    parse_budget,
+    plan_cells,
+    run_sweep,
+)
+from vtprune.errors import VTPruneError
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = SweepOptions(limit=6, batch_size=6, repeats=1, warmup=0, new_tokens=2, threads=1)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_llava(tmp_path_factory):
+    """A tiny random LLaVA saved as an HF directory (stands in for the bundled micro-VLM)."""
+    from vtprune.testing import tiny_vlm
+
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = tiny_vlm("llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def test_parse_budget():
+    assert parse_budget("full") is None and parse_budget("64") == 64 and parse_budget("0.25") == 0.25
+    with pytest.raises(VTPruneError):
+        parse_budget("lots")
+
+
+def test_plan_cells_unpruned_first_no_duplicates():
+    cells = plan_cells(["m"], ["a", "b"], ["full", "64", "64", "0.5"], ["latency"])
+    assert cells[0] == Cell("m", "none", None, "latency")
+    assert [(c.method, c.budget) for c in cells[1:]] == [("a", 64), ("a", 0.5), ("b", 64), ("b", 0.5)]
+    with pytest.raises(VTPruneError, match="unknown task"):
+        plan_cells(["m"], ["a"], ["64"], ["mmmu"])
+
+
+def test_results_file_cuts_a_torn_last_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    results = ResultsFile(path)
+    results.append({"model": "m", "method": "a", "budget": 1, "task": "latency"})
+    with open(path, "a") as handle:
+        handle.write('{"model": "m", "method": "b", "bud')  # killed mid-write
+    assert [r["method"] for r in results.load()] == ["a"]
+    assert path.read_text().endswith("}\n")  # the torn tail is gone, appends start on a fresh line
+    results.append({"model": "m", "method": "b", "budget": 1, "task": "latency"})
+    assert [r["method"] for r in results.load()] == ["a", "b"]
+
+
+def test_results_file_refuses_corruption_in_the_middle(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"model": "m", "method": "a", "budget": 1, "task": "t"}\nnot json\n{"model": "m"}\n')
+    with pytest.raises(VTPruneError, match="corrupted"):
+        ResultsFile(path).load()
+
+
+def test_latency_sweep_rows_and_resume(tmp_path):
+    out = tmp_path / "r.jsonl"
+    cells = plan_cells(["tiny:llava"], ["divprune", "fastv"], ["full", "0.5"], ["latency"])
+    rows = run_sweep(cells, out, FAST, progress=False)
+    assert [(r["method"], r["budget"]) for r in rows] == [("none", None), ("divprune", 0.5), ("fastv", 0.5)]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    full, divprune, fastv = rows
+    env = divprune["env"]
+    for key in ("vtprune", "git_commit", "torch", "transformers", "device", "dtype", "threads", "loadavg"):
+        assert key in env
+    assert env["threads"] == 1 and env["dtype"] == "float32"
+    assert divprune["options"] == vtprune.registry.build_method("divprune", budget=0.5).describe()
+    assert divprune["native_k"] == divprune["visual_lengths"][0] == 32
+    assert divprune["native_prefill_ms"]["n"] == 1 and fastv["native_prefill_ms"] is None  # native-K: pre-LLM only
+    assert divprune["flops"] < divprune["flops_unpruned"] == full["flops_unpruned"]
+    assert divprune["latency"]["kv_cache_bytes"] == divprune["kv_cache_bytes_expected"]
+    assert divprune["latency"]["kv_cache_bytes"] < divprune["unpruned_latency"]["kv_cache_bytes"]
+    # resume: nothing left to do, nothing duplicated
+    lines_before = out.read_text().count("\n")
+    again = run_sweep(cells, out, FAST, progress=False)
+    assert out.read_text().count("\n") == lines_before and len(again) == 3
+    # a larger sweep only runs the new cells
+    more = plan_cells(["tiny:llava"], ["divprune", "random"], ["full", "0.5"], ["latency"])
+    rows = run_sweep(more, out, FAST, progress=False)
+    assert out.read_text().count("\n") == 4 and {r["method"] for r in rows} == {"none", "divprune", "random"}
+    records = report.summaries(rows)
+    markdown = report.to_markdown(records)
+    assert "pruned/native" in markdown and "divprune" in markdown
+    assert report.to_csv(records).splitlines()[0].startswith("model,method,budget")
+
+
+def test_unreachable_budget_is_recorded_not_raised(tmp_path):
+    rows = run_sweep([Cell("tiny:llava", "fastv", 4, "latency")], tmp_path / "r.jsonl", FAST, progress=False)
+    assert rows[0]["status"] == "error" and "BudgetError" in rows[0]["error"]
+    assert not vtprune.is_pruned(load_for_bench("tiny:llava", FAST).model)  # pruning removed after the error
+
+
+def test_accuracy_is_refused_for_random_weights(tmp_path):
+    rows = run_sweep([Cell("tiny:llava", "none", None, "synth")], tmp_path / "r.jsonl", FAST, progress=False)
+    assert rows[0]["status"] == "error" and "random weights" in rows[0]["error"]
+    assert "accuracy" not in rows[0]
+
+
+def test_synth_sweep_reports_accuracy_per_skill_and_plots(tmp_path, saved_tiny_llava):
+    cells = plan_cells([saved_tiny_llava], ["divprune", "fastv"], ["full", "0.5"], ["synth"])
+    rows = run_sweep(cells, tmp_path / "r.jsonl", FAST, progress=False)
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    for row in rows:
+        assert row["accuracy_n"] == 6 and 0.0 <= row["accuracy"] <= 1.0
+        assert set(row["accuracy_per_skill"]) == {"attribute", "existence", "counting", "spatial", "ocr",
+                                                  "fine_detail"}
+        assert row["equivalent_tokens"] > 0 and row["flops"] > 0 and row["latency"]["prefill_ms"]["n"] == 1
+    assert rows[1]["equivalent_tokens"] < rows[0]["equivalent_tokens"]
+    latency_rows = run_sweep(plan_cells(["tiny:llava"], ["divprune"], ["full", "0.5"], ["latency"]),
+                             tmp_path / "l.jsonl", FAST, progress=False)
+    paths = plot_rows(rows + latency_rows, tmp_path / "plots")
+    assert sorted(p.name.split("_")[0] for p in paths) == ["latency", "pareto"]
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+
+
+def test_pareto_front():
+    points = [(1, 50), (2, 40), (2, 60), (3, 60), (4, 70), (0.5, 10)]
+    assert pareto_front(points) == [(0.5, 10), (1, 50), (2, 60), (4, 70)]
+
+
+def _bench_command(model: str, out: Path) -> list[str]:
+    return [sys.executable, "-m", "vtprune", "bench", "--model", model, "--limit", "6", "--repeats", "1",
+            "--warmup", "0", "--new-tokens", "2", "--threads", "1", "--no-progress", "--out", str(out)]
+
+
+@pytest.mark.slow
+def test_bench_resumes_after_kill_without_loss_or_duplication(tmp_path, saved_tiny_llava):
+    """``vtprune bench`` (every registered method at the default budgets) killed mid-sweep, then resumed."""
+    out = tmp_path / "r.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(_bench_command(saved_tiny_llava, out), cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 3):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the sweep finished before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    written = out.read_text().count("\n")
+    assert written >= 3
+    with open(out, "a") as handle:  # as if it had been killed during a write
+        handle.write('{"model": "torn')
+    done = subprocess.run(_bench_command(saved_tiny_llava, out), cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    keys = [Cell(r["model"], r["method"], r["budget"], r["task"]).key for r in rows]
+    expected = plan_cells([saved_tiny_llava], list(vtprune.methods()), ["full", "0.5", "0.25", "0.125"], ["synth"])
+    assert len(keys) == len(set(keys)) == len(expected)
+    assert set(keys) == {c.key for c in expected}
+    assert (out.with_suffix(".md")).read_text().count("\n") > len(expected)
+    assert "acc %" in done.stdout and "counting" in done.stdout

@@ -1,0 +1,80 @@
+"""``vtprune.stats(model).flops`` (the analytic count of what a pruned forward ran) against
+``torch.utils.flop_counter.FlopCounterMode`` on the same forward, for every family vtprune supports and
+every registered method, pruned and unpruned.
+
+The method's own selection work (similarity matrices, attention rows, ...) is not part of the model's
+FLOPs: it is counted by a second FlopCounterMode opened inside the engine's ``select`` section (the timing
+hook of :mod:`vtprune.engine.timing`) and taken off the measured total.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+import vtprune
+from vtprune.adapters.base import adapter_for
+from vtprune.engine.session import SESSION_ATTRIBUTE
+from vtprune.errors import UnsupportedModelError
+from vtprune.testing import FAMILIES, tiny_image, tiny_inputs
+
+_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+             lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+
+
+class _SelectFlops:
+    """Engine timer that counts the FLOPs of the ``select`` sections."""
+
+    def __init__(self):
+        self.flops = 0
+
+    @contextmanager
+    def section(self, name):
+        if name != "select":
+            yield
+            return
+        with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+            yield
+        self.flops += counter.get_total_flops()
+
+
+def _supported(family: str, tiny_models) -> bool:
+    try:
+        adapter_for(tiny_models[family][0])
+    except UnsupportedModelError:
+        return False
+    return True
+
+
+def _budget(method: str) -> float:
+    return 0.5 if vtprune.methods()[method].stage == "in-llm" else 0.25
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method", [None, *vtprune.methods()])
+def test_stats_flops_match_flop_counter(tiny_models, family, method):
+    if not _supported(family, tiny_models):
+        pytest.skip(f"no vtprune adapter for {family} yet")
+    model, processor = tiny_models[family]
+    # two samples of the same length: per-sample FLOPs exclude padding, FlopCounterMode counts the padded batch
+    inputs = tiny_inputs(processor, [tiny_image(), tiny_image(seed=1)], ["What is this?", "What is this?"])
+    assert bool(inputs["attention_mask"].all())
+    # method None: a keep-everything budget, i.e. the unpruned forward (bitwise, invariant 1)
+    name, budget = (method, _budget(method)) if method else ("random", 1.0)
+    with vtprune.pruned(model, name, budget=budget):
+        timer = _SelectFlops()
+        getattr(model, SESSION_ATTRIBUTE).timer = timer
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+            model(**inputs)
+        stats = vtprune.stats(model)
+    measured = counter.get_total_flops() - timer.flops
+    analytic = stats.flops
+    assert analytic > 0 and measured > 0
+    assert abs(analytic - measured) <= 0.01 * measured, (analytic, measured, analytic / measured)
+    if method is None:
+        assert stats.flops == stats.flops_unpruned and timer.flops == 0
+    else:
+        assert stats.flops < stats.flops_unpruned
