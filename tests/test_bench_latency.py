@@ -58,6 +58,8 @@ def test_unpruned_latency_fields(llava):
     assert result.prefill.n == 5 and result.ttft.n == 5 and result.e2e.n == 5
     assert result.decode.n == 5 * 2  # two intervals per 3-token generate
     assert result.select is None and result.engine is None  # not pruned: no engine timing
+    assert result.cpu["prefill"].n == 5 and result.cpu["decode"].n == 10  # CPU time alongside the wall time
+    assert "select" not in result.cpu
     length = inputs["input_ids"].shape[1]
     assert result.kv_cache_lengths == [length] * model.config.text_config.num_hidden_layers
     assert result.kv_cache_bytes == expected_cache_bytes(model.config, result.kv_cache_lengths, torch.float32)
@@ -148,6 +150,7 @@ def test_measure_paired_interleaves_and_leaves_model_unpruned(llava):
     assert events == ["install", "remove"] * 6
     assert paired.pruned.prefill.n == paired.unpruned.prefill.n == paired.native.n == 5
     assert paired.pruned.select.n == 5 and paired.unpruned.select is None
+    assert paired.native_cpu.n == 5 and paired.pruned.cpu["select"].n == 5
     assert paired.pruned.kv_cache_bytes < paired.unpruned.kv_cache_bytes
 
 

@@ -111,18 +111,23 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 class Clock:
-    """Start/stop timing of a code region: CUDA events on a CUDA device, ``perf_counter`` otherwise."""
+    """Start/stop timing of a code region: CUDA events on a CUDA device, ``perf_counter`` otherwise.
+
+    On CPU every mark also reads the process CPU time (``time.process_time``): with one torch thread it equals
+    the wall time of an idle machine, and unlike the wall time it does not grow while other processes hold
+    the cores, so on a shared machine it is the load-independent measure (:meth:`cpu_ms`).
+    """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.cuda = torch.device(device).type == "cuda"
 
     def mark(self):
-        """A point in time: a recorded CUDA event, or a ``perf_counter`` reading."""
+        """A point in time: a recorded CUDA event, or ``(perf_counter, process_time)``."""
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return time.perf_counter(), time.process_time()
 
     def synchronize(self) -> None:
         if self.cuda:
@@ -132,7 +137,13 @@ class Clock:
         """Milliseconds between two marks (call :meth:`synchronize` first on CUDA)."""
         if self.cuda:
             return float(start.elapsed_time(end))
-        return (end - start) * 1000.0
+        return (end[0] - start[0]) * 1000.0
+
+    def cpu_ms(self, start, end) -> float | None:
+        """Process CPU milliseconds between two marks (None on CUDA)."""
+        if self.cuda:
+            return None
+        return (end[1] - start[1]) * 1000.0
 
 
 class SectionClock:
@@ -161,6 +172,12 @@ class SectionClock:
         """Milliseconds per section since the last :meth:`reset`."""
         self.clock.synchronize()
         return {name: sum(self.clock.elapsed_ms(a, b) for a, b in marks) for name, marks in self._marks.items()}
+
+    def cpu_totals(self) -> dict[str, float]:
+        """CPU milliseconds per section (empty on CUDA)."""
+        if self.clock.cuda:
+            return {}
+        return {name: sum(self.clock.cpu_ms(a, b) for a, b in marks) for name, marks in self._marks.items()}
 
 
 class StepClock:
@@ -239,10 +256,15 @@ def expected_cache_bytes(text_config: Any, layer_lengths: list[int], dtype: torc
 
 # -------------------------------------------------------------------------------------------- results
 
+_QUANTITIES = ("prefill", "select", "engine", "ttft", "decode", "e2e")
+
 
 @dataclass
 class LatencyResult:
-    """All timings in milliseconds (see the module docstring for what each one covers)."""
+    """All timings in milliseconds (see the module docstring for what each one covers).
+
+    ``cpu`` holds the same quantities in process CPU time (CPU devices only; see :class:`Clock`).
+    """
 
     prefill: Timing
     select: Timing | None = None
@@ -250,6 +272,7 @@ class LatencyResult:
     ttft: Timing | None = None
     decode: Timing | None = None
     e2e: Timing | None = None
+    cpu: dict[str, Timing] = field(default_factory=dict)
     new_tokens: int = 0
     kv_cache_bytes: int = 0
     kv_cache_lengths: list[int] = field(default_factory=list)
@@ -258,9 +281,12 @@ class LatencyResult:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name in ("prefill", "select", "engine", "ttft", "decode", "e2e"):
+        for name in _QUANTITIES:
             value = getattr(self, name)
             out[f"{name}_ms"] = None if value is None else value.to_dict()
+        for name in _QUANTITIES:
+            value = self.cpu.get(name)
+            out[f"{name}_cpu_ms"] = None if value is None else value.to_dict()
         out.update(new_tokens=self.new_tokens, kv_cache_bytes=self.kv_cache_bytes,
                    kv_cache_lengths=list(self.kv_cache_lengths), warmup=self.warmup, repeats=self.repeats)
         return out
@@ -273,9 +299,10 @@ def _session(model: nn.Module):
 
 
 class PrefillRunner:
-    """One timed prefill of ``model`` on ``inputs`` per call: ``(ms, select_ms, engine_ms, output)``.
+    """One timed prefill of ``model`` on ``inputs`` per call.
 
-    ``select_ms``/``engine_ms`` are None when the model is not pruned (see :mod:`vtprune.engine.timing`).
+    Returns ``(times, output)``: ``times`` maps ``prefill`` (and, when the model is pruned, ``select`` and
+    ``engine``, see :mod:`vtprune.engine.timing`) to ``(wall_ms, cpu_ms)`` (``cpu_ms`` None on CUDA).
     """
 
     def __init__(self, model: nn.Module, inputs: dict[str, Any]):
@@ -299,13 +326,19 @@ class PrefillRunner:
         finally:
             if session is not None:
                 session.timer = previous
-        totals = sections.totals() if sections is not None else None
-        return (self.clock.elapsed_ms(start, end), None if totals is None else totals.get("select", 0.0),
-                None if totals is None else totals.get("engine", 0.0), out)
+        times = {"prefill": (self.clock.elapsed_ms(start, end), self.clock.cpu_ms(start, end))}
+        if sections is not None:
+            wall, cpu = sections.totals(), sections.cpu_totals()
+            for name in ("select", "engine"):
+                times[name] = (wall.get(name, 0.0), cpu.get(name, 0.0) if not self.clock.cuda else None)
+        return times, out
 
 
 class GenerateRunner:
-    """One timed greedy ``generate`` of exactly ``new_tokens`` tokens per call: ``(ttft_ms, [decode_ms...], e2e_ms)``."""
+    """One timed greedy ``generate`` of exactly ``new_tokens`` tokens per call.
+
+    Returns ``{"ttft": (wall, cpu), "e2e": (wall, cpu), "decode": [(wall, cpu), ...]}``.
+    """
 
     def __init__(self, model: nn.Module, inputs: dict[str, Any], new_tokens: int):
         if new_tokens < 1:
@@ -326,45 +359,55 @@ class GenerateRunner:
         self.clock.synchronize()
         if not steps.marks:
             raise RuntimeError("generate produced no token; cannot time it")
-        decode = [self.clock.elapsed_ms(a, b) for a, b in zip(steps.marks, steps.marks[1:], strict=False)]
-        return self.clock.elapsed_ms(start, steps.marks[0]), decode, self.clock.elapsed_ms(start, end)
+        c = self.clock
+        return {
+            "ttft": (c.elapsed_ms(start, steps.marks[0]), c.cpu_ms(start, steps.marks[0])),
+            "e2e": (c.elapsed_ms(start, end), c.cpu_ms(start, end)),
+            "decode": [(c.elapsed_ms(a, b), c.cpu_ms(a, b)) for a, b in zip(steps.marks, steps.marks[1:], strict=False)],
+        }
 
 
 class _Collector:
     """Accumulates runner outputs into a :class:`LatencyResult`."""
 
     def __init__(self, warmup: int, repeats: int, new_tokens: int):
-        self.result = LatencyResult(prefill=Timing([]), warmup=warmup, repeats=repeats, new_tokens=new_tokens)
-        self._select: list[float] = []
-        self._engine: list[float] = []
-        self._ttft: list[float] = []
-        self._decode: list[float] = []
-        self._e2e: list[float] = []
+        self.warmup, self.repeats, self.new_tokens = warmup, repeats, new_tokens
+        self.wall: dict[str, list[float]] = {name: [] for name in _QUANTITIES}
+        self.cpu: dict[str, list[float]] = {name: [] for name in _QUANTITIES}
+        self.kv_cache_bytes = 0
+        self.kv_cache_lengths: list[int] = []
+
+    def _add(self, name: str, pair) -> None:
+        wall, cpu = pair
+        self.wall[name].append(wall)
+        if cpu is not None:
+            self.cpu[name].append(cpu)
 
     def prefill(self, sample) -> None:
-        ms, select_ms, engine_ms, out = sample
-        self.result.prefill.samples.append(ms)
-        if select_ms is not None:
-            self._select.append(select_ms)
-            self._engine.append(engine_ms)
+        times, out = sample
+        for name, pair in times.items():
+            self._add(name, pair)
         cache = getattr(out, "past_key_values", None)
-        self.result.kv_cache_bytes = cache_bytes(cache)
-        self.result.kv_cache_lengths = cache_lengths(cache) if cache is not None else []
+        self.kv_cache_bytes = cache_bytes(cache)
+        self.kv_cache_lengths = cache_lengths(cache) if cache is not None else []
 
     def generate(self, sample) -> None:
-        ttft, decode, e2e = sample
-        self._ttft.append(ttft)
-        self._decode.extend(decode)
-        self._e2e.append(e2e)
+        self._add("ttft", sample["ttft"])
+        self._add("e2e", sample["e2e"])
+        for pair in sample["decode"]:
+            self._add("decode", pair)
 
     def finish(self) -> LatencyResult:
-        r = self.result
-        r.select = Timing(self._select) if self._select else None
-        r.engine = Timing(self._engine) if self._engine else None
-        r.ttft = Timing(self._ttft) if self._ttft else None
-        r.decode = Timing(self._decode) if self._decode else None
-        r.e2e = Timing(self._e2e) if self._e2e else None
-        return r
+        def timing(values):
+            return Timing(values) if values else None
+
+        return LatencyResult(
+            prefill=Timing(self.wall["prefill"]), select=timing(self.wall["select"]), engine=timing(self.wall["engine"]),
+            ttft=timing(self.wall["ttft"]), decode=timing(self.wall["decode"]), e2e=timing(self.wall["e2e"]),
+            cpu={name: Timing(values) for name, values in self.cpu.items() if values},
+            new_tokens=self.new_tokens, kv_cache_bytes=self.kv_cache_bytes,
+            kv_cache_lengths=self.kv_cache_lengths, warmup=self.warmup, repeats=self.repeats,
+        )
 
 
 def measure_latency(
@@ -403,12 +446,14 @@ class PairedLatency:
 
     pruned: LatencyResult
     unpruned: LatencyResult | None = None
-    native: Timing | None = None     # native-K prefill
+    native: Timing | None = None     # native-K prefill (wall)
+    native_cpu: Timing | None = None  # native-K prefill (process CPU time; CPU devices)
     native_k: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"pruned": self.pruned.to_dict(), "unpruned": None if self.unpruned is None else self.unpruned.to_dict(),
-                "native_k": self.native_k, "native_prefill_ms": None if self.native is None else self.native.to_dict()}
+                "native_k": self.native_k, "native_prefill_ms": None if self.native is None else self.native.to_dict(),
+                "native_prefill_cpu_ms": None if self.native_cpu is None else self.native_cpu.to_dict()}
 
 
 def measure_paired(
@@ -438,6 +483,7 @@ def measure_paired(
     native_fn = native_k_prefill(model, inputs, native_k) if native_k is not None else None
     clock = Clock(_device_of(model))
     native_ms: list[float] = []
+    native_cpu: list[float] = []
     for i in range(warmup + repeats):
         timed = i >= warmup
         install()
@@ -469,8 +515,11 @@ def measure_paired(
             clock.synchronize()
             if timed:
                 native_ms.append(clock.elapsed_ms(start, end))
+                if not clock.cuda:
+                    native_cpu.append(clock.cpu_ms(start, end))
     return PairedLatency(pruned=pruned_c.finish(), unpruned=None if ref_c is None else ref_c.finish(),
-                         native=Timing(native_ms) if native_fn is not None else None, native_k=native_k)
+                         native=Timing(native_ms) if native_fn is not None else None,
+                         native_cpu=Timing(native_cpu) if native_cpu else None, native_k=native_k)
 
 
 # ------------------------------------------------------------------------------------------- native-K

@@ -8,6 +8,9 @@ Derived columns (all from the row itself, never from another run):
 ``vs_native``       pruned prefill / native-K prefill (pre-LLM methods; 1.0 = the physical limit)
 ``select_pct``      the method's selection as % of the pruned prefill
 ``decode_ratio``    pruned / unpruned per-token decode
+``*_cpu``           the same ratios from process CPU time instead of wall time (CPU runs): on a shared machine
+                    the wall time of a one-thread run grows whenever another process holds the core, its CPU
+                    time does not, so the CPU-time ratios are the load-independent ones
 ``kv_ratio``        pruned / unpruned KV-cache bytes; ``kv_expected`` = the cache a dense KV of the kept tokens
                     would hold, so measured == expected means the cache is exactly proportional to the kept tokens
 """
@@ -52,6 +55,9 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
     kv_ref = unpruned.get("kv_cache_bytes") or row.get("kv_cache_bytes_unpruned")
     speedup = _ratio(ref_prefill, prefill)
     flops_speedup = _ratio(flops_full, flops)
+    prefill_cpu = _median(latency.get("prefill_cpu_ms"))
+    select_cpu = _median(latency.get("select_cpu_ms"))
+    speedup_cpu = _ratio(_median(unpruned.get("prefill_cpu_ms")), prefill_cpu)
     record = {
         "model": row["model"], "method": row["method"], "budget": "full" if row["budget"] is None else row["budget"],
         "task": row["task"], "status": row.get("status"), "stage": row.get("stage"),
@@ -69,6 +75,10 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
         "ttft_ms": _median(latency.get("ttft_ms")),
         "decode_ms": decode, "unpruned_decode_ms": ref_decode, "decode_ratio": _ratio(decode, ref_decode),
         "e2e_ms": _median(latency.get("e2e_ms")), "new_tokens": latency.get("new_tokens"),
+        "prefill_cpu_ms": prefill_cpu, "speedup_cpu": speedup_cpu, "efficiency_cpu": _ratio(speedup_cpu, flops_speedup),
+        "vs_native_cpu": _ratio(prefill_cpu, _median(row.get("native_prefill_cpu_ms"))),
+        "select_pct_cpu": None if _ratio(select_cpu, prefill_cpu) is None else 100 * select_cpu / prefill_cpu,
+        "decode_ratio_cpu": _ratio(_median(latency.get("decode_cpu_ms")), _median(unpruned.get("decode_cpu_ms"))),
         "kv_mib": None if kv is None else kv / 2**20, "kv_ratio": _ratio(kv, kv_ref),
         "kv_expected_mib": None if row.get("kv_cache_bytes_expected") is None else row["kv_cache_bytes_expected"] / 2**20,
         "peak_mib": None if not row.get("memory") else row["memory"]["delta_bytes"] / 2**20,
@@ -97,6 +107,9 @@ def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[
                 ("native_prefill_ms", "native-K ms", ".1f"), ("vs_native", "pruned/native", ".3f"),
                 ("select_ms", "select ms", ".2f"), ("select_pct", "select %", ".2f"),
                 ("decode_ms", "decode ms/tok", ".1f"), ("decode_ratio", "decode ratio", ".3f"),
+                ("prefill_cpu_ms", "prefill CPU ms", ".1f"), ("efficiency_cpu", "speedup/FLOPs (CPU)", ".2f"),
+                ("vs_native_cpu", "pruned/native (CPU)", ".3f"), ("select_pct_cpu", "select % (CPU)", ".2f"),
+                ("decode_ratio_cpu", "decode ratio (CPU)", ".3f"),
                 ("kv_mib", "KV MiB", ".2f"), ("kv_expected_mib", "KV expected MiB", ".2f"),
                 ("kv_ratio", "KV ratio", ".3f"), ("peak_mib", "peak MiB", ".0f"), ("load", "load", ".2f")]
     return [c for c in columns if c[0] in ("model", "method", "budget") or any(r.get(c[0]) is not None for r in records)]

@@ -435,6 +435,7 @@ def _latency_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method
     out["unpruned_latency"] = None if paired.unpruned is None else paired.unpruned.to_dict()
     out["native_k"] = native_k
     out["native_prefill_ms"] = None if paired.native is None else paired.native.to_dict()
+    out["native_prefill_cpu_ms"] = None if paired.native_cpu is None else paired.native_cpu.to_dict()
     batch = inputs["input_ids"].shape[0]
     out["kv_cache_bytes_expected"] = expected_cache_bytes(model.config, summary["layer_lengths"], dtype, batch)
     if summary.get("visual_tokens") is not None and paired.unpruned is not None:
