@@ -1,4 +1,5 @@
-"""In-LLM pruning (FastV, PyramidDrop): reference equivalence after the pruning layer, batching, decoding."""
+"""In-LLM pruning (FastV, PyramidDrop, DART, SparseVLM): reference equivalence after the pruning layers,
+batching, decoding, KV cache, memory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,29 @@ import vtprune
 from vtprune.testing import tiny_image, tiny_inputs
 
 FAMILIES = ["llava", "llava_next"]
-METHODS = [("fastv", {"ratio": 0.5}), ("pdrop", {"lambda_": 0.5})]
+METHODS = [
+    ("fastv", {"ratio": 0.5}),
+    ("pdrop", {"lambda_": 0.5}),
+    ("dart", {"ratio": 0.6}),
+    ("sparsevlm", {"budget": 0.7}),
+    ("sparsevlm", {"budget": 0.7, "version": 1}),
+]
+#: options under which each method keeps every visual token
+NOTHING_PRUNED = {
+    "fastv": {"ratio": 0.0},
+    "pdrop": {"lambda_": 1.0},
+    "dart": {"ratio": 0.0},
+    "sparsevlm": {"budget": 1.0},
+}
+#: methods whose kept tokens are a subset of the input (no merged tokens), with multi-stage schedules
+REFERENCE_METHODS = [
+    ("fastv", {"ratio": 0.5}),
+    ("pdrop", {"layers": [2], "lambda_": 0.5}),
+    ("pdrop", {"lambda_": 0.5}),                 # three stages on the 4-layer tiny decoder: 1, 2, 3
+    ("dart", {"ratio": 0.6}),
+    ("dart", {"ratio": 0.6, "layer": 1, "pivots": 3}),
+    ("sparsevlm", {"budget": 0.7}),
+]
 
 
 def _inputs(processor, padding_side="left"):
@@ -46,15 +69,14 @@ def family_model(request, tiny_models):
     return request.param, model, processor
 
 
-@pytest.mark.parametrize("method,options", METHODS)
-def test_nothing_pruned_is_identity(family_model, method, options):
+@pytest.mark.parametrize("method", sorted(NOTHING_PRUNED))
+def test_nothing_pruned_is_identity(family_model, method):
     family, model, processor = family_model
     inputs = _inputs(processor)
     with torch.no_grad():
         ref = model(**inputs).logits
         ref_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        key = "ratio" if method == "fastv" else "lambda_"
-        with vtprune.pruned(model, method, **{key: 0.0 if method == "fastv" else 1.0}):
+        with vtprune.pruned(model, method, **NOTHING_PRUNED[method]):
             out = model(**inputs).logits
             tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
             assert not any(s.pruned for s in vtprune.stats(model).samples)
@@ -62,53 +84,89 @@ def test_nothing_pruned_is_identity(family_model, method, options):
     assert torch.equal(tokens, ref_tokens)
 
 
-@pytest.mark.parametrize("positions", ["original", "compact"])
-@pytest.mark.parametrize("method,options", [METHODS[0], ("pdrop", {"layers": [2], "lambda_": 0.5})])
-def test_reference_equivalence_after_pruning_layer(family_model, method, options, positions):
-    """Logits equal the decoder run by hand: full sequence up to layer k, then only the kept tokens."""
-    family, model, processor = family_model
-    single = _single(_inputs(processor), 0, family)
+def test_every_in_llm_method_is_covered():
+    in_llm = {name for name, info in vtprune.methods().items() if info.stage == "in-llm"}
+    assert in_llm == set(NOTHING_PRUNED) == {m for m, _ in METHODS}
+
+
+def _reference_run(model, single, stats, positions, max_new_tokens=0):
+    """Decoder run by hand on the sample: all tokens up to each stage's layer, then that stage's kept
+    tokens (from stats), with original or compact positions. Returns (logits of the prompt, greedy tokens)."""
     lm = model.model.language_model
     captured = {}
     hook = lm.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
     with torch.no_grad():
         model(**single)
-        hook.remove()
-        with vtprune.pruned(model, method, positions=positions, **options):
-            pruned_logits = model(**single).logits[0]
-            stats = vtprune.stats(model).samples[0]
+    hook.remove()
     embeds = captured["inputs_embeds"]
     length = embeds.shape[1]
-    positions_full = torch.arange(length)
-    image = (single["input_ids"][0] == model.config.image_token_id)
-    # kept columns entering each layer, from the per-layer lengths and the final kept visual positions
-    kept_final = set(stats.stages[-1].kept_positions.tolist())
-    # structural tokens (LLaVA-NeXT row newlines) are never dropped by in-LLM methods
+    image = single["input_ids"][0] == model.config.image_token_id
+    structural = set()
     for span in vtprune.adapters.base.adapter_for(model).build_layouts(dict(single))[0].images:
-        kept_final |= set(span.positions[span.structural].tolist())
+        structural |= set(span.positions[span.structural].tolist())  # LLaVA-NeXT newlines: never dropped in-LLM
+    stage_keep = {st.layer: set(st.kept_positions.tolist()) | structural for st in stats.stages}
     with torch.no_grad():
-        hidden = embeds
-        cols = torch.arange(length)
-        schedule = vtprune.registry.method_class(method)(**options).schedule(len(lm.layers), 1, 1)
-        stage_layers = [layer for layer, _ in schedule]
-        pos = positions_full
-        for index, layer in enumerate(lm.layers):
-            if index in stage_layers:
-                # which columns survive this stage: the engine's per-layer length tells how many visual remain
-                target_len = stats.layer_lengths[index]
-                keep = [c for c in cols.tolist() if not image[c] or c in kept_final]
-                extra = target_len - len(keep)
-                assert extra >= 0
-                assert extra == 0, "single-stage schedules keep exactly the final visual tokens"
-                sel = torch.tensor([cols.tolist().index(c) for c in keep])
-                hidden = hidden[:, sel]
+        cols, pos = torch.arange(length), torch.arange(length)
+        segments = {}  # layer -> (kept columns, positions) from that layer on
+        for index in range(len(lm.layers)):
+            if index in stage_keep:
+                sel = torch.tensor([i for i, c in enumerate(cols.tolist()) if not image[c] or c in stage_keep[index]])
                 cols = cols[sel]
                 pos = pos[sel] if positions == "original" else torch.arange(len(sel))
-            pe = lm.rotary_emb(hidden, position_ids=pos[None])
-            hidden = layer(hidden, attention_mask=None, position_embeddings=pe, position_ids=pos[None])
-        logits = model.lm_head(lm.norm(hidden))[0]
+            segments[index] = (cols.clone(), pos.clone())
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=lm.config)
+        hidden_all = embeds
+        tokens = []
+        logits = None
+        for step in range(max_new_tokens + 1):
+            hidden = hidden_all if step == 0 else hidden_all[:, -1:]
+            for index, layer in enumerate(lm.layers):
+                cols_i, pos_i = segments[index]
+                if step == 0:
+                    keep_prev = segments[index - 1][0] if index else torch.arange(length)
+                    sel = torch.tensor([keep_prev.tolist().index(c) for c in cols_i.tolist()])
+                    hidden = hidden[:, sel]
+                    p = pos_i
+                else:
+                    # decoded tokens continue after the last prompt position of each segment
+                    p = torch.tensor([int(pos_i[-1]) + step])
+                pe = lm.rotary_emb(hidden, position_ids=p[None])
+                mask = None if hidden.shape[1] > 1 else None
+                hidden = layer(hidden, attention_mask=_causal(hidden, cache, index) if step == 0 else mask,
+                               position_embeddings=pe, position_ids=p[None], past_key_values=cache)
+            step_logits = model.lm_head(lm.norm(hidden))[0]
+            if step == 0:
+                logits = step_logits
+            if step < max_new_tokens:
+                token = int(step_logits[-1].argmax())
+                tokens.append(token)
+                hidden_all = model.get_input_embeddings()(torch.tensor([[token]]))
+    return logits, tokens
+
+
+def _causal(hidden, cache, index):
+    n = hidden.shape[1]
+    return torch.full((n, n), float("-inf")).triu(1)[None, None]
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("method,options", REFERENCE_METHODS)
+def test_reference_equivalence_after_pruning_layers(family_model, method, options, positions):
+    """Logits and greedy tokens equal the decoder run by hand: all tokens up to each stage, then only that
+    stage's kept tokens (several stages for PDrop and SparseVLM), in both position conventions."""
+    family, model, processor = family_model
+    single = _single(_inputs(processor), 0, family)
+    with torch.no_grad(), vtprune.pruned(model, method, positions=positions, **options):
+        pruned_logits = model(**single).logits[0]
+        stats = vtprune.stats(model).samples[0]
+        tokens = model.generate(**single, max_new_tokens=8, do_sample=False)[0, -8:].tolist()
+    assert stats.pruned and len(stats.stages) >= 1
+    logits, ref_tokens = _reference_run(model, single, stats, positions, max_new_tokens=8)
     assert stats.layer_lengths[-1] == logits.shape[0]
     torch.testing.assert_close(pruned_logits, logits, atol=1e-5, rtol=1e-5)
+    assert tokens == ref_tokens
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
