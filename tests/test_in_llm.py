@@ -41,12 +41,12 @@ def _inputs(processor, padding_side="left"):
     return tiny_inputs(processor, images, prompts, padding_side=padding_side)
 
 
-def _single(inputs, b, family):
+def _single(inputs, b, model):
     """Sample b of a padded batch, without its padding (image-less samples lose their pixel inputs)."""
     real = inputs["attention_mask"][b].bool()
     out = {"input_ids": inputs["input_ids"][b:b + 1, real], "attention_mask": inputs["attention_mask"][b:b + 1, real]}
     image_rows = [i for i in range(inputs["input_ids"].shape[0]) if "pixel_values" in inputs
-                  and bool((inputs["input_ids"][i] == _image_token(inputs, family)).any())]
+                  and bool((inputs["input_ids"][i] == model.config.image_token_id).any())]
     if b in image_rows:
         idx = image_rows.index(b)
         out["pixel_values"] = inputs["pixel_values"][idx:idx + 1]
@@ -55,17 +55,9 @@ def _single(inputs, b, family):
     return out
 
 
-def _image_token(inputs, family):
-    return _image_token.ids[family]
-
-
-_image_token.ids = {}
-
-
 @pytest.fixture(params=FAMILIES)
 def family_model(request, tiny_models):
     model, processor = tiny_models[request.param]
-    _image_token.ids[request.param] = model.config.image_token_id
     return request.param, model, processor
 
 
@@ -157,7 +149,7 @@ def test_reference_equivalence_after_pruning_layers(family_model, method, option
     """Logits and greedy tokens equal the decoder run by hand: all tokens up to each stage, then only that
     stage's kept tokens (several stages for PDrop and SparseVLM), in both position conventions."""
     family, model, processor = family_model
-    single = _single(_inputs(processor), 0, family)
+    single = _single(_inputs(processor), 0, model)
     with torch.no_grad(), vtprune.pruned(model, method, positions=positions, **options):
         pruned_logits = model(**single).logits[0]
         stats = vtprune.stats(model).samples[0]
@@ -179,7 +171,7 @@ def test_batch_equals_one_by_one(family_model, method, options, padding_side):
         stats = vtprune.stats(model)
         batch_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False) if padding_side == "left" else None
         for b in range(inputs["input_ids"].shape[0]):
-            single = _single(inputs, b, family)
+            single = _single(inputs, b, model)
             alone = model(**single).logits[0]
             n = stats.samples[b].layer_lengths[-1]
             assert alone.shape[0] == n
@@ -211,7 +203,7 @@ def test_composition_and_budget_errors(tiny_models):
 
 def test_kv_cache_holds_only_kept_tokens(tiny_models):
     model, processor = tiny_models["llava"]
-    single = _single(_inputs(processor), 0, "llava")
+    single = _single(_inputs(processor), 0, model)
     with torch.no_grad(), vtprune.pruned(model, "fastv", ratio=0.75):
         out = model(**single, use_cache=True)
         stats = vtprune.stats(model).samples[0]
@@ -219,3 +211,50 @@ def test_kv_cache_holds_only_kept_tokens(tiny_models):
     lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
     assert lengths == stats.layer_lengths
     assert lengths[-1] < lengths[0]
+
+
+def test_composition_splits_the_budget(tiny_models):
+    """Default rule: the pre-LLM stage keeps 2 x budget, the in-LLM stage brings the layer average to it."""
+    model, processor = tiny_models["llava"]
+    single = _single(_inputs(processor), 0, model)
+    with torch.no_grad():
+        with vtprune.pruned(model, ["divprune", "pdrop"], budget=16):
+            model(**single)
+            sample = vtprune.stats(model).samples[0]
+        assert [s.name for s in sample.stages] == ["divprune", "pdrop", "pdrop", "pdrop"]
+        assert len(sample.stages[0].kept_positions) == 32
+        assert abs(sample.equivalent_tokens - 16) <= 0.5
+        with vtprune.pruned(model, ["divprune", "pdrop"], budget=0.25):  # fractions: 0.5 then 0.5 of that
+            model(**single)
+            sample = vtprune.stats(model).samples[0]
+        assert len(sample.stages[0].kept_positions) == 32
+        assert abs(sample.equivalent_tokens - 16) <= 0.5
+        with vtprune.pruned(model, ["divprune", "fastv"], stage_budgets=[48, None]):  # override: fastv default R
+            model(**single)
+            sample = vtprune.stats(model).samples[0]
+        assert len(sample.stages[0].kept_positions) == 48
+        assert sample.visual_lengths == [48, 48, 24, 24]
+    assert vtprune.budget.split_composed_budget(64, ["pre-llm", "in-llm"]) == [128, 64]
+    assert vtprune.budget.split_composed_budget(0.1, ["pre-llm", "in-llm"]) == [0.2, 0.5]
+    assert vtprune.budget.split_composed_budget(64, ["in-llm"]) == [64]
+    with pytest.raises(vtprune.VTPruneError, match="one per method"):
+        vtprune.apply(model, ["divprune", "fastv"], stage_budgets=[48])
+
+
+@pytest.mark.parametrize("method,options", METHODS)
+def test_peak_memory_not_above_unpruned(tiny_models, method, options):
+    """Counted at the dispatcher (every tensor storage created during the forward): the pruned forward's peak
+    is not above the unpruned one, and no [B, H, L, L] attention matrix of a whole layer is ever created."""
+    from vtprune.bench.live_tensors import LiveTensorPeak
+
+    model, processor = tiny_models["llava_next"]
+    inputs = tiny_inputs(processor, [tiny_image(0, (96, 128))], ["describe the image please"])
+    with torch.no_grad():
+        with LiveTensorPeak() as unpruned:
+            model(**inputs)
+        with vtprune.pruned(model, method, **options), LiveTensorPeak() as pruned:
+            model(**inputs)
+    assert pruned.peak_bytes <= unpruned.peak_bytes
+    text = model.config.get_text_config()
+    length = inputs["input_ids"].shape[1]
+    assert pruned.largest_bytes < text.num_attention_heads * length * length * 4

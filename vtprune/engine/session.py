@@ -379,6 +379,8 @@ class PruneSession:
         if run is None:
             return None
         self._segments = run.segments
+        for segment in self._segments:
+            segment.hidden = None  # the prefill's pruned hidden states are not needed any more
         num_layers = len(self.adapter.decoder_layers)
         for b, sample in enumerate(self._run_samples):
             sample.layer_lengths = [run.history[i][b][0] for i in range(num_layers)]
