@@ -258,3 +258,50 @@ def test_peak_memory_not_above_unpruned(tiny_models, method, options):
     text = model.config.get_text_config()
     length = inputs["input_ids"].shape[1]
     assert pruned.largest_bytes < text.num_attention_heads * length * length * 4
+
+
+def _layer_average(schedule, num_layers, num_visual):
+    counts, current = [], num_visual
+    stages = dict(schedule)
+    for layer in range(num_layers):
+        current = stages.get(layer, current)
+        counts.append(current)
+    return sum(counts) / num_layers
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart", "sparsevlm"])
+def test_budget_schedules_reach_the_equivalent_tokens(method, budget):
+    """On LLaVA-1.5's shape (576 tokens, 32 layers) every in-LLM method's schedule averages to the budget."""
+    schedule = vtprune.registry.method_class(method)(budget=budget).schedule(32, 576, 1)
+    assert abs(_layer_average(schedule, 32, 576) - budget) <= 1.0
+    counts = [keep for _, keep in schedule]
+    assert counts == sorted(counts, reverse=True) and all(c >= 1 for c in counts)
+
+
+def test_published_schedules():
+    sparse = vtprune.registry.method_class("sparsevlm")
+    assert sparse(budget=64).schedule(32, 576, 1) == [(2, 66), (6, 34), (15, 20)]
+    assert sparse(budget=128, version=1).schedule(32, 576, 1) == [(2, 303), (6, 110), (15, 36)]
+    assert sparse(budget=192).schedule(32, 576, 1) == [(2, 300), (6, 200), (15, 118)]
+    pdrop = vtprune.registry.method_class("pdrop")
+    assert [layer for layer, _ in pdrop().schedule(32, 576, 1)] == [8, 16, 24]
+    assert [keep for _, keep in pdrop().schedule(32, 576, 1)] == [288, 144, 72]
+    # below what stages at 8/16/24 can reach (144), the stages move to 2/8/16
+    assert [layer for layer, _ in pdrop(budget=64).schedule(32, 576, 1)] == [2, 8, 16]
+    with pytest.raises(vtprune.BudgetError, match="smallest reachable"):
+        pdrop(budget=64, layers=[8, 16, 24]).schedule(32, 576, 1)
+    assert vtprune.registry.method_class("dart")().schedule(32, 576, 1) == [(2, 128)]  # 77.8 % reduction
+    assert vtprune.registry.method_class("fastv")().schedule(32, 576, 1) == [(2, 288)]
+
+
+def test_sparsevlm_v1_recycles_pruned_tokens(tiny_models):
+    model, processor = tiny_models["llava"]
+    single = _single(_inputs(processor), 0, model)
+    with torch.no_grad(), vtprune.pruned(model, "sparsevlm", budget=0.7, version=1):
+        model(**single)
+        sample = vtprune.stats(model).samples[0]
+    assert all(stage.merged >= 1 for stage in sample.stages)
+    for stage, layer_count in zip(sample.stages, [sample.visual_lengths[s.layer] for s in sample.stages], strict=True):
+        assert layer_count == stage.visual_out
+        assert stage.visual_out >= len(stage.kept_positions) + stage.merged

@@ -200,8 +200,10 @@ class PyramidDrop(LayerMethod):
     of the previous stage's visual tokens (paper λ = 0.5: 100 → 50 → 25 → 12.5 %). The score is the
     attention from the last instruction token, recomputed at the stage layer from its input norm + q/k +
     RoPE for that single query. Without ``lambda_`` the ratio is solved from the budget (equivalent tokens
-    averaged over layers). The official code re-indexes positions; default here ``original``
-    (``positions="compact"`` reproduces the official behaviour).
+    averaged over layers). A budget below what these stages can reach (they keep every token for L/4
+    layers, so at least N/4 equivalent tokens) moves the stages earlier, to 1/16, 1/4 and 1/2 of the depth
+    (2, 8, 16 of 32) — only when ``layers`` is not given; ``stats()`` reports the stages used. The official
+    code re-indexes positions; default here ``original`` (``positions="compact"`` reproduces it).
     """
 
     name = "pdrop"
@@ -220,8 +222,13 @@ class PyramidDrop(LayerMethod):
                                    or list(layers) != sorted(set(layers))):
             raise MethodOptionError(f"pdrop layers={layers!r} must be ascending decoder layer indices ≥ 1.")
 
-    def _layers(self, num_layers: int) -> list[int]:
-        layers = self.config["layers"] or [num_layers // 4, num_layers // 2, 3 * num_layers // 4]
+    def _layers(self, num_layers: int, low_budget: bool = False) -> list[int]:
+        if self.config["layers"]:
+            layers = self.config["layers"]
+        elif low_budget:
+            layers = [round(num_layers / 16), num_layers // 4, num_layers // 2]
+        else:
+            layers = [num_layers // 4, num_layers // 2, 3 * num_layers // 4]
         layers = sorted({max(1, x) for x in layers})
         if layers[-1] >= num_layers:
             raise MethodOptionError(f"pdrop layers={layers} exceed the model's {num_layers} decoder layers.")
@@ -240,6 +247,9 @@ class PyramidDrop(LayerMethod):
         if lam is None:
             target = self._target_equivalent(num_visual, num_images)
             minimum = self._equivalent(0.0, layers, num_layers, num_visual)
+            if target < minimum and not self.config["layers"]:
+                layers = self._layers(num_layers, low_budget=True)
+                minimum = self._equivalent(0.0, layers, num_layers, num_visual)
             if target < minimum:
                 raise BudgetError(
                     f"pdrop with stages at {layers} keeps all {num_visual} visual tokens for {layers[0]} layers, "
