@@ -1,4 +1,5 @@
-"""In-LLM pruning (FastV, PyramidDrop): reference equivalence after the pruning layer, batching, decoding."""
+"""In-LLM pruning (FastV, PyramidDrop, DART, SparseVLM): reference equivalence after the pruning layers,
+batching, decoding, KV cache, memory."""
 
 from __future__ import annotations
 
@@ -9,7 +10,29 @@ import vtprune
 from vtprune.testing import tiny_image, tiny_inputs
 
 FAMILIES = ["llava", "llava_next"]
-METHODS = [("fastv", {"ratio": 0.5}), ("pdrop", {"lambda_": 0.5})]
+METHODS = [
+    ("fastv", {"ratio": 0.5}),
+    ("pdrop", {"lambda_": 0.5}),
+    ("dart", {"ratio": 0.6}),
+    ("sparsevlm", {"budget": 0.7}),
+    ("sparsevlm", {"budget": 0.7, "version": 1}),
+]
+#: options under which each method keeps every visual token
+NOTHING_PRUNED = {
+    "fastv": {"ratio": 0.0},
+    "pdrop": {"lambda_": 1.0},
+    "dart": {"ratio": 0.0},
+    "sparsevlm": {"budget": 1.0},
+}
+#: methods whose kept tokens are a subset of the input (no merged tokens), with multi-stage schedules
+REFERENCE_METHODS = [
+    ("fastv", {"ratio": 0.5}),
+    ("pdrop", {"layers": [2], "lambda_": 0.5}),
+    ("pdrop", {"lambda_": 0.5}),                 # three stages on the 4-layer tiny decoder: 1, 2, 3
+    ("dart", {"ratio": 0.6}),
+    ("dart", {"ratio": 0.6, "layer": 1, "pivots": 3}),
+    ("sparsevlm", {"budget": 0.7}),
+]
 
 
 def _inputs(processor, padding_side="left"):
@@ -18,12 +41,12 @@ def _inputs(processor, padding_side="left"):
     return tiny_inputs(processor, images, prompts, padding_side=padding_side)
 
 
-def _single(inputs, b, family):
+def _single(inputs, b, model):
     """Sample b of a padded batch, without its padding (image-less samples lose their pixel inputs)."""
     real = inputs["attention_mask"][b].bool()
     out = {"input_ids": inputs["input_ids"][b:b + 1, real], "attention_mask": inputs["attention_mask"][b:b + 1, real]}
     image_rows = [i for i in range(inputs["input_ids"].shape[0]) if "pixel_values" in inputs
-                  and bool((inputs["input_ids"][i] == _image_token(inputs, family)).any())]
+                  and bool((inputs["input_ids"][i] == model.config.image_token_id).any())]
     if b in image_rows:
         idx = image_rows.index(b)
         out["pixel_values"] = inputs["pixel_values"][idx:idx + 1]
@@ -32,29 +55,20 @@ def _single(inputs, b, family):
     return out
 
 
-def _image_token(inputs, family):
-    return _image_token.ids[family]
-
-
-_image_token.ids = {}
-
-
 @pytest.fixture(params=FAMILIES)
 def family_model(request, tiny_models):
     model, processor = tiny_models[request.param]
-    _image_token.ids[request.param] = model.config.image_token_id
     return request.param, model, processor
 
 
-@pytest.mark.parametrize("method,options", METHODS)
-def test_nothing_pruned_is_identity(family_model, method, options):
+@pytest.mark.parametrize("method", sorted(NOTHING_PRUNED))
+def test_nothing_pruned_is_identity(family_model, method):
     family, model, processor = family_model
     inputs = _inputs(processor)
     with torch.no_grad():
         ref = model(**inputs).logits
         ref_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        key = "ratio" if method == "fastv" else "lambda_"
-        with vtprune.pruned(model, method, **{key: 0.0 if method == "fastv" else 1.0}):
+        with vtprune.pruned(model, method, **NOTHING_PRUNED[method]):
             out = model(**inputs).logits
             tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
             assert not any(s.pruned for s in vtprune.stats(model).samples)
@@ -62,53 +76,89 @@ def test_nothing_pruned_is_identity(family_model, method, options):
     assert torch.equal(tokens, ref_tokens)
 
 
-@pytest.mark.parametrize("positions", ["original", "compact"])
-@pytest.mark.parametrize("method,options", [METHODS[0], ("pdrop", {"layers": [2], "lambda_": 0.5})])
-def test_reference_equivalence_after_pruning_layer(family_model, method, options, positions):
-    """Logits equal the decoder run by hand: full sequence up to layer k, then only the kept tokens."""
-    family, model, processor = family_model
-    single = _single(_inputs(processor), 0, family)
+def test_every_in_llm_method_is_covered():
+    in_llm = {name for name, info in vtprune.methods().items() if info.stage == "in-llm"}
+    assert in_llm == set(NOTHING_PRUNED) == {m for m, _ in METHODS}
+
+
+def _reference_run(model, single, stats, positions, max_new_tokens=0):
+    """Decoder run by hand on the sample: all tokens up to each stage's layer, then that stage's kept
+    tokens (from stats), with original or compact positions. Returns (logits of the prompt, greedy tokens)."""
     lm = model.model.language_model
     captured = {}
     hook = lm.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
     with torch.no_grad():
         model(**single)
-        hook.remove()
-        with vtprune.pruned(model, method, positions=positions, **options):
-            pruned_logits = model(**single).logits[0]
-            stats = vtprune.stats(model).samples[0]
+    hook.remove()
     embeds = captured["inputs_embeds"]
     length = embeds.shape[1]
-    positions_full = torch.arange(length)
-    image = (single["input_ids"][0] == model.config.image_token_id)
-    # kept columns entering each layer, from the per-layer lengths and the final kept visual positions
-    kept_final = set(stats.stages[-1].kept_positions.tolist())
-    # structural tokens (LLaVA-NeXT row newlines) are never dropped by in-LLM methods
+    image = single["input_ids"][0] == model.config.image_token_id
+    structural = set()
     for span in vtprune.adapters.base.adapter_for(model).build_layouts(dict(single))[0].images:
-        kept_final |= set(span.positions[span.structural].tolist())
+        structural |= set(span.positions[span.structural].tolist())  # LLaVA-NeXT newlines: never dropped in-LLM
+    stage_keep = {st.layer: set(st.kept_positions.tolist()) | structural for st in stats.stages}
     with torch.no_grad():
-        hidden = embeds
-        cols = torch.arange(length)
-        schedule = vtprune.registry.method_class(method)(**options).schedule(len(lm.layers), 1, 1)
-        stage_layers = [layer for layer, _ in schedule]
-        pos = positions_full
-        for index, layer in enumerate(lm.layers):
-            if index in stage_layers:
-                # which columns survive this stage: the engine's per-layer length tells how many visual remain
-                target_len = stats.layer_lengths[index]
-                keep = [c for c in cols.tolist() if not image[c] or c in kept_final]
-                extra = target_len - len(keep)
-                assert extra >= 0
-                assert extra == 0, "single-stage schedules keep exactly the final visual tokens"
-                sel = torch.tensor([cols.tolist().index(c) for c in keep])
-                hidden = hidden[:, sel]
+        cols, pos = torch.arange(length), torch.arange(length)
+        segments = {}  # layer -> (kept columns, positions) from that layer on
+        for index in range(len(lm.layers)):
+            if index in stage_keep:
+                sel = torch.tensor([i for i, c in enumerate(cols.tolist()) if not image[c] or c in stage_keep[index]])
                 cols = cols[sel]
                 pos = pos[sel] if positions == "original" else torch.arange(len(sel))
-            pe = lm.rotary_emb(hidden, position_ids=pos[None])
-            hidden = layer(hidden, attention_mask=None, position_embeddings=pe, position_ids=pos[None])
-        logits = model.lm_head(lm.norm(hidden))[0]
+            segments[index] = (cols.clone(), pos.clone())
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=lm.config)
+        hidden_all = embeds
+        tokens = []
+        logits = None
+        for step in range(max_new_tokens + 1):
+            hidden = hidden_all if step == 0 else hidden_all[:, -1:]
+            for index, layer in enumerate(lm.layers):
+                cols_i, pos_i = segments[index]
+                if step == 0:
+                    keep_prev = segments[index - 1][0] if index else torch.arange(length)
+                    sel = torch.tensor([keep_prev.tolist().index(c) for c in cols_i.tolist()])
+                    hidden = hidden[:, sel]
+                    p = pos_i
+                else:
+                    # decoded tokens continue after the last prompt position of each segment
+                    p = torch.tensor([int(pos_i[-1]) + step])
+                pe = lm.rotary_emb(hidden, position_ids=p[None])
+                mask = None if hidden.shape[1] > 1 else None
+                hidden = layer(hidden, attention_mask=_causal(hidden, cache, index) if step == 0 else mask,
+                               position_embeddings=pe, position_ids=p[None], past_key_values=cache)
+            step_logits = model.lm_head(lm.norm(hidden))[0]
+            if step == 0:
+                logits = step_logits
+            if step < max_new_tokens:
+                token = int(step_logits[-1].argmax())
+                tokens.append(token)
+                hidden_all = model.get_input_embeddings()(torch.tensor([[token]]))
+    return logits, tokens
+
+
+def _causal(hidden, cache, index):
+    n = hidden.shape[1]
+    return torch.full((n, n), float("-inf")).triu(1)[None, None]
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("method,options", REFERENCE_METHODS)
+def test_reference_equivalence_after_pruning_layers(family_model, method, options, positions):
+    """Logits and greedy tokens equal the decoder run by hand: all tokens up to each stage, then only that
+    stage's kept tokens (several stages for PDrop and SparseVLM), in both position conventions."""
+    family, model, processor = family_model
+    single = _single(_inputs(processor), 0, model)
+    with torch.no_grad(), vtprune.pruned(model, method, positions=positions, **options):
+        pruned_logits = model(**single).logits[0]
+        stats = vtprune.stats(model).samples[0]
+        tokens = model.generate(**single, max_new_tokens=8, do_sample=False)[0, -8:].tolist()
+    assert stats.pruned and len(stats.stages) >= 1
+    logits, ref_tokens = _reference_run(model, single, stats, positions, max_new_tokens=8)
     assert stats.layer_lengths[-1] == logits.shape[0]
     torch.testing.assert_close(pruned_logits, logits, atol=1e-5, rtol=1e-5)
+    assert tokens == ref_tokens
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -121,7 +171,7 @@ def test_batch_equals_one_by_one(family_model, method, options, padding_side):
         stats = vtprune.stats(model)
         batch_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False) if padding_side == "left" else None
         for b in range(inputs["input_ids"].shape[0]):
-            single = _single(inputs, b, family)
+            single = _single(inputs, b, model)
             alone = model(**single).logits[0]
             n = stats.samples[b].layer_lengths[-1]
             assert alone.shape[0] == n
@@ -153,7 +203,7 @@ def test_composition_and_budget_errors(tiny_models):
 
 def test_kv_cache_holds_only_kept_tokens(tiny_models):
     model, processor = tiny_models["llava"]
-    single = _single(_inputs(processor), 0, "llava")
+    single = _single(_inputs(processor), 0, model)
     with torch.no_grad(), vtprune.pruned(model, "fastv", ratio=0.75):
         out = model(**single, use_cache=True)
         stats = vtprune.stats(model).samples[0]
@@ -161,3 +211,97 @@ def test_kv_cache_holds_only_kept_tokens(tiny_models):
     lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
     assert lengths == stats.layer_lengths
     assert lengths[-1] < lengths[0]
+
+
+def test_composition_splits_the_budget(tiny_models):
+    """Default rule: the pre-LLM stage keeps 2 x budget, the in-LLM stage brings the layer average to it."""
+    model, processor = tiny_models["llava"]
+    single = _single(_inputs(processor), 0, model)
+    with torch.no_grad():
+        with vtprune.pruned(model, ["divprune", "pdrop"], budget=16):
+            model(**single)
+            sample = vtprune.stats(model).samples[0]
+        assert [s.name for s in sample.stages] == ["divprune", "pdrop", "pdrop", "pdrop"]
+        assert len(sample.stages[0].kept_positions) == 32
+        assert abs(sample.equivalent_tokens - 16) <= 0.5
+        with vtprune.pruned(model, ["divprune", "pdrop"], budget=0.25):  # fractions: 0.5 then 0.5 of that
+            model(**single)
+            sample = vtprune.stats(model).samples[0]
+        assert len(sample.stages[0].kept_positions) == 32
+        assert abs(sample.equivalent_tokens - 16) <= 0.5
+        with vtprune.pruned(model, ["divprune", "fastv"], stage_budgets=[48, None]):  # override: fastv default R
+            model(**single)
+            sample = vtprune.stats(model).samples[0]
+        assert len(sample.stages[0].kept_positions) == 48
+        assert sample.visual_lengths == [48, 48, 24, 24]
+    assert vtprune.budget.split_composed_budget(64, ["pre-llm", "in-llm"]) == [128, 64]
+    assert vtprune.budget.split_composed_budget(0.1, ["pre-llm", "in-llm"]) == [0.2, 0.5]
+    assert vtprune.budget.split_composed_budget(64, ["in-llm"]) == [64]
+    with pytest.raises(vtprune.VTPruneError, match="one per method"):
+        vtprune.apply(model, ["divprune", "fastv"], stage_budgets=[48])
+
+
+@pytest.mark.parametrize("method,options", METHODS)
+def test_peak_memory_not_above_unpruned(tiny_models, method, options):
+    """Counted at the dispatcher (every tensor storage created during the forward): the pruned forward's peak
+    is not above the unpruned one, and no [B, H, L, L] attention matrix of a whole layer is ever created."""
+    from vtprune.bench.live_tensors import LiveTensorPeak
+
+    model, processor = tiny_models["llava_next"]
+    inputs = tiny_inputs(processor, [tiny_image(0, (96, 128))], ["describe the image please"])
+    with torch.no_grad():
+        with LiveTensorPeak() as unpruned:
+            model(**inputs)
+        with vtprune.pruned(model, method, **options), LiveTensorPeak() as pruned:
+            model(**inputs)
+    assert pruned.peak_bytes <= unpruned.peak_bytes
+    text = model.config.get_text_config()
+    length = inputs["input_ids"].shape[1]
+    assert pruned.largest_bytes < text.num_attention_heads * length * length * 4
+
+
+def _layer_average(schedule, num_layers, num_visual):
+    counts, current = [], num_visual
+    stages = dict(schedule)
+    for layer in range(num_layers):
+        current = stages.get(layer, current)
+        counts.append(current)
+    return sum(counts) / num_layers
+
+
+@pytest.mark.parametrize("budget", [192, 128, 64])
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "dart", "sparsevlm"])
+def test_budget_schedules_reach_the_equivalent_tokens(method, budget):
+    """On LLaVA-1.5's shape (576 tokens, 32 layers) every in-LLM method's schedule averages to the budget."""
+    schedule = vtprune.registry.method_class(method)(budget=budget).schedule(32, 576, 1)
+    assert abs(_layer_average(schedule, 32, 576) - budget) <= 1.0
+    counts = [keep for _, keep in schedule]
+    assert counts == sorted(counts, reverse=True) and all(c >= 1 for c in counts)
+
+
+def test_published_schedules():
+    sparse = vtprune.registry.method_class("sparsevlm")
+    assert sparse(budget=64).schedule(32, 576, 1) == [(2, 66), (6, 34), (15, 20)]
+    assert sparse(budget=128, version=1).schedule(32, 576, 1) == [(2, 303), (6, 110), (15, 36)]
+    assert sparse(budget=192).schedule(32, 576, 1) == [(2, 300), (6, 200), (15, 118)]
+    pdrop = vtprune.registry.method_class("pdrop")
+    assert [layer for layer, _ in pdrop().schedule(32, 576, 1)] == [8, 16, 24]
+    assert [keep for _, keep in pdrop().schedule(32, 576, 1)] == [288, 144, 72]
+    # below what stages at 8/16/24 can reach (144), the stages move to 2/8/16
+    assert [layer for layer, _ in pdrop(budget=64).schedule(32, 576, 1)] == [2, 8, 16]
+    with pytest.raises(vtprune.BudgetError, match="smallest reachable"):
+        pdrop(budget=64, layers=[8, 16, 24]).schedule(32, 576, 1)
+    assert vtprune.registry.method_class("dart")().schedule(32, 576, 1) == [(2, 128)]  # 77.8 % reduction
+    assert vtprune.registry.method_class("fastv")().schedule(32, 576, 1) == [(2, 288)]
+
+
+def test_sparsevlm_v1_recycles_pruned_tokens(tiny_models):
+    model, processor = tiny_models["llava"]
+    single = _single(_inputs(processor), 0, model)
+    with torch.no_grad(), vtprune.pruned(model, "sparsevlm", budget=0.7, version=1):
+        model(**single)
+        sample = vtprune.stats(model).samples[0]
+    assert all(stage.merged >= 1 for stage in sample.stages)
+    for stage, layer_count in zip(sample.stages, [sample.visual_lengths[s.layer] for s in sample.stages], strict=True):
+        assert layer_count == stage.visual_out
+        assert stage.visual_out >= len(stage.kept_positions) + stage.merged
