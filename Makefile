@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
 BIN := $(VENV)/bin
 
 .PHONY: demo test test-fast setup lint
@@ -10,7 +11,10 @@ $(BIN)/vtprune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,eval,ray]"
+	# lmms-eval without its declared dependencies (see pyproject.toml, extra "eval")
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt --no-deps "$(LMMS_EVAL_SPEC)"
 	touch $@
 
 setup: $(BIN)/vtprune
