@@ -169,3 +169,4 @@ def test_peak_memory_sees_tensor_allocations():
     if memory.kind == "cpu-peak-rss":
         assert 24 * 2**20 <= memory.delta_bytes <= 200 * 2**20
     assert memory.peak_bytes >= memory.delta_bytes
+    assert memory.tensor_peak_bytes == 32 * 2**20  # x and y alive together

@@ -9,6 +9,8 @@
   in use. ``tracemalloc`` would not see tensor memory (PyTorch allocates outside Python's allocator).
   ``delta_bytes`` is the peak above the RSS at the start of the region (activations, KV cache,
   temporaries). Without ``/proc`` the lifetime peak (``ru_maxrss``) is reported and ``kind`` says so.
+  The same run also counts the peak of the tensors it creates at the dispatcher (``tensor_peak_bytes``,
+  :class:`~vtprune.bench.live_tensors.LiveTensorPeak`), which no allocator caching can blur.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ class MemoryResult:
     peak_bytes: int        # CUDA: allocator peak; CPU: peak resident set of the process
     delta_bytes: int       # peak minus the level at the start of the region
     kind: str              # "cuda-allocator" | "cpu-peak-rss" | "cpu-ru-maxrss (lifetime peak)"
+    #: CPU: peak bytes of the tensors the region created, counted at the dispatcher
+    #: (:class:`vtprune.bench.live_tensors.LiveTensorPeak`); None on CUDA
+    tensor_peak_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"peak_bytes": self.peak_bytes, "delta_bytes": self.delta_bytes, "kind": self.kind}
+        return {"peak_bytes": self.peak_bytes, "delta_bytes": self.delta_bytes, "kind": self.kind,
+                "tensor_peak_bytes": self.tensor_peak_bytes}
 
 
 def _status_kib(field: str) -> int | None:
@@ -79,16 +85,22 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str = "cpu
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
         return out, MemoryResult(peak_bytes=peak, delta_bytes=peak - start, kind="cuda-allocator")
+    from .live_tensors import LiveTensorPeak
+
+    meter = LiveTensorPeak()
     if _reset_peak_rss():
         start = current_rss_bytes() or 0
-        out = fn()
+        with meter:
+            out = fn()
         peak_kib = _status_kib("VmHWM")
         peak = peak_kib * 1024 if peak_kib is not None else 0
-        return out, MemoryResult(peak_bytes=peak, delta_bytes=max(peak - start, 0), kind="cpu-peak-rss")
+        return out, MemoryResult(peak_bytes=peak, delta_bytes=max(peak - start, 0), kind="cpu-peak-rss",
+                                 tensor_peak_bytes=meter.peak_bytes)
     import resource
 
     start = current_rss_bytes() or 0
-    out = fn()
+    with meter:
+        out = fn()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out, MemoryResult(peak_bytes=peak, delta_bytes=max(peak - start, 0),
-                             kind="cpu-ru-maxrss (lifetime peak)")
+                             kind="cpu-ru-maxrss (lifetime peak)", tensor_peak_bytes=meter.peak_bytes)

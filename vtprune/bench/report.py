@@ -82,6 +82,8 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
         "kv_mib": None if kv is None else kv / 2**20, "kv_ratio": _ratio(kv, kv_ref),
         "kv_expected_mib": None if row.get("kv_cache_bytes_expected") is None else row["kv_cache_bytes_expected"] / 2**20,
         "peak_mib": None if not row.get("memory") else row["memory"]["delta_bytes"] / 2**20,
+        "tensor_peak_mib": None if not (row.get("memory") or {}).get("tensor_peak_bytes") else
+        row["memory"]["tensor_peak_bytes"] / 2**20,
         "threads": env.get("threads"), "load": None if not env.get("loadavg") else env["loadavg"][0],
         "error": row.get("error"),
     }
@@ -111,7 +113,7 @@ def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[
                 ("vs_native_cpu", "pruned/native (CPU)", ".3f"), ("select_pct_cpu", "select % (CPU)", ".2f"),
                 ("decode_ratio_cpu", "decode ratio (CPU)", ".3f"),
                 ("kv_mib", "KV MiB", ".2f"), ("kv_expected_mib", "KV expected MiB", ".2f"),
-                ("kv_ratio", "KV ratio", ".3f"), ("peak_mib", "peak MiB", ".0f"), ("load", "load", ".2f")]
+                ("kv_ratio", "KV ratio", ".3f"), ("peak_mib", "peak MiB", ".0f"), ("tensor_peak_mib", "tensor peak MiB", ".0f"), ("load", "load", ".2f")]
     return [c for c in columns if c[0] in ("model", "method", "budget") or any(r.get(c[0]) is not None for r in records)]
 
 

@@ -23,6 +23,7 @@ thread count, machine load and the exact method options.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -190,7 +191,10 @@ def _json_default(value: Any):
 # ------------------------------------------------------------------------------------------ environment
 
 
+@functools.lru_cache(maxsize=1)
 def _git_commit() -> str | None:
+    """The checkout's commit (``-dirty`` with uncommitted changes to tracked files), read once per process:
+    the code a sweep runs is the code it imported at its start."""
     root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -456,6 +460,7 @@ def run_sweep(
     on_row: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run every cell not yet in ``out`` and append its row; returns all rows of ``out`` for these cells."""
+    _git_commit()  # pin the commit before any cell runs
     results = ResultsFile(out)
     done = results.done_keys()
     todo = [cell for cell in cells if cell.key not in done]
