@@ -144,6 +144,14 @@ def cmd_bench(args) -> int:
     Path(f"{stem}.md").write_text(report.to_markdown(records))
     report.print_table(records, title=f"vtprune bench: {len(rows)} cells ({out})")
     print(f"rows: {out}   tables: {stem}.md, {stem}.csv")
+    sections = []
+    for clock in (("cpu", "wall") if not str(args.device).startswith("cuda") else ("wall",)):
+        checked = report.check_targets(records, 64, clock)
+        if checked:
+            sections.append(f"### Targets at 64 equivalent tokens ({clock} time)\n\n" + report.targets_markdown(checked))
+    if sections:
+        Path(f"{stem}_targets.md").write_text("\n".join(sections))
+        print("\n".join(sections))
     return 0
 
 

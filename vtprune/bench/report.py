@@ -185,3 +185,63 @@ def print_table(records: Sequence[dict[str, Any]], title: str | None = None) -> 
     console.print(table)
     for error in _errors(records):
         console.print(f"[yellow]not run[/]: {error}")
+
+
+# ------------------------------------------------------------------------------------------ targets
+
+#: the benchmark targets of the latency protocol (the budget they apply to: 64 equivalent tokens)
+TARGETS = {
+    "pruned_vs_native": 1.05,      # pre-LLM: pruned prefill <= 1.05 x native-K prefill
+    "select_pct": 2.0,             # selection <= 2% of the pruned prefill
+    "efficiency_pre": 0.90,        # measured speedup >= 0.9 x FLOPs-implied (pre-LLM)
+    "efficiency_in": 0.85,         # ... >= 0.85 x (in-LLM)
+    "decode_ratio": 1.0,           # pruned decode per token <= unpruned
+}
+
+
+def check_targets(records: Sequence[dict[str, Any]], budget: Any = 64, clock: str = "cpu") -> list[dict[str, Any]]:
+    """Pass/fail of every target for the ``latency`` records at ``budget``.
+
+    ``clock="cpu"`` judges the timing targets on process CPU time (load-independent, CPU runs), ``"wall"``
+    on wall time. KV: the measured cache must equal the dense cache of the kept tokens (proportional).
+    """
+    suffix = "_cpu" if clock == "cpu" else ""
+    out = []
+    for r in records:
+        if r.get("task") != "latency" or r.get("status") != "ok" or r.get("method") == "none" or r["budget"] != budget:
+            continue
+        stage = r.get("stage")
+        checks: dict[str, tuple[Any, bool | None]] = {}
+        vs_native = r.get(f"vs_native{suffix}")
+        if stage == "pre-llm":
+            checks["pruned/native <= 1.05"] = (vs_native, None if vs_native is None else vs_native <= TARGETS["pruned_vs_native"])
+        select = r.get(f"select_pct{suffix}")
+        checks["select <= 2%"] = (select, None if select is None else select <= TARGETS["select_pct"])
+        eff = r.get(f"efficiency{suffix}")
+        bound = TARGETS["efficiency_pre" if stage == "pre-llm" else "efficiency_in"]
+        checks["speedup / FLOPs-implied >= 0.9 (pre) / 0.85 (in)"] = (eff, None if eff is None else eff >= bound)
+        decode = r.get(f"decode_ratio{suffix}")
+        checks["decode <= unpruned"] = (decode, None if decode is None else decode <= TARGETS["decode_ratio"])
+        kv, expected = r.get("kv_mib"), r.get("kv_expected_mib")
+        checks["KV = kept x per-token"] = (kv, None if kv is None or expected is None else abs(kv - expected) < 1e-9)
+        out.append({"model": r["model"], "method": r["method"], "budget": r["budget"], "stage": stage,
+                    "checks": checks})
+    return out
+
+
+def targets_markdown(results: Sequence[dict[str, Any]]) -> str:
+    if not results:
+        return ""
+    names = list(dict.fromkeys(name for r in results for name in r["checks"]))
+    lines = ["| method | stage | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for r in results:
+        cells = []
+        for name in names:
+            value, ok = r["checks"].get(name, (None, None))
+            if ok is None:
+                cells.append("n/a")
+                continue
+            shown = f"{value:.3f}" if isinstance(value, float) else str(value)
+            cells.append(f"{shown} {'pass' if ok else '**MISS**'}")
+        lines.append(f"| {r['method']} | {r['stage']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
