@@ -170,3 +170,20 @@ def test_peak_memory_sees_tensor_allocations():
         assert 24 * 2**20 <= memory.delta_bytes <= 200 * 2**20
     assert memory.peak_bytes >= memory.delta_bytes
     assert memory.tensor_peak_bytes == 32 * 2**20  # x and y alive together
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_native_k_runs_for_every_family(tiny_models, family):
+    model, processor = tiny_models[family]
+    inputs = tiny_inputs(processor, [tiny_image()], ["What is in the image?"])
+    seen = []
+    core = model.model
+    handle = core.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["inputs_embeds"].shape[1]), with_kwargs=True)
+    try:
+        logits = native_k_prefill(model, inputs, 8)()
+    finally:
+        handle.remove()
+    image_tokens = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert seen == [inputs["input_ids"].shape[1] - image_tokens + 8]
+    assert logits.shape[:2] == (1, 1) and torch.isfinite(logits).all()

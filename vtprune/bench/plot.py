@@ -98,15 +98,23 @@ def plot_rows(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]
                 ax = axes[0]
                 top = 1.0
                 for method in methods:
-                    pts = [r for r in subset if r["method"] == method and r.get("speedup") and r.get("flops_speedup")]
-                    if pts:
-                        ax.scatter([r["flops_speedup"] for r in pts], [r["speedup"] for r in pts], color=colors[method],
-                                   label=method, zorder=3)
-                        top = max(top, *(r["flops_speedup"] for r in pts), *(r["speedup"] for r in pts))
+                    for key, filled in (("speedup", True), ("speedup_cpu", False)):
+                        pts = [r for r in subset if r["method"] == method and r.get(key) and r.get("flops_speedup")]
+                        if not pts:
+                            continue
+                        ax.scatter([r["flops_speedup"] for r in pts], [r[key] for r in pts], zorder=3,
+                                   facecolors=colors[method] if filled else "none", edgecolors=colors[method],
+                                   label=method if filled else None)
+                        for r in pts:
+                            if filled:
+                                ax.annotate(str(r["budget"]), (r["flops_speedup"], r[key]), textcoords="offset points",
+                                            xytext=(3, 3), fontsize=7)
+                        top = max(top, *(r["flops_speedup"] for r in pts), *(r[key] for r in pts))
+                ax.scatter([], [], facecolors="none", edgecolors="0.3", label="hollow: process CPU time")
                 ax.plot([1, top], [1, top], color="0.3", linewidth=1, label="y = x")
                 ax.plot([1, top], [0.9, 0.9 * top], color="0.6", linestyle="--", linewidth=1, label="y = 0.9 x")
                 ax.set_xlabel("FLOPs-implied prefill speedup")
-                ax.set_ylabel("measured prefill speedup (paired medians)")
+                ax.set_ylabel("measured prefill speedup (paired medians; filled: wall time)")
                 ax.grid(True, alpha=0.3)
                 ax.legend(fontsize=8)
                 ax = axes[1]
