@@ -118,15 +118,17 @@ def plot_rows(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]
                 ax.grid(True, alpha=0.3)
                 ax.legend(fontsize=8)
                 ax = axes[1]
+                # process CPU time where every row has it (CPU runs: independent of the machine's load)
+                cpu = all(r.get("prefill_cpu_ms") is not None for r in subset)
+                y_key, native_key = ("prefill_cpu_ms", "native_prefill_cpu_ms") if cpu else ("prefill_ms", "native_prefill_ms")
                 for method in methods:
-                    pts = [r for r in subset if r["method"] == method and r.get("prefill_ms") is not None
+                    pts = [r for r in subset if r["method"] == method and r.get(y_key) is not None
                            and r.get("equivalent_tokens") is not None]
                     if pts:
-                        ax.scatter([r["equivalent_tokens"] for r in pts], [r["prefill_ms"] for r in pts],
+                        ax.scatter([r["equivalent_tokens"] for r in pts], [r[y_key] for r in pts],
                                    color=colors[method], marker="*" if method == "none" else "o",
                                    label="unpruned" if method == "none" else method, zorder=3)
-                native = sorted({(r["native_k"], r["native_prefill_ms"]) for r in subset
-                                 if r.get("native_prefill_ms") is not None})
+                native = sorted({(r["native_k"], r[native_key]) for r in subset if r.get(native_key) is not None})
                 if native:
                     by_k: dict[int, list[float]] = {}
                     for k, ms in native:
@@ -134,8 +136,8 @@ def plot_rows(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]
                     ks = sorted(by_k)
                     ax.plot(ks, [sorted(by_k[k])[len(by_k[k]) // 2] for k in ks], color="k", marker="x",
                             linestyle=":", label="native-K (physical limit)")
+                ax.set_ylabel(f"prefill latency (ms, median{', process CPU time' if cpu else ''})")
                 ax.set_xlabel("equivalent visual tokens")
-                ax.set_ylabel("prefill latency (ms, median)")
                 ax.grid(True, alpha=0.3)
                 ax.legend(fontsize=8)
                 fig.suptitle(f"{_slug(model)} - {task}: random weights, latency only")
