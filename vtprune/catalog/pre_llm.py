@@ -7,6 +7,7 @@ and calls a pure function of ``vtprune.selectors``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import MethodOptionError
 from ..registry import Method, Selection, VisualGroup, register_method
@@ -73,7 +74,10 @@ class AveragePool(Method):
         h, w = _require_grid(self.name, group)
         pooled = pool_grid(group.features, h, w, k)
         empty = torch.empty(0, dtype=torch.long, device=group.features.device)
-        return Selection(keep=empty, merged=pooled.tokens, anchors=pooled.anchors.to(group.features.device))
+        window = F.one_hot(pooled.assignment, pooled.tokens.shape[0]).T.float()  # [m, N]
+        weights = window / window.sum(dim=1, keepdim=True)  # window means
+        return Selection(keep=empty, merged=pooled.tokens, anchors=pooled.anchors.to(group.features.device),
+                         weights=weights)
 
 
 @register_method
@@ -133,9 +137,23 @@ class VisionZip(Method):
             return _all_kept(group)
         s = group.signals
         result = visionzip_select(s["vit_hidden"], s["vit_keys"], s["cls_attention"], dominant, contextual)
-        merged = group.project(result.merged) if result.merged.shape[0] else None
-        anchors = result.anchors if merged is not None else None
-        return Selection(keep=result.keep, merged=merged, anchors=anchors)
+        if not result.merged.shape[0]:
+            return Selection(keep=result.keep)
+        return Selection(keep=result.keep, merged=group.project(result.merged), anchors=result.anchors,
+                         weights=_visionzip_weights(result.assignment, result.anchors))
+
+
+def _visionzip_weights(assignment: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """[C, N] weights of VisionZip's contextual tokens: 1 on the target, 1/count on each token merged into it."""
+    num_ctx, n = anchors.numel(), assignment.numel()
+    weights = torch.zeros(num_ctx, n, dtype=torch.float32, device=assignment.device)
+    merged_in = assignment >= 0
+    merged_in[anchors] = False  # targets carry weight 1 (below), the tokens assigned to them the mean
+    members = torch.nonzero(merged_in).flatten()
+    counts = torch.bincount(assignment[members], minlength=num_ctx).clamp_min(1).float()
+    weights[assignment[members], members] = 1.0 / counts[assignment[members]]
+    weights[torch.arange(num_ctx, device=assignment.device), anchors] = 1.0
+    return weights
 
 
 @register_method

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..catalog.in_llm import LayerContext, LayerMethod
 from .attention_rows import last_token_index
+from .positions import layer_rows, rope_rows
 from .sequence import SamplePlan, assemble
 
 
@@ -26,7 +27,7 @@ class Segment:
     layer: int
     prompt_mask: torch.Tensor        # [B, Lk] 2-D mask of the pruned prompt at this segment
     position_shift: torch.Tensor     # [..., B] language-model-level position - this segment's position
-    position_ids: torch.Tensor | None = None   # prefill only
+    position_ids: torch.Tensor | None = None   # language-model-level ids ([B, L] or M-RoPE [3|4, B, L])
     position_embeddings: Any = None             # prefill, or the current decode step
     attention_mask: Any = None                  # 4-D / None, prefill or the current decode step
     hidden: torch.Tensor | None = None          # prefill: the pruned hidden states entering ``layer``
@@ -43,6 +44,8 @@ class LayerRun:
     merged: list[torch.Tensor]                # per sample: BoolTensor, merged (pre-LLM) columns
     pad_left: bool
     structural: list[int]                     # per sample: structural visual tokens (newlines), never dropped here
+    position_ids: torch.Tensor | None = None  # language-model-level position ids entering layer 0
+    image_of: list[torch.Tensor] | None = None  # per sample [L]: image index of each original position, -1 text
     segments: list[Segment] = field(default_factory=list)
     previous: tuple[torch.Tensor, Any] | None = None   # input (hidden, pos emb) of the previous layer
     #: one entry per decoder layer run so far: per sample (sequence length, visual tokens) entering it
@@ -73,7 +76,10 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
     for b in range(batch):
         real[b, columns[b]] = True
         visual[b, columns[b][run.visual[b].to(hidden.device)]] = True
-    position_ids = kwargs["position_ids"]
+    # language-model-level ids (the decoder layers of M-RoPE models only receive a text row, or None)
+    position_ids = run.segments[-1].position_ids if run.segments else run.position_ids
+    if position_ids is None:
+        position_ids = kwargs["position_ids"]
     position_embeddings = kwargs["position_embeddings"]
     prev_hidden, prev_pe = run.previous if run.previous is not None else (None, None)
     ctx = LayerContext(
@@ -85,6 +91,10 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
     plans = []
     for b in range(batch):
         cols = columns[b]
+        image_of = None
+        if run.image_of is not None:  # image index of every current column (compact M-RoPE needs it)
+            image_of = torch.full((length,), -1, dtype=torch.long, device=hidden.device)
+            image_of[cols] = run.image_of[b][run.source[b]].to(hidden.device)
         is_visual = run.visual[b].to(hidden.device)
         keep_local = ~is_visual  # text / structural / merged columns stay
         if wanted[b] is not None and wanted[b] < int(is_visual.sum()):
@@ -96,19 +106,20 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         run.source[b] = run.source[b][keep_local.cpu()]
         run.visual[b] = run.visual[b][keep_local.cpu()]
         run.merged[b] = run.merged[b][keep_local.cpu()]
-        plans.append(SamplePlan(keep=cols[keep_local], last=int(cols[-1]) if cols.numel() else -1))
+        plans.append(SamplePlan(keep=cols[keep_local], last=int(cols[-1]) if cols.numel() else -1,
+                                image_of=image_of))
     pruned = assemble(hidden, position_ids, plans, run.method.positions, run.pad_left)
     base_shift = run.segments[-1].position_shift if run.segments else torch.zeros_like(pruned.position_shift)
     new_pos = pruned.position_ids
     segment = Segment(
         layer=layer_idx, prompt_mask=pruned.attention_mask, position_shift=base_shift + pruned.position_shift,
         position_ids=new_pos,
-        position_embeddings=lm.rotary_emb(pruned.inputs_embeds, position_ids=new_pos),
+        position_embeddings=lm.rotary_emb(pruned.inputs_embeds, position_ids=rope_rows(new_pos)),
         hidden=pruned.inputs_embeds,
     )
     segment.attention_mask = create_causal_mask(
         config=lm.config, inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask,
-        past_key_values=cache, position_ids=new_pos, layer_idx=layer_idx,
+        past_key_values=cache, position_ids=layer_rows(new_pos), layer_idx=layer_idx,
     )
     run.segments.append(segment)
     return segment
@@ -124,11 +135,12 @@ def decode_segment_inputs(segment: Segment, lm: nn.Module, hidden: torch.Tensor,
         tail_mask = segment.prompt_mask.new_ones(batch, decoded + steps)
     mask2d = torch.cat([segment.prompt_mask, tail_mask.to(segment.prompt_mask)], dim=1)
     positions = position_ids - segment.position_shift.unsqueeze(-1)
-    if bool((segment.position_shift != 0).any()):
-        position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
+    shift = segment.position_shift  # [B] or M-RoPE [3|4, B]; a text row (4 rows) is not a rotary position
+    if bool(((shift[1:] if shift.dim() == 2 and shift.shape[0] == 4 else shift) != 0).any()):
+        position_embeddings = lm.rotary_emb(hidden, position_ids=rope_rows(positions))
     segment.position_ids = positions
     segment.position_embeddings = position_embeddings
     segment.attention_mask = create_causal_mask(
         config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=cache,
-        position_ids=positions, layer_idx=segment.layer,
+        position_ids=layer_rows(positions), layer_idx=segment.layer,
     )
