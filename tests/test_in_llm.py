@@ -1,163 +1,279 @@
-"""In-LLM pruning (FastV, PyramidDrop): reference equivalence after the pruning layer, batching, decoding."""
+"""In-LLM pruning on every family × registered in-LLM method: reference equivalence after the pruning layers
+(logits and greedy generation, both position conventions), batching, per-layer KV caches, composition.
+
+Methods come from the registry by stage, so new in-LLM methods are covered without editing this file (they run
+with ``budget=IN_LLM_BUDGET`` unless listed in ``OPTIONS``). References are built by hand: the decoder layers
+of the unwrapped language model are run one by one on the sequence the engine kept at each pruning layer.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from reference_runs import (
+    ALL_FAMILIES,
+    IN_LLM,
+    NEW_TOKENS,
+    SideRows,
+    call_positions,
+    call_side_rows,
+    capture_lm_calls,
+    image_cells,
+    reference_compact,
+)
 
 import vtprune
+import vtprune.engine.layer_stage as layer_stage
+import vtprune.engine.session as session_module
 from vtprune.testing import tiny_image, tiny_inputs
 
-FAMILIES = ["llava", "llava_next"]
-METHODS = [("fastv", {"ratio": 0.5}), ("pdrop", {"lambda_": 0.5})]
+FAMILIES = ALL_FAMILIES
+IN_LLM_BUDGET = 0.6
+#: the papers' options for the known methods (a ratio / λ rather than a budget); others get the budget
+OPTIONS = {"fastv": {"ratio": 0.5}, "pdrop": {"lambda_": 0.5}}
+PRE_FOR_COMPOSITION = "divprune"
+
+IMAGES = (tiny_image(0, (48, 64)), None, tiny_image(1, (64, 48)))
+PROMPTS = ("describe the image please", "hi", "what color")
 
 
-def _inputs(processor, padding_side="left"):
-    images = [tiny_image(0, (48, 64)), None, tiny_image(1, (64, 48))]
-    prompts = ["describe the image please", "hi", "what color"]
-    return tiny_inputs(processor, images, prompts, padding_side=padding_side)
+def options_for(method: str) -> dict:
+    return OPTIONS.get(method, {"budget": IN_LLM_BUDGET})
 
 
-def _single(inputs, b, family):
-    """Sample b of a padded batch, without its padding (image-less samples lose their pixel inputs)."""
-    real = inputs["attention_mask"][b].bool()
-    out = {"input_ids": inputs["input_ids"][b:b + 1, real], "attention_mask": inputs["attention_mask"][b:b + 1, real]}
-    image_rows = [i for i in range(inputs["input_ids"].shape[0]) if "pixel_values" in inputs
-                  and bool((inputs["input_ids"][i] == _image_token(inputs, family)).any())]
-    if b in image_rows:
-        idx = image_rows.index(b)
-        out["pixel_values"] = inputs["pixel_values"][idx:idx + 1]
-        if "image_sizes" in inputs:
-            out["image_sizes"] = inputs["image_sizes"][idx:idx + 1]
-    return out
+def batch_inputs(processor, padding_side="left"):
+    return tiny_inputs(processor, list(IMAGES), list(PROMPTS), padding_side=padding_side)
 
 
-def _image_token(inputs, family):
-    return _image_token.ids[family]
-
-
-_image_token.ids = {}
+def single_inputs(processor, b: int):
+    """Sample ``b`` of the batch on its own (no padding)."""
+    return tiny_inputs(processor, [IMAGES[b]], [PROMPTS[b]])
 
 
 @pytest.fixture(params=FAMILIES)
 def family_model(request, tiny_models):
     model, processor = tiny_models[request.param]
-    _image_token.ids[request.param] = model.config.image_token_id
     return request.param, model, processor
 
 
-@pytest.mark.parametrize("method,options", METHODS)
-def test_nothing_pruned_is_identity(family_model, method, options):
-    family, model, processor = family_model
-    inputs = _inputs(processor)
+@pytest.fixture(autouse=True)
+def _no_grad():
     with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-        key = "ratio" if method == "fastv" else "lambda_"
-        with vtprune.pruned(model, method, **{key: 0.0 if method == "fastv" else 1.0}):
-            out = model(**inputs).logits
-            tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-            assert not any(s.pruned for s in vtprune.stats(model).samples)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. nothing pruned => nothing changed
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_nothing_pruned_is_identity(family_model, method):
+    _, model, processor = family_model
+    inputs = batch_inputs(processor)
+    ref = model(**inputs).logits
+    ref_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    with vtprune.pruned(model, method, budget=1.0):
+        out = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        assert not any(s.pruned for s in vtprune.stats(model).samples)
     assert torch.equal(out, ref)
     assert torch.equal(tokens, ref_tokens)
 
 
-@pytest.mark.parametrize("positions", ["original", "compact"])
-@pytest.mark.parametrize("method,options", [METHODS[0], ("pdrop", {"layers": [2], "lambda_": 0.5})])
-def test_reference_equivalence_after_pruning_layer(family_model, method, options, positions):
-    """Logits equal the decoder run by hand: full sequence up to layer k, then only the kept tokens."""
-    family, model, processor = family_model
-    single = _single(_inputs(processor), 0, family)
+# ---------------------------------------------------------------------------------------------------------
+# 5. reference equivalence after the pruning layers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def record_kept_columns(monkeypatch) -> dict[int, torch.Tensor]:
+    """layer -> columns (into the sequence entering that layer) the engine kept at an in-LLM pruning point."""
+    kept: dict[int, torch.Tensor] = {}
+    current = {}
+    prune, assemble = session_module.prune_at_layer, layer_stage.assemble
+
+    def prune_spy(run, lm, layer_idx, *args, **kwargs):
+        current["layer"] = layer_idx
+        return prune(run, lm, layer_idx, *args, **kwargs)
+
+    def assemble_spy(hidden, position_ids, plans, *args, **kwargs):
+        (plan,) = plans
+        assert plan.merged is None, "merged in-LLM tokens need their own reference"
+        kept[current["layer"]] = plan.keep.clone()
+        return assemble(hidden, position_ids, plans, *args, **kwargs)
+
+    monkeypatch.setattr(session_module, "prune_at_layer", prune_spy)
+    monkeypatch.setattr(layer_stage, "assemble", assemble_spy)
+    return kept
+
+
+def rotary(lm, hidden, positions):
+    return lm.rotary_emb(hidden, position_ids=positions[None] if positions.dim() == 1 else positions[:, None])
+
+
+def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dict[int, torch.Tensor],
+                      convention: str, cells: dict, steps: int = NEW_TOKENS):
+    """Run the decoder layers by hand on one unpadded sequence, dropping the recorded columns before each
+    pruning layer, with a per-layer DynamicCache; then decode greedily (each layer continues one position after
+    its own last position). Returns (prefill logits [n, V], per-layer lengths, tokens, step logits [steps, V])."""
+    from transformers import DynamicCache
+
     lm = model.model.language_model
-    captured = {}
-    hook = lm.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
-    with torch.no_grad():
+    cache = DynamicCache(config=lm.config)
+    hidden = embeds[None]
+    source = torch.arange(embeds.shape[0])  # original position of each current column
+    visual = torch.nonzero(side.mask).flatten().tolist() if side is not None else []
+    lengths, last_positions = [], []
+    for index, layer in enumerate(lm.layers):
+        if index in kept:
+            cols = kept[index]
+            hidden, source = hidden[:, cols], source[cols]
+            if convention == "original":
+                positions = positions[..., cols]
+            else:
+                positions = reference_compact(positions[..., 0], [cells.get(int(p)) for p in source])
+        lengths.append(hidden.shape[1])
+        last_positions.append(positions[..., -1])
+        hidden = layer(hidden, attention_mask=None, position_embeddings=rotary(lm, hidden, positions),
+                       past_key_values=cache, use_cache=True)
+        if side is not None and index < len(side.rows):  # deepstack: add the rows of the visual tokens present
+            columns = [c for c, p in enumerate(source.tolist()) if p in visual]
+            rows = side.rows[index][[visual.index(int(source[c])) for c in columns]]
+            hidden = hidden.clone()
+            hidden[0, columns] += rows
+    logits = model.lm_head(lm.norm(hidden))[0]
+    tokens, step_logits = [], []
+    out = logits[-1:]
+    for t in range(steps):
+        step_logits.append(out[-1])
+        token = out[-1].argmax(-1)
+        tokens.append(int(token))
+        if t + 1 == steps:
+            break
+        x = model.get_input_embeddings()(token.view(1, 1))
+        for index, layer in enumerate(lm.layers):
+            position = last_positions[index] + 1 + t  # scalar or [3]
+            position = position.reshape(1) if position.dim() == 0 else position.reshape(3, 1)
+            x = layer(x, attention_mask=None, position_embeddings=rotary(lm, x, position),
+                      past_key_values=cache, use_cache=True)
+        out = model.lm_head(lm.norm(x))[0]
+    return logits, lengths, tokens, torch.stack(step_logits)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("method", IN_LLM)
+def test_reference_equivalence_after_pruning_layer(family_model, method, positions, monkeypatch):
+    """Logits and greedy tokens equal the decoder run by hand: the full sequence up to each pruning layer, then
+    only the kept tokens (with their original or compact positions), each layer decoding from its own cache."""
+    family, model, processor = family_model
+    single = single_inputs(processor, 0)
+    with capture_lm_calls(model) as calls:
         model(**single)
-        hook.remove()
-        with vtprune.pruned(model, method, positions=positions, **options):
+    (call,) = calls
+    with monkeypatch.context() as patch:
+        kept = record_kept_columns(patch)
+        with vtprune.pruned(model, method, positions=positions, **options_for(method)):
             pruned_logits = model(**single).logits[0]
             stats = vtprune.stats(model).samples[0]
-    embeds = captured["inputs_embeds"]
-    length = embeds.shape[1]
-    positions_full = torch.arange(length)
-    image = (single["input_ids"][0] == model.config.image_token_id)
-    # kept columns entering each layer, from the per-layer lengths and the final kept visual positions
-    kept_final = set(stats.stages[-1].kept_positions.tolist())
-    # structural tokens (LLaVA-NeXT row newlines) are never dropped by in-LLM methods
-    for span in vtprune.adapters.base.adapter_for(model).build_layouts(dict(single))[0].images:
-        kept_final |= set(span.positions[span.structural].tolist())
-    with torch.no_grad():
-        hidden = embeds
-        cols = torch.arange(length)
-        schedule = vtprune.registry.method_class(method)(**options).schedule(len(lm.layers), 1, 1)
-        stage_layers = [layer for layer, _ in schedule]
-        pos = positions_full
-        for index, layer in enumerate(lm.layers):
-            if index in stage_layers:
-                # which columns survive this stage: the engine's per-layer length tells how many visual remain
-                target_len = stats.layer_lengths[index]
-                keep = [c for c in cols.tolist() if not image[c] or c in kept_final]
-                extra = target_len - len(keep)
-                assert extra >= 0
-                assert extra == 0, "single-stage schedules keep exactly the final visual tokens"
-                sel = torch.tensor([cols.tolist().index(c) for c in keep])
-                hidden = hidden[:, sel]
-                cols = cols[sel]
-                pos = pos[sel] if positions == "original" else torch.arange(len(sel))
-            pe = lm.rotary_emb(hidden, position_ids=pos[None])
-            hidden = layer(hidden, attention_mask=None, position_embeddings=pe, position_ids=pos[None])
-        logits = model.lm_head(lm.norm(hidden))[0]
-    assert stats.layer_lengths[-1] == logits.shape[0]
+            out = model.generate(**single, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    assert kept and stats.pruned
+    cells = image_cells(model, single) if family.startswith("qwen") else {}
+    logits, lengths, tokens, step_logits = reference_decoder(
+        model, call["inputs_embeds"][0], call_positions(call), call_side_rows(call), kept, positions, cells)
+    assert stats.layer_lengths == lengths
     torch.testing.assert_close(pruned_logits, logits, atol=1e-5, rtol=1e-5)
+    generated = out.sequences[0, single["input_ids"].shape[1]:].tolist()
+    n = len(generated)
+    assert generated == tokens[:n]
+    torch.testing.assert_close(torch.stack(out.logits, 1)[0], step_logits[:n], atol=1e-5, rtol=1e-5)
+    # the stats name the visual tokens that survive the last pruning layer
+    survivors = set(stats.stages[-1].kept_positions.tolist())
+    image = torch.nonzero(single["input_ids"][0] == model.config.image_token_id).flatten().tolist()
+    assert survivors <= set(image)
 
 
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-@pytest.mark.parametrize("method,options", METHODS)
-def test_batch_equals_one_by_one(family_model, method, options, padding_side):
-    family, model, processor = family_model
-    inputs = _inputs(processor, padding_side)
-    with torch.no_grad(), vtprune.pruned(model, method, **options):
+# ---------------------------------------------------------------------------------------------------------
+# 6. batching (also composed with a pre-LLM method)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_batch(model, processor, method, padding_side, **options):
+    inputs = batch_inputs(processor, padding_side)
+    with vtprune.pruned(model, method, **options):
         batch_logits = model(**inputs).logits
         stats = vtprune.stats(model)
+        assert stats.samples[0].pruned and stats.samples[2].pruned and not stats.samples[1].pruned
         batch_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False) if padding_side == "left" else None
         for b in range(inputs["input_ids"].shape[0]):
-            single = _single(inputs, b, family)
+            single = single_inputs(processor, b)
             alone = model(**single).logits[0]
             n = stats.samples[b].layer_lengths[-1]
             assert alone.shape[0] == n
             rows = batch_logits[b, -n:] if padding_side == "left" else batch_logits[b, :n]
             torch.testing.assert_close(rows, alone, atol=1e-4, rtol=1e-4)
             if batch_tokens is not None:
-                tokens = model.generate(**single, max_new_tokens=6, do_sample=False)
-                assert batch_tokens[b, -6:].tolist() == tokens[0, -6:].tolist()
+                alone_new = model.generate(**single, max_new_tokens=6, do_sample=False)[0, single["input_ids"].shape[1]:]
+                batch_new = batch_tokens[b, inputs["input_ids"].shape[1]:]
+                n = alone_new.numel()
+                assert batch_new[:n].tolist() == alone_new.tolist()
+                if n < batch_new.numel():  # stopped at EOS alone; the batch pads after it
+                    assert int(alone_new[-1]) == model.generation_config.eos_token_id
+                    assert bool((batch_new[n:] == model.generation_config.pad_token_id).all())
 
 
-def test_composition_and_budget_errors(tiny_models):
-    model, processor = tiny_models["llava"]
-    inputs = _inputs(processor)
-    with torch.no_grad():
-        with vtprune.pruned(model, ["divprune", "fastv"], budget=0.5):
-            model(**inputs)
-            sample = vtprune.stats(model).samples[0]
-            assert [s.name for s in sample.stages] == ["divprune", "fastv"]
-            assert sample.layer_lengths[0] > sample.layer_lengths[-1]
-        vtprune.apply(model, "fastv", budget=8)  # 4 layers, K=2: at least half of 64 tokens on average
-        with pytest.raises(vtprune.BudgetError, match="smallest reachable budget"):
-            model(**inputs)
-        vtprune.remove(model)
-    with pytest.raises(vtprune.VTPruneError, match="at most one in-LLM"):
-        vtprune.apply(model, ["fastv", "pdrop"])
-    with pytest.raises(vtprune.MethodOptionError):
-        vtprune.apply(model, "fastv", ratio=1.5)
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("method", IN_LLM)
+def test_batch_equals_one_by_one(family_model, method, padding_side):
+    _, model, processor = family_model
+    _check_batch(model, processor, method, padding_side, **options_for(method))
 
 
-def test_kv_cache_holds_only_kept_tokens(tiny_models):
-    model, processor = tiny_models["llava"]
-    single = _single(_inputs(processor), 0, "llava")
-    with torch.no_grad(), vtprune.pruned(model, "fastv", ratio=0.75):
+@pytest.mark.parametrize("method", IN_LLM)
+def test_composition_batch_equals_one_by_one(family_model, method):
+    """A pre-LLM method followed by an in-LLM one: each stage prunes, and a padded batch equals its samples."""
+    _, model, processor = family_model
+    composed = [vtprune.registry.build_method(PRE_FOR_COMPOSITION, budget=0.5),
+                vtprune.registry.build_method(method, **options_for(method))]
+    with vtprune.pruned(model, composed):
+        model(**batch_inputs(processor))
+        sample = vtprune.stats(model).samples[0]
+        assert [s.name for s in sample.stages] == [PRE_FOR_COMPOSITION, method]
+        assert sample.layer_lengths[0] > sample.layer_lengths[-1]
+    _check_batch(model, processor, composed, "left")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. per-layer KV cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_kv_cache_holds_only_kept_tokens(family_model, method):
+    _, model, processor = family_model
+    single = single_inputs(processor, 0)
+    with vtprune.pruned(model, method, **options_for(method)):
         out = model(**single, use_cache=True)
         stats = vtprune.stats(model).samples[0]
     cache = out.past_key_values
     lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
     assert lengths == stats.layer_lengths
     assert lengths[-1] < lengths[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# budget errors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_composition_and_budget_errors(tiny_models):
+    model, processor = tiny_models["llava"]
+    inputs = batch_inputs(processor)
+    vtprune.apply(model, "fastv", budget=8)  # 4 layers, K=2: at least half of 64 tokens on average
+    with pytest.raises(vtprune.BudgetError, match="smallest reachable budget"):
+        model(**inputs)
+    vtprune.remove(model)
+    with pytest.raises(vtprune.VTPruneError, match="at most one in-LLM"):
+        vtprune.apply(model, ["fastv", "pdrop"])
+    with pytest.raises(vtprune.MethodOptionError):
+        vtprune.apply(model, "fastv", ratio=1.5)
