@@ -286,6 +286,8 @@ def test_full_budget_changes_nothing(case, method, budget):
         for sample in vtprune.stats(model).samples:
             assert not sample.pruned
             assert sample.equivalent_tokens == sample.visual_in == case.image_positions.numel()
+        if isinstance(budget, int):  # generation is checked once per method (with the float budget)
+            return
         tokens, step_logits = generate(model, case.inputs)
         assert tokens[0].tolist() == case.tokens
         assert torch.equal(step_logits[0], case.step_logits)
@@ -480,11 +482,12 @@ def run_alone(case: Case, method: str, positions: str, index: int):
     return _ALONE[key]
 
 
-@pytest.mark.parametrize("positions", POSITIONS)
-@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("padding_side,positions", [("left", "original"), ("left", "compact"), ("right", None)])
 @pytest.mark.parametrize("method", METHODS)
 def test_batch_equals_alone(case, method, padding_side, positions):
+    """Left padding (generation) with both position conventions; right padding with the method's default."""
     model = case.model
+    positions = positions or method_class(method).default_positions
     inputs = tiny_inputs(case.processor, batch_images(case.family), list(BATCH_PROMPTS), padding_side=padding_side)
     mask = inputs["attention_mask"]
     assert len(set(mask.sum(-1).tolist())) == 3, "the samples must have different lengths"
