@@ -141,6 +141,46 @@ def test_onevision_downsampled_grid(monkeypatch):
         assert stats.pruned and logits.shape[1] == stats.layer_lengths[0]
 
 
+@pytest.mark.parametrize("method", ["fastervlm", "pool", "fastv"])
+def test_onevision_several_images_per_sample(method, tiny_models):
+    """A sample with several images gets no AnyRes crops (base view + one newline each); a padded batch of such
+    a sample, a one-image sample and a text-only one equals each sample alone."""
+    model, processor = tiny_models["llava_onevision"]
+    images = [[tiny_image(0), tiny_image(3, (40, 80))], [tiny_image(1)], []]
+    prompts = ["Compare the images.", "Describe the picture in detail.", "Hi"]
+
+    def encode(rows: list[int], padding_side: str = "left"):
+        """The processor on nested images (tiny_inputs flattens them, which means one image per sample)."""
+        texts = [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * len(images[b]) + [{"type": "text", "text": prompts[b]}]}],
+            add_generation_prompt=True, tokenize=False) for b in rows]
+        nested = [images[b] for b in rows if images[b]]
+        return processor(text=texts, images=nested or None, return_tensors="pt", padding=True,
+                         padding_side=padding_side)
+
+    inputs = encode([0, 1, 2])
+    assert inputs["batch_num_images"].tolist() == [2, 1]
+    layouts = adapter_for(model).build_layouts(dict(inputs))
+    assert [len(layout.images) for layout in layouts] == [2, 1, 0]
+    for image in layouts[0].images:
+        assert image.num_tokens == 65 and int(image.structural.sum()) == 1 and len(image.groups) == 1
+    assert len(layouts[1].images[0].groups) == 2  # a single image gets its crops
+    budget = 16 if method != "fastv" else 0.6
+    with vtprune.pruned(model, method, budget):
+        logits = model(**inputs).logits
+        stats = vtprune.stats(model)
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+        for b in range(3):
+            single = encode([b])
+            alone = model(**single).logits[0]
+            n = alone.shape[0]
+            assert n == stats.samples[b].layer_lengths[-1]
+            torch.testing.assert_close(logits[b, -n:], alone, rtol=1e-4, atol=1e-4)
+            alone_tokens = model.generate(**single, max_new_tokens=4, do_sample=False)[0, single["input_ids"].shape[1]:]
+            assert tokens[b, :alone_tokens.numel()].tolist() == alone_tokens.tolist()
+    assert stats.samples[0].pruned and stats.samples[1].pruned
+
+
 class _MergeWithoutWeights(Method):
     """A test method that merges every token into one without declaring merge weights."""
 

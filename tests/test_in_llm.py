@@ -14,17 +14,15 @@ from reference_runs import (
     ALL_FAMILIES,
     IN_LLM,
     NEW_TOKENS,
-    SideRows,
     call_positions,
     call_side_rows,
     capture_lm_calls,
     image_cells,
-    reference_compact,
+    record_kept_columns,
+    reference_decoder,
 )
 
 import vtprune
-import vtprune.engine.layer_stage as layer_stage
-import vtprune.engine.session as session_module
 from vtprune.testing import tiny_image, tiny_inputs
 
 FAMILIES = ALL_FAMILIES
@@ -86,80 +84,6 @@ def test_nothing_pruned_is_identity(family_model, method):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def record_kept_columns(monkeypatch) -> dict[int, torch.Tensor]:
-    """layer -> columns (into the sequence entering that layer) the engine kept at an in-LLM pruning point."""
-    kept: dict[int, torch.Tensor] = {}
-    current = {}
-    prune, assemble = session_module.prune_at_layer, layer_stage.assemble
-
-    def prune_spy(run, lm, layer_idx, *args, **kwargs):
-        current["layer"] = layer_idx
-        return prune(run, lm, layer_idx, *args, **kwargs)
-
-    def assemble_spy(hidden, position_ids, plans, *args, **kwargs):
-        (plan,) = plans
-        assert plan.merged is None, "merged in-LLM tokens need their own reference"
-        kept[current["layer"]] = plan.keep.clone()
-        return assemble(hidden, position_ids, plans, *args, **kwargs)
-
-    monkeypatch.setattr(session_module, "prune_at_layer", prune_spy)
-    monkeypatch.setattr(layer_stage, "assemble", assemble_spy)
-    return kept
-
-
-def rotary(lm, hidden, positions):
-    return lm.rotary_emb(hidden, position_ids=positions[None] if positions.dim() == 1 else positions[:, None])
-
-
-def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dict[int, torch.Tensor],
-                      convention: str, cells: dict, steps: int = NEW_TOKENS):
-    """Run the decoder layers by hand on one unpadded sequence, dropping the recorded columns before each
-    pruning layer, with a per-layer DynamicCache; then decode greedily (each layer continues one position after
-    its own last position). Returns (prefill logits [n, V], per-layer lengths, tokens, step logits [steps, V])."""
-    from transformers import DynamicCache
-
-    lm = model.model.language_model
-    cache = DynamicCache(config=lm.config)
-    hidden = embeds[None]
-    source = torch.arange(embeds.shape[0])  # original position of each current column
-    visual = torch.nonzero(side.mask).flatten().tolist() if side is not None else []
-    lengths, last_positions = [], []
-    for index, layer in enumerate(lm.layers):
-        if index in kept:
-            cols = kept[index]
-            hidden, source = hidden[:, cols], source[cols]
-            if convention == "original":
-                positions = positions[..., cols]
-            else:
-                positions = reference_compact(positions[..., 0], [cells.get(int(p)) for p in source])
-        lengths.append(hidden.shape[1])
-        last_positions.append(positions[..., -1])
-        hidden = layer(hidden, attention_mask=None, position_embeddings=rotary(lm, hidden, positions),
-                       past_key_values=cache, use_cache=True)
-        if side is not None and index < len(side.rows):  # deepstack: add the rows of the visual tokens present
-            columns = [c for c, p in enumerate(source.tolist()) if p in visual]
-            rows = side.rows[index][[visual.index(int(source[c])) for c in columns]]
-            hidden = hidden.clone()
-            hidden[0, columns] += rows
-    logits = model.lm_head(lm.norm(hidden))[0]
-    tokens, step_logits = [], []
-    out = logits[-1:]
-    for t in range(steps):
-        step_logits.append(out[-1])
-        token = out[-1].argmax(-1)
-        tokens.append(int(token))
-        if t + 1 == steps:
-            break
-        x = model.get_input_embeddings()(token.view(1, 1))
-        for index, layer in enumerate(lm.layers):
-            position = last_positions[index] + 1 + t  # scalar or [3]
-            position = position.reshape(1) if position.dim() == 0 else position.reshape(3, 1)
-            x = layer(x, attention_mask=None, position_embeddings=rotary(lm, x, position),
-                      past_key_values=cache, use_cache=True)
-        out = model.lm_head(lm.norm(x))[0]
-    return logits, lengths, tokens, torch.stack(step_logits)
-
-
 @pytest.mark.parametrize("positions", ["original", "compact"])
 @pytest.mark.parametrize("method", IN_LLM)
 def test_reference_equivalence_after_pruning_layer(family_model, method, positions, monkeypatch):
@@ -179,8 +103,10 @@ def test_reference_equivalence_after_pruning_layer(family_model, method, positio
                                  return_dict_in_generate=True)
     assert kept and stats.pruned
     cells = image_cells(model, single) if family.startswith("qwen") else {}
+    placeholders = torch.nonzero(single["input_ids"][0] == model.config.image_token_id).flatten()
     logits, lengths, tokens, step_logits = reference_decoder(
-        model, call["inputs_embeds"][0], call_positions(call), call_side_rows(call), kept, positions, cells)
+        model, call["inputs_embeds"][0], call_positions(call), call_side_rows(call), kept, positions, cells,
+        placeholders)
     assert stats.layer_lengths == lengths
     torch.testing.assert_close(pruned_logits, logits, atol=1e-5, rtol=1e-5)
     generated = out.sequences[0, single["input_ids"].shape[1]:].tolist()
@@ -188,9 +114,7 @@ def test_reference_equivalence_after_pruning_layer(family_model, method, positio
     assert generated == tokens[:n]
     torch.testing.assert_close(torch.stack(out.logits, 1)[0], step_logits[:n], atol=1e-5, rtol=1e-5)
     # the stats name the visual tokens that survive the last pruning layer
-    survivors = set(stats.stages[-1].kept_positions.tolist())
-    image = torch.nonzero(single["input_ids"][0] == model.config.image_token_id).flatten().tolist()
-    assert survivors <= set(image)
+    assert set(stats.stages[-1].kept_positions.tolist()) <= set(placeholders.tolist())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -10,9 +10,6 @@ output is only ever compared with it. All runs are CPU, float32, SDPA, under ``t
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,15 +20,18 @@ from reference_runs import (
     MROPE_FAMILIES,
     NEW_TOKENS,
     PRE_LLM,
-    SideRows,
+    Case,
     assert_same_greedy,
     call_positions,
-    call_side_rows,
     capture_lm_calls,
-    image_cells,
+    generate,
     lm_logits,
-    reference_compact,
+    make_case,
+    merged_tokens,
+    new_tokens,
     reference_greedy,
+    reference_sequence,
+    spy_selections,
 )
 
 import vtprune
@@ -74,43 +74,6 @@ def _no_grad():
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Case:
-    family: str
-    model: torch.nn.Module
-    processor: object
-    inputs: dict            # processor output for one image + PROMPT, batch of 1, no padding
-    logits: torch.Tensor    # [L, V] unwrapped logits
-    tokens: list[int]       # unwrapped greedy tokens
-    step_logits: torch.Tensor  # [len(tokens), V] unwrapped logits of each generation step
-    embeds: torch.Tensor    # [L, D] inputs_embeds the language model receives, unwrapped
-    position_ids: torch.Tensor  # [L] (1-D) or [3, L] (M-RoPE) position ids the language model uses, unwrapped
-    image_positions: torch.Tensor  # LongTensor: positions of the image placeholder tokens
-    text_positions: torch.Tensor   # LongTensor: every other position
-    side: SideRows | None          # Qwen3-VL: deepstack rows of the image tokens
-    cells: dict                    # M-RoPE families: position -> (image, row, column) of each image token
-
-    @property
-    def length(self) -> int:
-        return self.embeds.shape[0]
-
-    @property
-    def eos(self) -> int:
-        return self.model.generation_config.eos_token_id
-
-
-def new_tokens(model, inputs) -> torch.Tensor:
-    """Greedy ``generate`` continuation tokens, [B, <= NEW_TOKENS]."""
-    return generate(model, inputs)[0]
-
-
-def generate(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy ``generate``: (continuation tokens [B, n], raw logits of each step [B, n, V]), n <= NEW_TOKENS."""
-    out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True)
-    return out.sequences[:, inputs["input_ids"].shape[1]:], torch.stack(out.logits, dim=1)
-
-
 _CASES: dict[str, Case] = {}
 
 
@@ -118,18 +81,7 @@ def build_case(family: str, tiny_models) -> Case:
     if family not in _CASES:
         model, processor = tiny_models[family]
         assert not vtprune.is_pruned(model)
-        inputs = tiny_inputs(processor, [tiny_image(0)], [PROMPT])
-        with torch.no_grad(), capture_lm_calls(model) as calls:
-            logits = model(**inputs).logits[0]
-        (call,) = calls
-        with torch.no_grad():
-            tokens, step_logits = generate(model, inputs)
-        is_image = inputs["input_ids"][0] == model.config.image_token_id
-        _CASES[family] = Case(
-            family, model, processor, inputs, logits, tokens[0].tolist(), step_logits[0], call["inputs_embeds"][0],
-            call_positions(call), torch.nonzero(is_image).flatten(), torch.nonzero(~is_image).flatten(),
-            call_side_rows(call), image_cells(model, inputs) if family in MROPE_FAMILIES else {},
-        )
+        _CASES[family] = make_case(family, model, processor, tiny_inputs(processor, [tiny_image(0)], [PROMPT]))
     return _CASES[family]
 
 
@@ -151,88 +103,6 @@ def pruned_run(case: Case, method: str, positions: str | None = None, budget=Non
         logits = case.model(**case.inputs).logits[0]
     (call,) = calls
     return logits, call, vtprune.stats(case.model)
-
-
-@contextmanager
-def spy_selections(monkeypatch, method: str) -> Iterator[list]:
-    """Record what the method's ``select`` returned: (group, Selection)."""
-    records: list = []
-    cls = method_class(method)
-    original = cls.select
-
-    def select(self, group, k):
-        selection = original(self, group, k)
-        records.append((group, selection))
-        return selection
-
-    with monkeypatch.context() as patch:
-        patch.setattr(cls, "select", select)
-        yield records
-
-
-def rows_to_positions(rows: torch.Tensor, embeds: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """Sequence position (among ``candidates``) of each row of ``rows``, by exact equality with ``embeds``."""
-    equal = (rows[:, None, :] == embeds[candidates][None, :, :]).all(-1)  # [g, n]
-    assert bool((equal.sum(-1) == 1).all()), "a group token does not match exactly one image position"
-    return candidates[equal.float().argmax(-1)]
-
-
-def merged_tokens(case: Case, records):
-    """(merged rows [m, D], anchor sequence positions [m], deepstack rows of the merged tokens per point or None)
-    from the recorded selections. The merge weights are checked against the merged tokens themselves."""
-    rows, anchors, side = [], [], []
-    for group, selection in records:
-        if not selection.num_merged:
-            continue
-        rows.append(selection.merged)
-        group_positions = rows_to_positions(group.features, case.embeds, case.image_positions)
-        anchors.append(group_positions[selection.anchors.cpu()])
-        weights = selection.weights
-        assert weights is not None and weights.shape == (selection.num_merged, group.num_tokens)
-        if "vit_hidden" in group.signals:  # merged in vision space, then projected
-            rebuilt = group.project(weights @ group.signals["vit_hidden"].float())
-        else:  # merged in embedding space
-            rebuilt = weights @ group.features.float()
-        torch.testing.assert_close(rebuilt, selection.merged.float(), rtol=0, atol=1e-5)
-        if case.side is not None:
-            visual = torch.nonzero(case.side.mask).flatten()
-            index = torch.searchsorted(visual, group_positions)
-            side.append([weights @ r[index] for r in case.side.rows])
-    if not rows:
-        return case.embeds.new_zeros(0, case.embeds.shape[1]), torch.empty(0, dtype=torch.long), None
-    merged_side = [torch.cat([s[i] for s in side]) for i in range(len(side[0]))] if side else None
-    return torch.cat(rows), torch.cat(anchors), merged_side
-
-
-def reference_sequence(case: Case, kept_visual: torch.Tensor, positions: str,
-                       merged: torch.Tensor | None = None, anchors: torch.Tensor | None = None,
-                       merged_side: list[torch.Tensor] | None = None):
-    """The pruned sequence built by hand: text + kept visual tokens in original order, each merged token right
-    after its anchor position. Returns (embeds [n, D], position ids [n] or [3, n], is_merged [n], deepstack rows).
-    """
-    kept = torch.sort(torch.cat([case.text_positions, kept_visual])).values
-    entries = [(int(p), 0, case.embeds[p], case.position_ids[..., p], None) for p in kept.tolist()]
-    if merged is not None:
-        entries += [(int(a), 1, row, case.position_ids[..., a], j)
-                    for j, (a, row) in enumerate(zip(anchors.tolist(), merged, strict=True))]
-    entries.sort(key=lambda e: (e[0], e[1]))
-    embeds = torch.stack([e[2] for e in entries])
-    is_merged = torch.tensor([bool(e[1]) for e in entries])
-    if positions == "original":  # each token keeps its (anchor's) original position ids
-        position_ids = torch.stack([e[3] for e in entries], dim=-1)
-    else:  # recomputed as if the pruned sequence had been the input
-        position_ids = reference_compact(case.position_ids[..., 0], [case.cells.get(e[0]) for e in entries])
-    side = None
-    if case.side is not None:
-        visual = torch.nonzero(case.side.mask).flatten().tolist()
-        mask = torch.tensor([e[0] in visual for e in entries])
-        rows = []
-        for point, point_rows in enumerate(case.side.rows):
-            picked = [merged_side[point][e[4]] if e[1] else point_rows[visual.index(e[0])]
-                      for e in entries if e[0] in visual]
-            rows.append(torch.stack(picked))
-        side = SideRows(mask, rows)
-    return embeds, position_ids, is_merged, side
 
 
 def hook_snapshot(model) -> dict:

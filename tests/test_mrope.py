@@ -12,7 +12,27 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference_runs import ALL_FAMILIES, IN_LLM, MROPE_FAMILIES, PRE_LLM
+from reference_runs import (
+    ALL_FAMILIES,
+    IN_LLM,
+    MROPE_FAMILIES,
+    NEW_TOKENS,
+    PRE_LLM,
+    assert_same_greedy,
+    call_positions,
+    call_side_rows,
+    capture_lm_calls,
+    generate,
+    image_cells,
+    lm_logits,
+    make_case,
+    merged_tokens,
+    record_kept_columns,
+    reference_decoder,
+    reference_greedy,
+    reference_sequence,
+    spy_selections,
+)
 
 import vtprune
 from vtprune.engine.positions import pruned_positions
@@ -34,6 +54,12 @@ def _no_grad():
 def qwen(request, tiny_models):
     model, processor = tiny_models[request.param]
     return model, processor
+
+
+@pytest.fixture(params=MROPE_FAMILIES)
+def qwen_family(request, tiny_models):
+    model, processor = tiny_models[request.param]
+    return request.param, model, processor
 
 
 def first_steps(model, inputs):
@@ -191,3 +217,60 @@ def test_video_inputs_raise_an_explicit_error(tiny_models):
             with pytest.raises(vtprune.UnsupportedModelError, match="video inputs are not supported"):
                 model(input_ids=ids, pixel_values_videos=videos, video_grid_thw=torch.tensor([[1, 4, 4]]),
                       mm_token_type_ids=(ids == model.config.video_token_id).int() * 2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# several images of different sizes in one sample
+# ---------------------------------------------------------------------------------------------------------
+
+TWO_IMAGES = [tiny_image(0), tiny_image(3, (80, 40))]
+_MULTI: dict = {}
+
+
+def multi_image_case(family, model, processor):
+    if family not in _MULTI:
+        inputs = tiny_inputs(processor, [TWO_IMAGES], ["Compare the two images."])
+        assert len(inputs["image_grid_thw"]) == 2
+        _MULTI[family] = make_case(family, model, processor, inputs)
+    return _MULTI[family]
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("method", PRE_LLM)
+def test_several_images_pre_llm_reference(qwen_family, method, positions, monkeypatch):
+    """Two images of different grids in one sample: the pruned forward and greedy generation equal the bare
+    language model run on the kept sequence with hand-built 3-D positions (each image compacted on its own)."""
+    family, model, processor = qwen_family
+    case = multi_image_case(family, model, processor)
+    with spy_selections(monkeypatch, method) as records, vtprune.pruned(model, method, 6, positions=positions):
+        with capture_lm_calls(model) as calls:
+            logits = model(**case.inputs).logits[0]
+        (stage,) = vtprune.stats(model).samples[0].stages
+        merged, anchors, merged_side = merged_tokens(case, records)
+        embeds, position_ids, _, side = reference_sequence(
+            case, stage.kept_positions, positions, merged if stage.merged else None, anchors, merged_side)
+        assert torch.equal(calls[0]["inputs_embeds"][0], embeds)
+        assert torch.equal(call_positions(calls[0]), position_ids)
+        torch.testing.assert_close(logits, lm_logits(model, embeds, position_ids, side), rtol=0, atol=1e-5)
+        tokens, step_logits = generate(model, case.inputs)
+    assert_same_greedy((tokens[0].tolist(), step_logits[0]),
+                       reference_greedy(model, embeds, position_ids, side), case.eos)
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("method", IN_LLM)
+def test_several_images_in_llm_reference(qwen_family, method, positions, monkeypatch):
+    family, model, processor = qwen_family
+    case = multi_image_case(family, model, processor)
+    with capture_lm_calls(model) as calls:
+        model(**case.inputs)
+    with monkeypatch.context() as patch:
+        kept = record_kept_columns(patch)
+        with vtprune.pruned(model, method, BUDGET[method], positions=positions):
+            pruned_logits = model(**case.inputs).logits[0]
+            tokens, step_logits = generate(model, case.inputs)
+    logits, _, ref_tokens, ref_step_logits = reference_decoder(
+        model, calls[0]["inputs_embeds"][0], call_positions(calls[0]), call_side_rows(calls[0]), kept, positions,
+        image_cells(model, case.inputs), case.image_positions, steps=NEW_TOKENS)
+    torch.testing.assert_close(pruned_logits, logits, rtol=1e-5, atol=1e-5)
+    assert_same_greedy((tokens[0].tolist(), step_logits[0]), (ref_tokens, ref_step_logits), case.eos)
