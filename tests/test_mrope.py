@@ -35,6 +35,7 @@ from reference_runs import (
 )
 
 import vtprune
+from vtprune.adapters.base import adapter_for
 from vtprune.engine.positions import pruned_positions
 from vtprune.registry import method_class
 from vtprune.testing import tiny_image, tiny_inputs
@@ -153,7 +154,8 @@ def test_compact_of_an_unpruned_sequence_is_the_models_rope_index(qwen):
         original = positions[:, b, real]
         is_image = inputs["input_ids"][b, real] == image_token
         image_of = torch.where(is_image, torch.zeros_like(is_image, dtype=torch.long), -1)
-        assert torch.equal(pruned_positions(original, "compact", image_of), original)
+        rule = adapter_for(model).compact_image_positions
+        assert torch.equal(pruned_positions(original, "compact", image_of, rule), original)
 
 
 def test_compact_pooled_grid_is_the_rope_index_of_that_grid(qwen, monkeypatch):

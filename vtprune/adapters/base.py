@@ -101,6 +101,10 @@ class Adapter:
     side_input_injector: ClassVar[tuple[str, str] | None] = None
 
     # -- positions -------------------------------------------------------------------------------------
+    #: M-RoPE families: the compact rope index of one pruned image (see vtprune.engine.positions.ImageRule);
+    #: None for 1-D RoPE, where compact positions are simply consecutive
+    compact_image_positions: ClassVar[Any] = None
+
     def unpruned_decode_positions(self, call: dict[str, Any], seen_len: int) -> torch.Tensor | None:
         """Position ids the *unpruned* model would use for a decode step that brings none, or None when the
         engine can derive them itself (1-D RoPE: ``seen_len, seen_len + 1, ...``).

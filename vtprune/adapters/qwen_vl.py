@@ -53,8 +53,30 @@ def _per_image(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return out
 
 
+def qwen_compact_image(grid: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Qwen-VL's rope index for the kept tokens of one pruned image (``positions="compact"``).
+
+    The model's rope index gives an image of t x h x w merged tokens the ids (start + t_i, start + h_i,
+    start + w_i) and lets the next token start ``max(h, w)`` later. A pruned image is no longer a full grid, so
+    its kept tokens are placed on the smallest grid that keeps their row and column order: a token's height
+    index is the rank of its row among the image's rows that still hold a kept token (merged tokens count at
+    their anchor), its width index likewise among the columns, and the temporal index keeps its offset from
+    the first kept frame (0 for still images); the next token comes ``max(kept rows, kept columns)`` later.
+    For a pruned sub-grid (``uniform``, ``pool``) this is exactly the rope index of an image with that grid;
+    for an unpruned image it is the model's own.
+
+    ``grid`` LongTensor[3, m]: the (t, h, w) ids of the kept tokens -> (offsets [3, m], advance).
+    """
+    temporal = grid[0] - grid[0].min()
+    height = torch.unique(grid[1], return_inverse=True)[1]  # rank among the kept rows
+    width = torch.unique(grid[2], return_inverse=True)[1]  # rank among the kept columns
+    advance = max(int(height.max()) + 1, int(width.max()) + 1)
+    return torch.stack([temporal, height, width]), advance
+
+
 class _QwenVLAdapter(Adapter):
     provides = ("cls_attention", "vit_keys", "vit_hidden", "grid")
+    compact_image_positions = staticmethod(qwen_compact_image)
     #: whether the ViT runs its blocks in window order (Qwen2.5-VL)
     windowed: bool = False
 

@@ -46,6 +46,7 @@ class LayerRun:
     structural: list[int]                     # per sample: structural visual tokens (newlines), never dropped here
     position_ids: torch.Tensor | None = None  # language-model-level position ids entering layer 0
     image_of: list[torch.Tensor] | None = None  # per sample [L]: image index of each original position, -1 text
+    image_rule: Any = None                      # M-RoPE: the adapter's compact_image_positions
     segments: list[Segment] = field(default_factory=list)
     previous: tuple[torch.Tensor, Any] | None = None   # input (hidden, pos emb) of the previous layer
     #: one entry per decoder layer run so far: per sample (sequence length, visual tokens) entering it
@@ -108,7 +109,7 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         run.merged[b] = run.merged[b][keep_local.cpu()]
         plans.append(SamplePlan(keep=cols[keep_local], last=int(cols[-1]) if cols.numel() else -1,
                                 image_of=image_of))
-    pruned = assemble(hidden, position_ids, plans, run.method.positions, run.pad_left)
+    pruned = assemble(hidden, position_ids, plans, run.method.positions, run.pad_left, run.image_rule)
     base_shift = run.segments[-1].position_shift if run.segments else torch.zeros_like(pruned.position_shift)
     new_pos = pruned.position_ids
     segment = Segment(

@@ -16,28 +16,26 @@ Conventions for the kept tokens (design.md, invariant 4):
     the unpruned positions (for M-RoPE: the model's ``rope_deltas``).
 ``"compact"``
     positions are recomputed as if the pruned sequence had been the input. 1-D: consecutive from the first
-    token. M-RoPE: the rope index is re-run on the pruned layout; since a pruned image is no longer a full
-    grid, each image's kept tokens are placed on the smallest grid that keeps their row and column order:
-
-    - a kept token's height index is the rank of its row among the image's rows that still hold a kept
-      token, its width index likewise among the columns; the temporal index keeps its offset from the
-      image's first kept frame (0 for still images);
-    - the image starts at the current position (like the model's rope index) and the next token comes
-      ``max(kept rows, kept columns)`` later;
-    - text tokens count up by one.
-
-    For a pruned sub-grid (``uniform``, ``pool``) this is exactly the rope index of an image with that grid;
-    applied to an unpruned sequence it returns the model's own positions. Decoding continues after the last
-    compact position.
+    token. M-RoPE: the rope index is re-run on the pruned layout: text tokens count up by one; each image
+    starts at the current position and its kept tokens get the offsets the *family's image rule* gives them
+    (the adapter's ``compact_image_positions``: for Qwen-VL, the smallest grid that keeps their row and
+    column order — see :func:`vtprune.adapters.qwen_vl.qwen_compact_image`), after which the next token
+    comes the rule's advance later. Decoding continues after the last compact position.
 
 In both conventions a text row (``[4, B, L]``) is re-indexed consecutively: it is a sequence index.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["pruned_positions", "compact_mrope", "rope_rows", "layer_rows", "is_mrope"]
+__all__ = ["pruned_positions", "compact_mrope", "rope_rows", "layer_rows", "is_mrope", "ImageRule"]
+
+#: the family's compact rope index of one pruned image: (t, h, w) ids of its kept tokens [3, m] (in order) ->
+#: (offsets from the image's start position [3, m], positions the image occupies before the next token)
+ImageRule = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 
 def is_mrope(position_ids: torch.Tensor) -> bool:
@@ -63,12 +61,13 @@ def layer_rows(position_ids: torch.Tensor) -> torch.Tensor | None:
     return position_ids[0] if position_ids.shape[0] == 4 else None
 
 
-def compact_mrope(rope: torch.Tensor, image_of: torch.Tensor) -> torch.Tensor:
+def compact_mrope(rope: torch.Tensor, image_of: torch.Tensor, image_rule: ImageRule) -> torch.Tensor:
     """Compact M-RoPE positions of one pruned sample (rule in the module docstring).
 
-    ``rope``      LongTensor[3, n]: (t, h, w) positions of the kept tokens, in sequence order (merged tokens
-                  carry their anchor's positions)
-    ``image_of``  LongTensor[n]: image index of each token, -1 for text
+    ``rope``        LongTensor[3, n]: (t, h, w) positions of the kept tokens, in sequence order (merged tokens
+                    carry their anchor's positions)
+    ``image_of``    LongTensor[n]: image index of each token, -1 for text
+    ``image_rule``  the family's compact rope index of one image (:data:`ImageRule`)
     Returns LongTensor[3, n].
     """
     n = rope.shape[1]
@@ -85,24 +84,21 @@ def compact_mrope(rope: torch.Tensor, image_of: torch.Tensor) -> torch.Tensor:
             out[:, start:end] = current + torch.arange(end - start, device=rope.device, dtype=rope.dtype)
             current = current + (end - start)
             continue
-        grid = rope[:, start:end]  # [3, m]
-        temporal = grid[0] - grid[0].min()
-        height = torch.unique(grid[1], return_inverse=True)[1]  # rank among kept rows
-        width = torch.unique(grid[2], return_inverse=True)[1]  # rank among kept columns
-        out[0, start:end] = current + temporal
-        out[1, start:end] = current + height
-        out[2, start:end] = current + width
-        current = current + max(int(height.max()) + 1, int(width.max()) + 1)
+        offsets, advance = image_rule(rope[:, start:end])  # [3, m], int
+        out[:, start:end] = current + offsets
+        current = current + advance
     return out
 
 
-def pruned_positions(original: torch.Tensor, convention: str, image_of: torch.Tensor | None = None) -> torch.Tensor:
+def pruned_positions(original: torch.Tensor, convention: str, image_of: torch.Tensor | None = None,
+                     image_rule: ImageRule | None = None) -> torch.Tensor:
     """Position ids of one sample's pruned sequence.
 
     ``original``    [n] (1-D) or [3|4, n] (M-RoPE): the unpruned position ids of the kept tokens, in order
                     (merged tokens: their anchor's)
     ``convention``  "original" or "compact"
-    ``image_of``    LongTensor[n]: image index of each token (-1 = text); needed for compact M-RoPE
+    ``image_of``    LongTensor[n]: image index of each token (-1 = text)     } needed for compact M-RoPE
+    ``image_rule``  the family's compact rope index of one image             }
     Returns a tensor shaped like ``original``.
     """
     n = original.shape[-1]
@@ -111,9 +107,10 @@ def pruned_positions(original: torch.Tensor, convention: str, image_of: torch.Te
         return original if convention == "original" else original[:1] + steps
     rope = original[-3:]
     if convention == "compact":
-        if image_of is None:
-            raise ValueError("compact M-RoPE positions need the image index of every token (image_of)")
-        rope = compact_mrope(rope, image_of)
+        if image_of is None or image_rule is None:
+            raise ValueError("compact M-RoPE positions need the image index of every token and the family's "
+                             "image rule (the adapter's compact_image_positions)")
+        rope = compact_mrope(rope, image_of, image_rule)
     if original.shape[0] == 4:  # text row: a sequence index among the kept tokens
         return torch.cat([(original[0, :1] + steps)[None], rope])
     return rope

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .positions import pruned_positions
+from .positions import ImageRule, pruned_positions
 
 
 @dataclass
@@ -52,6 +52,7 @@ def assemble(
     plans: list[SamplePlan],
     positions: str,
     pad_left: bool,
+    image_rule: ImageRule | None = None,
 ) -> PrunedBatch:
     """Build the pruned, re-padded batch.
 
@@ -62,6 +63,8 @@ def assemble(
                        "compact": positions recomputed as if the pruned sequence had been the input
                        (rules in :mod:`vtprune.engine.positions`)
     ``pad_left``       pad on the left (generation) or on the right
+    ``image_rule``     M-RoPE families: the compact rope index of one image (the adapter's
+                       ``compact_image_positions``)
     """
     batch, _, hidden = inputs_embeds.shape
     lengths = [p.length for p in plans]
@@ -94,7 +97,7 @@ def assemble(
         out_mask[b, slot] = 1
         original = position_ids[..., b, :][..., src_all]  # [..., n]
         image_of = plan.image_of[src_all.to(plan.image_of.device)] if plan.image_of is not None else None
-        new = pruned_positions(original, positions, image_of)
+        new = pruned_positions(original, positions, image_of, image_rule)
         if n:  # decoding continues after the last token (0 for unchanged rows, e.g. "original" rope rows)
             shift[..., b] = position_ids[..., b, plan.last] - new[..., -1]
         out_pos[..., b, slot] = new

@@ -326,7 +326,8 @@ class PruneSession:
             self.last_stats = PruneStats(self.name, samples)
             self._decode = None
             return new_kwargs
-        pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left)
+        pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left,
+                              self.adapter.compact_image_positions)
         self._batch = pruned
         pruned_mask = pruned.attention_mask
         needs_mask = mask is not None or bool((pruned_mask == 0).any())
@@ -394,7 +395,8 @@ class PruneSession:
         new_kwargs = dict(kwargs)
         cache = self._cache_for(lm, kwargs)
         if changed:
-            pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left)
+            pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left,
+                              self.adapter.compact_image_positions)
             self._batch = pruned
             lm_mask, lm_positions, shift = pruned.attention_mask, pruned.position_ids, pruned.position_shift
             sources, merged = pruned.source, pruned.merged
@@ -421,6 +423,7 @@ class PruneSession:
             method=self.layer_method, schedules=schedules, source=[s.cpu() for s in sources], visual=visual,
             merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural,
             position_ids=new_kwargs["position_ids"], image_of=[p.image_of.cpu() for p in plans],
+            image_rule=self.adapter.compact_image_positions,
         )
         self._run_mask = lm_mask
         self._run_layouts, self._run_samples = layouts, samples
