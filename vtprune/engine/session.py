@@ -327,7 +327,7 @@ class PruneSession:
             self._decode = None
             return new_kwargs
         pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left,
-                              self.adapter.compact_image_positions)
+                          self.adapter.compact_image_positions)
         self._batch = pruned
         pruned_mask = pruned.attention_mask
         needs_mask = mask is not None or bool((pruned_mask == 0).any())
@@ -359,18 +359,21 @@ class PruneSession:
             if not records:
                 merged.append(None)
                 continue
-            if any(r.weights is None for r in records):
+            if any(record.weights is None for record in records):
                 raise UnsupportedModelError(
                     f"method {self.pre_method.name!r} adds merged tokens without merge weights, so "
                     f"{type(self.model).__name__}'s per-token {names[1]} cannot follow them. Use a method that "
                     "returns Selection.weights, or one that only drops tokens."
                 )
-            anchors = torch.cat([r.anchors for r in records])
+            anchors = torch.cat([record.anchors for record in records])
             order = torch.argsort(anchors)
             if bool((anchors[order][1:] == anchors[order][:-1]).any()):
                 raise UnsupportedModelError("two merged tokens share an anchor; their side inputs cannot be told apart.")
-            point_rows = [torch.cat([merged_side_rows(r, index[b], rec.group_positions, rec.weights)
-                                     for rec in records])[order.to(r.device)] for r in rows]
+            point_rows = [  # per injection point [m, D], in anchor order
+                torch.cat([merged_side_rows(point, index[b], record.group_positions, record.weights)
+                           for record in records])[order.to(point.device)]
+                for point in rows
+            ]
             merged.append(MergedRows(anchors=anchors[order], rows=point_rows))
         return _SideInputs(mask=mask, rows=rows, merged=merged)
 
