@@ -24,7 +24,7 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLTextM
 from transformers.models.qwen2_vl import Qwen2VLTextConfig, Qwen2VLTextModel
 from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl_modeling
 
-from vtprune.engine.attention_rows import attention_rows, last_token_index
+from vtprune.engine.attention_rows import attention_rows, key_states, last_token_index, rope_only_rows
 
 TOL = 1e-5
 MAX_ERR: dict[str, float] = {}  # case -> max abs error seen (for reporting)
@@ -390,3 +390,45 @@ def test_gqa_head_mapping_matches_repeat_kv():
     qi = torch.tensor([[3, 8]])
     _check("llama/gqa-8q-2kv", attention_rows(model.layers[0], hidden, pe, qi), _eager_rows(attn, qi))
 
+
+
+# ------------------------------------------------------------------------- key states, RoPE-only rows
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2_vl"])
+def test_key_states_equal_the_cached_keys(family):
+    from transformers import DynamicCache
+
+    builders = {
+        "llama": (LlamaModel, LlamaConfig, {}),
+        "qwen3": (Qwen3Model, Qwen3Config, {"head_dim": 16}),
+        "qwen2_vl": (Qwen2VLTextModel, Qwen2VLTextConfig, {"rope_parameters": _MROPE}),
+    }
+    model_cls, config_cls, extra = builders[family]
+    model = _build(model_cls, config_cls, attn="sdpa", **extra)
+    captured = {}
+    model.layers[1].register_forward_pre_hook(
+        lambda m, a, k: captured.update(hidden=a[0] if a else k["hidden_states"], pe=k["position_embeddings"]),
+        with_kwargs=True)
+    cache = DynamicCache(config=model.config)
+    model(input_ids=_ids(2, 9), past_key_values=cache, use_cache=True)
+    keys = key_states(model.layers[1], captured["hidden"], captured["pe"])
+    torch.testing.assert_close(keys, cache.layers[1].keys, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_only_rows_are_distributions_and_shift_invariant():
+    model = _build(LlamaModel, LlamaConfig)
+    hidden = torch.zeros(2, 12, 64)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # left padding in sample 1
+    query = torch.tensor([[11, 6], [11, 6]])
+    rows = []
+    for shift in (0, 40):
+        pos = torch.arange(12)[None].expand(2, 12) + shift
+        rows.append(rope_only_rows(model.layers[0], model.rotary_emb(hidden, position_ids=pos), query, mask))
+    torch.testing.assert_close(rows[0], rows[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows[0].sum(-1), torch.ones(2, 2))
+    assert float(rows[0][1, :, :3].abs().max()) == 0.0  # padding keys
+    assert float(rows[0][:, 1, 7:].abs().max()) == 0.0  # causal
+    # RoPE's long-range decay: the query's own position gets the largest weight
+    assert rows[0][0, 0].argmax().item() == 11

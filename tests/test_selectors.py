@@ -11,11 +11,16 @@ import torch
 from vtprune.selectors import (
     DROPPED,
     cls_attention_scores,
+    cluster_means,
+    dart_select,
     divprune_select,
+    dpc_knn,
     mean_received_attention,
     pairwise_cosine_distance,
+    pick_pivots,
     pool_grid,
     random_select,
+    select_raters,
     softmax_attention_rows,
     split_visionzip_budget,
     topk_select,
@@ -446,3 +451,65 @@ def test_divprune_low_precision_inputs():
         assert keep.tolist() == _naive_greedy(pairwise_cosine_distance(xl.float()), 10)
     with pytest.raises(ValueError):
         divprune_select(torch.arange(6).view(3, 2), 1)
+
+
+# ---------------------------------------------------------------------------------------------- DART
+
+
+def test_dart_keeps_pivots_and_least_duplicated_tokens():
+    # tokens 0..3 are near-copies of direction e0, tokens 4..7 of e1, token 8 is e2 (unique)
+    e = torch.eye(3)
+    features = torch.stack([e[0] + 0.01 * i for i in range(4)] + [e[1] + 0.01 * i for i in range(4)] + [e[2]])
+    key_norms = torch.tensor([9.0, 1, 1, 1, 1, 1, 1, 1, 1])  # token 0 is the visual pivot
+    kept = dart_select(features, key_norms, torch.empty(0, 3), k=3, visual_pivots=1)
+    assert kept.tolist()[0] == 0 and len(kept) == 3
+    # the pivot (direction e0) adds the two tokens least similar to it: one from e1 and... e2 or e1 —
+    # never another copy of e0
+    assert not set(kept.tolist()[1:]) & {1, 2, 3}
+
+
+def test_dart_exact_count_and_text_pivots():
+    torch.manual_seed(0)
+    features = torch.randn(50, 16)
+    norms = torch.rand(50)
+    text = torch.randn(4, 16)
+    for k in (1, 4, 5, 13, 50):
+        kept = dart_select(features, norms, text, k=k, visual_pivots=4)
+        assert kept.numel() == k and kept.unique().numel() == k and torch.equal(kept, torch.sort(kept).values)
+    assert set(pick_pivots(norms, 4).tolist()) <= set(dart_select(features, norms, text, 20).tolist())
+    # a text pivot pulls in the visual token least similar to it
+    target = torch.zeros(1, 16)
+    target[0, 0] = 1.0
+    features2 = features.clone()
+    features2[7] = -target[0] * 5
+    kept = dart_select(features2, torch.zeros(50), target, k=1, visual_pivots=0)
+    assert kept.tolist() == [7]
+
+
+# ------------------------------------------------------------------------------------------ SparseVLM
+
+
+def test_select_raters_prefers_text_aligned_with_the_image():
+    visual = torch.tensor([[5.0, 0.0], [4.0, 0.5]])
+    text = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.9, 0.1]])
+    raters = select_raters(visual, text)
+    assert raters.tolist() == [True, False, False, True]
+    assert select_raters(visual, torch.empty(0, 2)).numel() == 0
+
+
+def test_dpc_knn_separates_blobs_and_merges_means():
+    torch.manual_seed(0)
+    blob_a = torch.randn(20, 4) * 0.05
+    blob_b = torch.randn(15, 4) * 0.05 + 3.0
+    features = torch.cat([blob_a, blob_b])
+    centres, assignment = dpc_knn(features, 2)
+    assert centres.numel() == 2
+    assert assignment[:20].unique().numel() == 1 and assignment[20:].unique().numel() == 1
+    assert assignment[0] != assignment[20]
+    means = cluster_means(features, assignment, 2)
+    torch.testing.assert_close(means[assignment[0]], blob_a.mean(0))
+    torch.testing.assert_close(means[assignment[20]], blob_b.mean(0))
+    # determinism and degenerate sizes
+    assert torch.equal(dpc_knn(features, 2)[1], assignment)
+    centres, assignment = dpc_knn(features[:1], 3)
+    assert centres.tolist() == [0] and assignment.tolist() == [0]

@@ -9,10 +9,10 @@ from typing import Any
 from torch import nn
 
 from .adapters.base import adapter_for
-from .budget import Budget, validate_budget
+from .budget import Budget, split_composed_budget, validate_budget
 from .engine.session import SESSION_ATTRIBUTE, PruneSession
 from .errors import VTPruneError
-from .registry import Method, MethodInfo, build_method, registered_methods
+from .registry import Method, MethodInfo, build_method, method_class, registered_methods
 from .stats import PruneStats
 
 
@@ -23,6 +23,7 @@ def apply(
     *,
     positions: str | None = None,
     seed: int = 0,
+    stage_budgets: Sequence[Budget] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Install visual-token pruning on ``model`` (in place) and return the same object.
@@ -31,6 +32,9 @@ def apply(
     ``budget``     int = equivalent visual tokens per image; float in (0, 1] = fraction; None = paper default
     ``positions``  "original" or "compact" position ids for the kept tokens (default: the paper's)
     ``options``    method options with the papers' names (e.g. ``dominant=54, contextual=10`` for visionzip)
+    ``stage_budgets``  one budget per method of a composition, overriding the default split of ``budget``
+                   (the pre-LLM stage keeps 2 × budget, the in-LLM stage brings the layer average down to the
+                   budget; see :func:`vtprune.budget.split_composed_budget`)
 
     Everything else about the model is unchanged: call ``model(...)`` / ``model.generate(...)`` as usual.
     """
@@ -44,8 +48,19 @@ def apply(
             "options cannot be passed to vtprune.apply when composing methods; build each method with "
             "vtprune.registry.build_method(name, budget, **options) and pass the list."
         )
-    built = [build_method(m, budget=budget, positions=positions, seed=seed, **options)
-             if isinstance(m, str) else build_method(m) for m in names]
+    if stage_budgets is not None:
+        stage_budgets = list(stage_budgets)
+        if len(stage_budgets) != len(names):
+            raise VTPruneError(
+                f"stage_budgets has {len(stage_budgets)} entries for {len(names)} methods; give one per method."
+            )
+        for value in stage_budgets:
+            validate_budget(value)
+    else:
+        stages = [method_class(m).stage if isinstance(m, str) else m.stage for m in names]
+        stage_budgets = split_composed_budget(budget, stages)
+    built = [build_method(m, budget=share, positions=positions, seed=seed, **options)
+             if isinstance(m, str) else build_method(m) for m, share in zip(names, stage_budgets, strict=True)]
     session = PruneSession(model, adapter, built)
     session.install()
     return model

@@ -70,3 +70,26 @@ def split_proportional(total: int, sizes: Sequence[int]) -> list[int]:
             shares[i] += 1
             remaining -= 1
     return shares
+
+
+#: default share of a composition's pre-LLM stage: it keeps this many times the budget
+PRE_LLM_SHARE = 2
+
+
+def split_composed_budget(budget: Budget, stages: Sequence[str]) -> list[Budget]:
+    """Each stage's budget when one budget is given for a composition (stages: "pre-llm" / "in-llm").
+
+    Rule: the pre-LLM stage keeps twice the budget (int B → 2B tokens per image; fraction f → min(1, 2f)) and
+    the in-LLM stage brings the layer-averaged visual count down to the budget (int B stays B, which in-LLM
+    methods read as equivalent tokens per image; f becomes f / min(1, 2f) of what the pre-LLM stage left).
+    A single-stage list keeps the budget as is. Override with ``vtprune.apply(..., stage_budgets=[...])``.
+    """
+    validate_budget(budget)
+    if budget is None or "pre-llm" not in stages or "in-llm" not in stages:
+        return [budget for _ in stages]
+    if isinstance(budget, int):
+        pre, post = PRE_LLM_SHARE * budget, budget
+    else:
+        pre = min(1.0, PRE_LLM_SHARE * budget)
+        post = budget / pre
+    return [pre if stage == "pre-llm" else post for stage in stages]

@@ -10,8 +10,9 @@ from torch import nn
 from ..engine.layout import SampleLayout
 from ..errors import UnsupportedModelError
 
-#: signals the engine itself provides for every family (the layout's grid, decoder q/k attention rows)
-ENGINE_SIGNALS = frozenset({"grid", "decoder_attention"})
+#: signals the engine itself provides for every family (the layout's grid, decoder q/k attention rows,
+#: decoder hidden/key states)
+ENGINE_SIGNALS = frozenset({"grid", "decoder_attention", "decoder_states"})
 
 
 class SignalStore(dict):

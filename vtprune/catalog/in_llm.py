@@ -7,19 +7,23 @@ visual tokens at each of its layers; the engine does the gathering, positions, m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..budget import BudgetError
-from ..engine.attention_rows import attention_rows
+from ..engine.attention_rows import attention_rows, key_states, rope_only_rows
+from ..engine.positions import rope_rows
 from ..errors import MethodOptionError
 from ..registry import IN_LLM, Method, register_method
+from ..selectors.dart import dart_select, pick_pivots
+from ..selectors.sparsevlm import cluster_means, dpc_knn, select_raters
 
 
 @dataclass
 class LayerContext:
-    """What a layer method sees at a pruning layer (prefill only).
+    """What a layer method sees at a pruning layer (prefill only). Columns are those of the padded batch.
 
     ``hidden``            [B, L, D] input of decoder layer ``layer`` (output of layer ``layer - 1``)
     ``position_embeddings`` (cos, sin) used by the layers of the current segment
@@ -27,7 +31,14 @@ class LayerContext:
     ``previous_position_embeddings`` the (cos, sin) layer ``layer - 1`` used
     ``real``              [B, L] bool, False on padding
     ``visual``            [B, L] bool, the candidate visual tokens
+    ``text``              [B, L] bool, text tokens (never pruned)
     ``last``              [B, 1] index of each sample's last real token (the query of FastV / PDrop)
+    ``source``            per sample LongTensor[n_b]: original sequence position of each real column, in order
+    ``prepared``          what the method's :meth:`LayerMethod.prepare` returned for this forward
+    ``norm``              the decoder's final norm (DART measures duplication after it)
+    ``previous_position_ids`` [..., B, L] language-model-level position ids layer ``layer - 1`` used ([B, L], or
+                          M-RoPE [3|4, B, L])
+    ``rotary``            the decoder's rotary embedding module (position ids -> (cos, sin))
     """
 
     layer: int
@@ -39,10 +50,40 @@ class LayerContext:
     real: torch.Tensor
     visual: torch.Tensor
     last: torch.Tensor
+    text: torch.Tensor | None = None
+    source: list[torch.Tensor] | None = None
+    prepared: Any = None
+    norm: nn.Module | None = None
+    previous_position_ids: torch.Tensor | None = None
+    rotary: nn.Module | None = None
+
+    def sample_local_position_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer - 1``'s (cos, sin) with each sample's positions counted from its first real token, as
+        if it ran alone: quantities that are not invariant to a shift of all positions (the L1 norm of rotated
+        keys) then do not depend on how much padding the batch put in front of the sample."""
+        positions = rope_rows(self.previous_position_ids)  # [B, L] or M-RoPE [3, B, L]
+        first = self.real.float().argmax(dim=-1)  # [B] first real column
+        start = positions.gather(-1, first.view(*([1] * (positions.dim() - 2)), -1, 1).expand(
+            *positions.shape[:-2], -1, 1).to(positions.device))
+        return self.rotary(self.previous_hidden, position_ids=positions - start)
+
+
+@dataclass
+class LayerSelection:
+    """One sample's choice at a pruning layer, in padded-batch columns.
+
+    ``keep``     LongTensor[k]: columns of the visual tokens kept (exactly the scheduled count)
+    ``merged``   Tensor[m, D] or None: new tokens (hidden states entering the layer), e.g. recycled clusters
+    ``anchors``  LongTensor[m]: column whose position each merged token takes
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+    anchors: torch.Tensor | None = None
 
 
 class LayerMethod(Method):
-    """Base of in-LLM methods."""
+    """Base of in-LLM methods: a schedule, and a selection (by default: top-k of :meth:`score`)."""
 
     stage = IN_LLM
     default_positions = "original"
@@ -51,9 +92,19 @@ class LayerMethod(Method):
         """[(layer, visual tokens kept from that layer on), ...] for one sample, layers ascending."""
         raise NotImplementedError
 
+    def prepare(self, inputs_embeds: torch.Tensor, real: torch.Tensor, visual: torch.Tensor,
+                text: torch.Tensor, source: list[torch.Tensor]) -> Any:
+        """Called once per prefill with the language model's input [B, L, D] and masks; the result reaches
+        every stage as ``ctx.prepared``. Default: nothing."""
+        return None
+
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        """[B, L] float scores; the engine keeps the highest-scoring visual tokens."""
-        raise NotImplementedError
+        """[B, L] float scores; the default :meth:`select` keeps the highest-scoring visual tokens."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score() or select()")
+
+    def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
+        """Per sample: the visual columns to keep (``wanted[b]`` of them), or None to keep them all."""
+        return top_scored(ctx, self.score(ctx), wanted)
 
     # -- budget -> equivalent tokens -------------------------------------------------------------------
     def _target_equivalent(self, num_visual: int, num_images: int) -> float:
@@ -63,10 +114,54 @@ class LayerMethod(Method):
         return min(float(self.budget * max(num_images, 1)), float(num_visual))
 
 
+def top_scored(ctx: LayerContext, scores: torch.Tensor, wanted: list[int | None]) -> list[LayerSelection | None]:
+    """Per sample, the ``wanted[b]`` visual columns with the highest ``scores`` [B, L] (None: keep all)."""
+    out: list[LayerSelection | None] = []
+    for b, k in enumerate(wanted):
+        if k is None:
+            out.append(None)
+            continue
+        candidates = torch.nonzero(ctx.visual[b]).flatten()
+        order = torch.argsort(scores[b, candidates], descending=True, stable=True)
+        out.append(LayerSelection(keep=torch.sort(candidates[order[:k]]).values))
+    return out
+
+
 def _last_query_scores(layer: nn.Module, hidden, position_embeddings, ctx: LayerContext) -> torch.Tensor:
     rows = attention_rows(layer, hidden, position_embeddings, ctx.last, key_padding_mask=ctx.real,
                           average_heads=True)  # [B, 1, L]
     return rows[:, 0]
+
+
+def _single_stage_schedule(method: LayerMethod, num_layers: int, num_visual: int, num_images: int,
+                           default_ratio: float) -> list[tuple[int, int]]:
+    """One pruning layer K (option ``layer``): keep (1 − ``ratio``) of the visual tokens, or, from an int /
+    float budget, the count whose layer average equals it: keep = (budget·L − K·N) / (L − K)."""
+    k = method.config["layer"]
+    if k >= num_layers:
+        raise MethodOptionError(f"{method.name} layer={k} is beyond the model's {num_layers} decoder layers.")
+    ratio = method.config["ratio"]
+    if ratio is None and method.budget is None:
+        ratio = default_ratio
+    if ratio is not None:
+        return [(k, round((1.0 - ratio) * num_visual))]
+    target = method._target_equivalent(num_visual, num_images)
+    keep = (target * num_layers - k * num_visual) / (num_layers - k)
+    if keep < 0:
+        minimum = k * num_visual / num_layers
+        raise BudgetError(
+            f"{method.name} at layer {k} processes all {num_visual} visual tokens in its first {k} layers, so "
+            f"the smallest reachable budget is {minimum:.1f} equivalent tokens; raise the budget, lower "
+            f"`layer`, or pass `ratio`."
+        )
+    return [(k, max(1, min(num_visual, round(keep))))]
+
+
+def _validate_layer_ratio(name: str, layer, ratio) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+        raise MethodOptionError(f"{name} layer={layer!r} must be an int ≥ 1 (layer K−1's states are used).")
+    if ratio is not None and not (isinstance(ratio, int | float) and 0.0 <= ratio < 1.0):
+        raise MethodOptionError(f"{name} ratio={ratio!r} must be the dropped fraction in [0, 1).")
 
 
 @register_method
@@ -88,31 +183,10 @@ class FastV(LayerMethod):
     default_budget = None  # paper default: R = 0.5 at K = 2
 
     def validate_options(self) -> None:
-        layer, ratio = self.config["layer"], self.config["ratio"]
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise MethodOptionError(f"fastv layer={layer!r} must be an int ≥ 1 (attention of layer K−1 is used).")
-        if ratio is not None and not (isinstance(ratio, int | float) and 0.0 <= ratio < 1.0):
-            raise MethodOptionError(f"fastv ratio={ratio!r} must be the dropped fraction in [0, 1).")
+        _validate_layer_ratio(self.name, self.config["layer"], self.config["ratio"])
 
     def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
-        k = self.config["layer"]
-        if k >= num_layers:
-            raise MethodOptionError(f"fastv layer={k} is beyond the model's {num_layers} decoder layers.")
-        ratio = self.config["ratio"]
-        if ratio is None and self.budget is None:
-            ratio = 0.5
-        if ratio is not None:
-            return [(k, round((1.0 - ratio) * num_visual))]
-        target = self._target_equivalent(num_visual, num_images)
-        keep = (target * num_layers - k * num_visual) / (num_layers - k)
-        if keep < 0:
-            minimum = k * num_visual / num_layers
-            raise BudgetError(
-                f"fastv at layer {k} processes all {num_visual} visual tokens in its first {k} layers, so the "
-                f"smallest reachable budget is {minimum:.1f} equivalent tokens; raise the budget, lower "
-                f"`layer`, or pass `ratio`."
-            )
-        return [(k, min(num_visual, round(keep)))]
+        return _single_stage_schedule(self, num_layers, num_visual, num_images, default_ratio=0.5)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         layer = ctx.layers[ctx.layer - 1]
@@ -128,8 +202,10 @@ class PyramidDrop(LayerMethod):
     of the previous stage's visual tokens (paper λ = 0.5: 100 → 50 → 25 → 12.5 %). The score is the
     attention from the last instruction token, recomputed at the stage layer from its input norm + q/k +
     RoPE for that single query. Without ``lambda_`` the ratio is solved from the budget (equivalent tokens
-    averaged over layers). The official code re-indexes positions; default here ``original``
-    (``positions="compact"`` reproduces the official behaviour).
+    averaged over layers). A budget below what these stages can reach (they keep every token for L/4
+    layers, so at least N/4 equivalent tokens) moves the stages earlier, to 1/16, 1/4 and 1/2 of the depth
+    (2, 8, 16 of 32) — only when ``layers`` is not given; ``stats()`` reports the stages used. The official
+    code re-indexes positions; default here ``original`` (``positions="compact"`` reproduces it).
     """
 
     name = "pdrop"
@@ -148,8 +224,13 @@ class PyramidDrop(LayerMethod):
                                    or list(layers) != sorted(set(layers))):
             raise MethodOptionError(f"pdrop layers={layers!r} must be ascending decoder layer indices ≥ 1.")
 
-    def _layers(self, num_layers: int) -> list[int]:
-        layers = self.config["layers"] or [num_layers // 4, num_layers // 2, 3 * num_layers // 4]
+    def _layers(self, num_layers: int, low_budget: bool = False) -> list[int]:
+        if self.config["layers"]:
+            layers = self.config["layers"]
+        elif low_budget:
+            layers = [round(num_layers / 16), num_layers // 4, num_layers // 2]
+        else:
+            layers = [num_layers // 4, num_layers // 2, 3 * num_layers // 4]
         layers = sorted({max(1, x) for x in layers})
         if layers[-1] >= num_layers:
             raise MethodOptionError(f"pdrop layers={layers} exceed the model's {num_layers} decoder layers.")
@@ -168,6 +249,9 @@ class PyramidDrop(LayerMethod):
         if lam is None:
             target = self._target_equivalent(num_visual, num_images)
             minimum = self._equivalent(0.0, layers, num_layers, num_visual)
+            if target < minimum and not self.config["layers"]:
+                layers = self._layers(num_layers, low_budget=True)
+                minimum = self._equivalent(0.0, layers, num_layers, num_visual)
             if target < minimum:
                 raise BudgetError(
                     f"pdrop with stages at {layers} keeps all {num_visual} visual tokens for {layers[0]} layers, "
@@ -182,3 +266,231 @@ class PyramidDrop(LayerMethod):
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return _last_query_scores(ctx.layers[ctx.layer], ctx.hidden, ctx.position_embeddings, ctx)
+
+
+@register_method
+class DART(LayerMethod):
+    """DART — keep the visual tokens least duplicated by a few pivots (Wen et al., 2025, arXiv 2502.11494).
+
+    At layer K (default 2): pivots are the ``pivots``/2 visual tokens and ``pivots``/2 text tokens after the
+    image with the largest L1 norm of their layer-(K−1) key states (heads concatenated, after RoPE; default 8
+    pivots in all; RoPE applied with each sample's positions counted from its first token, so that the L1
+    norm — not invariant to a shift of positions — does not depend on batch padding). Duplication is the cosine similarity of the layer-(K−1) output after the decoder's final
+    norm; each pivot in turn adds its share of the least similar not-yet-chosen visual tokens. Kept = visual
+    pivots ∪ chosen, exactly the scheduled count (the official code's "128" keeps 4 + 8×16 = 132 tokens).
+    No attention weights are needed. Paper default reduction 77.8 % (``ratio=0.778``); an int budget is
+    solved as for FastV. Original positions.
+    """
+
+    name = "dart"
+    paper = "arXiv:2502.11494"
+    signals = ("decoder_states",)
+    options = {"layer": 2, "ratio": None, "pivots": 8}
+    default_budget = None  # paper default: 77.8 % reduction at K = 2
+
+    def validate_options(self) -> None:
+        _validate_layer_ratio(self.name, self.config["layer"], self.config["ratio"])
+        pivots = self.config["pivots"]
+        if isinstance(pivots, bool) or not isinstance(pivots, int) or pivots < 1:
+            raise MethodOptionError(f"dart pivots={pivots!r} must be a positive int (paper: 8).")
+
+    def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        return _single_stage_schedule(self, num_layers, num_visual, num_images, default_ratio=0.778)
+
+    def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
+        keys = key_states(ctx.layers[ctx.layer - 1], ctx.previous_hidden, ctx.sample_local_position_embeddings())
+        key_norms = keys.float().abs().sum(dim=(1, 3))  # [B, Hkv, L, dh] -> [B, L]
+        features = ctx.norm(ctx.hidden) if ctx.norm is not None else ctx.hidden  # [B, L, D]
+        total = self.config["pivots"]
+        visual_pivots = (total + 1) // 2
+        out: list[LayerSelection | None] = []
+        for b, k in enumerate(wanted):
+            if k is None:
+                out.append(None)
+                continue
+            visual = torch.nonzero(ctx.visual[b]).flatten()
+            text = torch.nonzero(ctx.text[b]).flatten()
+            after = text[text > visual.max()]  # the text after the image (the question)
+            text = after if after.numel() else text
+            text_pivots = text[pick_pivots(key_norms[b, text], total - visual_pivots)]
+            kept = dart_select(features[b, visual], key_norms[b, visual], features[b, text_pivots], k,
+                               visual_pivots=visual_pivots)
+            out.append(LayerSelection(keep=visual[kept]))
+        return out
+
+
+#: SparseVLM's published schedules on LLaVA-1.5-7B (576 visual tokens, 32 layers, stages at 2, 6, 15):
+#: budget -> visual tokens kept from each stage on, for v1 and v2
+_SPARSEVLM_STAGES = (2, 6, 15)
+_SPARSEVLM_SCHEDULES = {
+    1: {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)},
+    2: {64: (66, 34, 20), 128: (238, 108, 60), 192: (300, 200, 118)},
+}
+
+
+@register_method
+class SparseVLM(LayerMethod):
+    """SparseVLM — text-guided visual token sparsification (Zhang et al., ICML 2025, arXiv 2410.04417).
+
+    Raters: the text tokens whose relevance to the image (softmax over text of visual·textᵀ on the LLM
+    input embeddings, averaged over visual rows) is at least the mean. At layers 2, 6, 15 (of 32; scaled to
+    the model's depth, option ``layers``) each visual token is scored by the attention the raters give it at
+    that layer (rows recomputed from q/k, no eager attention); the top tokens of a fixed schedule survive.
+    Schedules: the published ones for 64/128/192 on 576 tokens and 32 layers; otherwise the nearest
+    published shape, scaled so the layer-averaged visual count equals the budget (``keep`` overrides).
+
+    ``version=2`` (default, SparseVLM v1.5/v2): per-head attention divided by the RoPE-only attention
+    (:func:`rope_only_rows`) and averaged over the ``heads`` (14) heads that give the visual tokens the most
+    attention; no merging. This follows the paper's description; the debiasing and head choice are our
+    reading of it. ``version=1``: head-mean, then rater-mean attention; the top ``recycle`` (30 %) of the
+    pruned tokens by that score are clustered (DPC-KNN) into int(n/10)+1 means that are added back at their
+    centre token's position — they are counted in ``stats()`` (``merged``) and in the equivalent tokens.
+    Original positions.
+    """
+
+    name = "sparsevlm"
+    paper = "arXiv:2410.04417"
+    signals = ("decoder_attention",)
+    options = {"version": 2, "layers": None, "keep": None, "heads": 14, "recycle": 0.3}
+    default_budget = 64
+
+    def validate_options(self) -> None:
+        cfg = self.config
+        if cfg["version"] not in (1, 2):
+            raise MethodOptionError(f"sparsevlm version={cfg['version']!r} must be 1 or 2.")
+        layers, keep = cfg["layers"], cfg["keep"]
+        if layers is not None and (not isinstance(layers, list | tuple) or not layers
+                                   or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers)
+                                   or list(layers) != sorted(set(layers))):
+            raise MethodOptionError(f"sparsevlm layers={layers!r} must be ascending decoder layer indices ≥ 1.")
+        if keep is not None:
+            if (not isinstance(keep, list | tuple) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
+                                                          for x in keep) or list(keep) != sorted(keep, reverse=True)):
+                raise MethodOptionError(f"sparsevlm keep={keep!r} must be non-increasing positive token counts.")
+            if layers is None or len(layers) != len(keep):
+                raise MethodOptionError("sparsevlm keep= needs layers= of the same length (one count per stage).")
+        if isinstance(cfg["heads"], bool) or not isinstance(cfg["heads"], int) or cfg["heads"] < 1:
+            raise MethodOptionError(f"sparsevlm heads={cfg['heads']!r} must be a positive int (paper: 14).")
+        if not isinstance(cfg["recycle"], int | float) or not 0.0 <= cfg["recycle"] <= 1.0:
+            raise MethodOptionError(f"sparsevlm recycle={cfg['recycle']!r} must be a fraction in [0, 1].")
+
+    def _layers(self, num_layers: int) -> list[int]:
+        if self.config["layers"] is not None:
+            layers = list(self.config["layers"])
+            if layers[-1] >= num_layers:
+                raise MethodOptionError(f"sparsevlm layers={layers} exceed the model's {num_layers} layers.")
+            return layers
+        layers: list[int] = []
+        for published in _SPARSEVLM_STAGES:  # scale 2, 6, 15 of 32 to this depth, strictly increasing
+            layer = max(1, round(published * num_layers / 32), layers[-1] + 1 if layers else 1)
+            if layer < num_layers:
+                layers.append(layer)
+        return layers
+
+    def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        layers = self._layers(num_layers)
+        if self.config["keep"] is not None:
+            return [(layer, min(num_visual, count * max(num_images, 1)))
+                    for layer, count in zip(layers, self.config["keep"], strict=True)]
+        table = _SPARSEVLM_SCHEDULES[self.config["version"]]
+        target = self._target_equivalent(num_visual, num_images)
+        published = num_layers == 32 and num_visual == 576 * num_images and layers == list(_SPARSEVLM_STAGES)
+        if published and isinstance(self.budget, int) and self.budget in table:
+            return list(zip(layers, table[self.budget], strict=False))
+        # shape: the published schedule nearest in budget fraction (linear between them), as fractions of N
+        anchors = sorted(table)
+        fraction = target / num_visual * 576
+        lo = max([a for a in anchors if a <= fraction], default=anchors[0])
+        hi = min([a for a in anchors if a >= fraction], default=anchors[-1])
+        t = 0.0 if hi == lo else (fraction - lo) / (hi - lo)
+        shape = [((1 - t) * x + t * y) / 576 for x, y in zip(table[lo], table[hi], strict=True)][: len(layers)]
+        # scale the shape so that the layer average equals the target; stages that would exceed N are capped
+        # at N and the scale is solved again over the others
+        spans = [b - a for a, b in zip(layers, [*layers[1:], num_layers], strict=True)]
+        fixed: dict[int, float] = {}
+        while True:
+            free = [i for i in range(len(shape)) if i not in fixed]
+            spent = layers[0] * num_visual + sum(spans[i] * fixed[i] for i in fixed)
+            weighted = sum(spans[i] * shape[i] for i in free) * num_visual
+            scale = (target * num_layers - spent) / weighted if weighted else 0.0
+            capped = [i for i in free if scale * shape[i] >= 1.0]
+            if not capped:
+                break
+            fixed.update({i: float(num_visual) for i in capped})
+        if fixed == {} and scale <= 0:
+            raise BudgetError(
+                f"sparsevlm keeps all {num_visual} visual tokens for its first {layers[0]} layers, so the smallest "
+                f"reachable budget is {layers[0] * num_visual / num_layers:.1f} equivalent tokens; raise the "
+                "budget or pass layers=."
+            )
+        counts, previous = [], num_visual
+        for i, f in enumerate(shape):
+            count = fixed.get(i, scale * f * num_visual)
+            previous = max(1, min(previous, round(count)))
+            counts.append(previous)
+        return list(zip(layers, counts, strict=True))
+
+    def prepare(self, inputs_embeds, real, visual, text, source) -> list[torch.Tensor]:
+        """Per sample: original positions of the raters (text after the first visual token, else all text)."""
+        raters = []
+        for b in range(inputs_embeds.shape[0]):
+            vis = torch.nonzero(visual[b]).flatten()
+            txt = torch.nonzero(text[b]).flatten()
+            if vis.numel() == 0 or txt.numel() == 0:
+                raters.append(torch.empty(0, dtype=torch.long))
+                continue
+            after = txt[txt > vis.min()]
+            txt = after if after.numel() else txt
+            chosen = select_raters(inputs_embeds[b, vis], inputs_embeds[b, txt])
+            columns = torch.nonzero(real[b]).flatten()
+            index = torch.searchsorted(columns, txt[chosen]).cpu()
+            raters.append(source[b][index])
+        return raters
+
+    def _rater_scores(self, ctx: LayerContext) -> torch.Tensor:
+        """[B, L] score of every column: attention from the raters at this layer (see the class doc)."""
+        batch, length = ctx.real.shape
+        rater_columns = []
+        for b in range(batch):
+            columns = torch.nonzero(ctx.real[b]).flatten()
+            is_rater = torch.isin(ctx.source[b], ctx.prepared[b]).to(columns.device)
+            found = columns[is_rater]
+            rater_columns.append(found if found.numel() else ctx.last[b])
+        width = max(r.numel() for r in rater_columns)
+        query = torch.stack([torch.cat([r, r[:1].expand(width - r.numel())]) for r in rater_columns])  # [B, Q]
+        weight = torch.stack([torch.arange(width) < r.numel() for r in rater_columns]).to(ctx.hidden.device)
+        weight = weight.float() / weight.sum(-1, keepdim=True)  # [B, Q], mean over the real raters
+        layer = ctx.layers[ctx.layer]
+        if self.config["version"] == 1:
+            rows = attention_rows(layer, ctx.hidden, ctx.position_embeddings, query, key_padding_mask=ctx.real,
+                                  average_heads=True)  # [B, Q, L]
+            return torch.einsum("bq,bql->bl", weight, rows)
+        rows = attention_rows(layer, ctx.hidden, ctx.position_embeddings, query, key_padding_mask=ctx.real)
+        prior = rope_only_rows(layer, ctx.position_embeddings, query, key_padding_mask=ctx.real)  # [B, Q, L]
+        debiased = rows / prior.clamp(min=1e-12).unsqueeze(1)  # [B, H, Q, L]
+        per_head = torch.einsum("bq,bhql->bhl", weight, debiased)
+        visual_mass = torch.einsum("bq,bhql->bh", weight, rows * ctx.visual[:, None, None, :])  # [B, H]
+        heads = torch.topk(visual_mass, min(self.config["heads"], visual_mass.shape[1]), dim=-1).indices
+        return per_head.gather(1, heads[:, :, None].expand(-1, -1, length)).mean(dim=1)
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        return self._rater_scores(ctx)
+
+    def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
+        scores = self._rater_scores(ctx)
+        selections = top_scored(ctx, scores, wanted)
+        if self.config["version"] != 1 or not self.config["recycle"]:
+            return selections
+        for b, selection in enumerate(selections):
+            if selection is None:
+                continue
+            candidates = torch.nonzero(ctx.visual[b]).flatten()
+            dropped = candidates[~torch.isin(candidates, selection.keep)]
+            count = int(round(self.config["recycle"] * dropped.numel()))
+            if count == 0:
+                continue
+            recycled = dropped[torch.topk(scores[b, dropped], count).indices]
+            centres, assignment = dpc_knn(ctx.hidden[b, recycled], count // 10 + 1)
+            selection.merged = cluster_means(ctx.hidden[b, recycled], assignment, centres.numel())
+            selection.anchors = recycled[centres]
+        return selections

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["attention_rows", "last_token_index"]
+__all__ = ["attention_rows", "key_states", "last_token_index", "rope_only_rows"]
 
 _AUTO = "auto"
 
@@ -118,6 +118,49 @@ def attention_rows(
     if allowed is not None:
         probs = torch.where(allowed.any(-1)[:, None, :, None], probs, torch.zeros((), device=device))
     return probs.mean(dim=1) if average_heads else probs
+
+
+def key_states(layer: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+    """The key states a decoder ``layer`` would cache for ``hidden_states`` [B, L, D], after its k-norm and
+    RoPE: ``[B, Hkv, L, dh]`` (DART's pivot criterion reads their L1 norm). Same inputs as
+    :func:`attention_rows`; 1-D RoPE and transformers-5 M-RoPE position embeddings."""
+    attn = layer.self_attn
+    head_dim = _head_dim(attn)
+    k = _project(attn.k_proj, getattr(attn, "k_norm", None), layer.input_layernorm(hidden_states), head_dim)
+    first = torch.zeros(hidden_states.shape[0], 1, dtype=torch.long, device=hidden_states.device)
+    return _apply_rope(attn, k[:, :1, :1], k, position_embeddings, first)[1]
+
+
+def rope_only_rows(
+    layer: nn.Module,
+    position_embeddings: tuple[Tensor, Tensor],
+    query_index: Tensor,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """The attention rows the layer would produce if every query and key were the all-ones vector: only
+    RoPE (the positions) shapes them — the long-range decay of RoPE made visible. ``[B, Q, L]`` float32, same masking as :func:`attention_rows`.
+
+    Dividing real attention by it removes the positional preference of RoPE (SparseVLM v2's debiasing).
+    """
+    attn = layer.self_attn
+    cos = position_embeddings[0]
+    bsz, length = (cos.shape[-3], cos.shape[-2]) if cos.dim() >= 3 else (1, cos.shape[0])
+    if key_padding_mask is not None:
+        bsz = key_padding_mask.shape[0]
+    head_dim = _head_dim(attn)
+    query_index = _normalise_query_index(query_index, bsz, length, cos.device)
+    ones_k = torch.ones(bsz, 1, length, head_dim, device=cos.device, dtype=torch.float32)
+    ones_q = ones_k[:, :, : query_index.shape[1]]
+    cos_sin = (position_embeddings[0].float(), position_embeddings[1].float())
+    q, k = _apply_rope(attn, ones_q, ones_k, cos_sin, query_index)
+    scores = torch.matmul(q, k.transpose(-1, -2))[:, 0] * float(getattr(attn, "scaling", head_dim**-0.5))
+    allowed = _allowed(attn, query_index, length, key_padding_mask, True, _AUTO, bsz, cos.device)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if allowed is not None:
+        probs = torch.where(allowed.any(-1)[:, :, None], probs, torch.zeros((), device=cos.device))
+    return probs
 
 
 # ----------------------------------------------------------------------------------------- helpers

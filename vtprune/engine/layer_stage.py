@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..catalog.in_llm import LayerContext, LayerMethod
+from ..catalog.in_llm import LayerContext, LayerMethod, LayerSelection
+from ..stats import StageStats
 from .attention_rows import last_token_index
 from .positions import layer_rows, rope_rows
 from .sequence import SamplePlan, assemble
@@ -44,11 +45,15 @@ class LayerRun:
     merged: list[torch.Tensor]                # per sample: BoolTensor, merged (pre-LLM) columns
     pad_left: bool
     structural: list[int]                     # per sample: structural visual tokens (newlines), never dropped here
+    text: list[torch.Tensor] = field(default_factory=list)   # per sample: BoolTensor, text columns
+    prepared: Any = None                      # what the method's prepare() returned for this forward
+    #: per sample, one StageStats per stage that ran on it
+    stages: list[list[StageStats]] = field(default_factory=list)
     position_ids: torch.Tensor | None = None  # language-model-level position ids entering layer 0
     image_of: list[torch.Tensor] | None = None  # per sample [L]: image index of each original position, -1 text
     image_rule: Any = None                      # M-RoPE: the adapter's compact_image_positions
     segments: list[Segment] = field(default_factory=list)
-    previous: tuple[torch.Tensor, Any] | None = None   # input (hidden, pos emb) of the previous layer
+    previous: tuple[torch.Tensor, Any, Any] | None = None   # input (hidden, pos emb, pos ids) of the previous layer
     #: one entry per decoder layer run so far: per sample (sequence length, visual tokens) entering it
     history: list[list[tuple[int, int]]] = field(default_factory=list)
 
@@ -59,36 +64,43 @@ def real_columns(mask2d: torch.Tensor | None, batch: int, length: int, device) -
     return [torch.nonzero(mask2d[b]).flatten() for b in range(batch)]
 
 
-def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.Tensor, kwargs: dict,
-                   mask2d: torch.Tensor | None, cache) -> Segment | None:
-    """Run the method's selection at ``layer_idx`` (prefill) and build the segment the later layers use."""
+def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.Tensor,
+                   position_ids: torch.Tensor, position_embeddings, mask2d: torch.Tensor | None,
+                   cache) -> Segment | None:
+    """Run the method's selection at ``layer_idx`` (prefill) and build the segment the later layers use.
+
+    ``hidden`` [B, L, D] enters the layer with the language-model-level ``position_ids`` ([B, L] or M-RoPE
+    [3|4, B, L]) / ``position_embeddings`` of the current segment and the 2-D ``mask2d`` [B, L]. Returns None
+    when no sample drops anything here.
+    """
     from transformers.masking_utils import create_causal_mask
 
     batch, length, _ = hidden.shape
-    wanted = []
+    wanted: list[int | None] = []
     for b in range(batch):
         counts = [keep for layer, keep in run.schedules[b] if layer == layer_idx]
-        wanted.append(counts[0] if counts else None)
-    if all(w is None or w >= int(run.visual[b].sum()) for b, w in enumerate(wanted)):
+        count = counts[0] if counts else None
+        wanted.append(count if count is not None and count < int(run.visual[b].sum()) else None)
+    if all(w is None for w in wanted):
+        for b in range(batch):
+            if any(layer == layer_idx for layer, _ in run.schedules[b]):
+                _record_stage(run, b, layer_idx, added=0)
         return None
     columns = real_columns(mask2d, batch, length, hidden.device)
-    real = torch.zeros(batch, length, dtype=torch.bool, device=hidden.device)
-    visual = torch.zeros_like(real)
+    real, visual, text = (torch.zeros(batch, length, dtype=torch.bool, device=hidden.device) for _ in range(3))
     for b in range(batch):
         real[b, columns[b]] = True
         visual[b, columns[b][run.visual[b].to(hidden.device)]] = True
-    # language-model-level ids (the decoder layers of M-RoPE models only receive a text row, or None)
-    position_ids = run.segments[-1].position_ids if run.segments else run.position_ids
-    if position_ids is None:
-        position_ids = kwargs["position_ids"]
-    position_embeddings = kwargs["position_embeddings"]
-    prev_hidden, prev_pe = run.previous if run.previous is not None else (None, None)
+        text[b, columns[b][run.text[b].to(hidden.device)]] = True
+    prev_hidden, prev_pe, prev_ids = run.previous if run.previous is not None else (None, None, None)
     ctx = LayerContext(
         layer=layer_idx, layers=lm.layers, hidden=hidden, position_embeddings=position_embeddings,
-        previous_hidden=prev_hidden, previous_position_embeddings=prev_pe, real=real, visual=visual,
-        last=last_token_index(mask2d, batch, length).to(hidden.device),
+        previous_hidden=prev_hidden, previous_position_embeddings=prev_pe, previous_position_ids=prev_ids,
+        rotary=getattr(lm, "rotary_emb", None), real=real, visual=visual,
+        last=last_token_index(mask2d, batch, length).to(hidden.device), text=text, source=run.source,
+        prepared=run.prepared, norm=getattr(lm, "norm", None),
     )
-    scores = run.method.score(ctx)  # [B, L]
+    selections = run.method.select(ctx, wanted)
     plans = []
     for b in range(batch):
         cols = columns[b]
@@ -96,20 +108,25 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         if run.image_of is not None:  # image index of every current column (compact M-RoPE needs it)
             image_of = torch.full((length,), -1, dtype=torch.long, device=hidden.device)
             image_of[cols] = run.image_of[b][run.source[b]].to(hidden.device)
-        is_visual = run.visual[b].to(hidden.device)
-        keep_local = ~is_visual  # text / structural / merged columns stay
-        if wanted[b] is not None and wanted[b] < int(is_visual.sum()):
-            candidates = torch.nonzero(is_visual).flatten()
-            order = torch.argsort(scores[b, cols[candidates]], descending=True, stable=True)
-            keep_local[candidates[order[: wanted[b]]]] = True
-        else:
-            keep_local |= is_visual
-        run.source[b] = run.source[b][keep_local.cpu()]
-        run.visual[b] = run.visual[b][keep_local.cpu()]
-        run.merged[b] = run.merged[b][keep_local.cpu()]
-        plans.append(SamplePlan(keep=cols[keep_local], last=int(cols[-1]) if cols.numel() else -1,
-                                image_of=image_of))
+        selection = selections[b]
+        if selection is None:
+            plans.append(SamplePlan(keep=cols, last=int(cols[-1]) if cols.numel() else -1, image_of=image_of))
+            continue
+        _check_layer_selection(run.method.name, selection, visual[b], wanted[b])
+        keep = torch.sort(torch.cat([cols[~run.visual[b].to(cols.device)], selection.keep.to(cols.device)])).values
+        plans.append(SamplePlan(keep=keep, merged=selection.merged, merged_anchors=selection.anchors,
+                                last=int(cols[-1]) if cols.numel() else -1, image_of=image_of))
     pruned = assemble(hidden, position_ids, plans, run.method.positions, run.pad_left, run.image_rule)
+    for b in range(batch):
+        # each column of the new sequence comes from a column of the old one (merged tokens: their anchor)
+        local = torch.searchsorted(columns[b], pruned.source[b]).cpu()
+        added = pruned.merged[b].cpu()
+        run.source[b] = run.source[b][local]
+        run.visual[b] = run.visual[b][local] | added
+        run.text[b] = run.text[b][local] & ~added
+        run.merged[b] = run.merged[b][local] | added
+        if wanted[b] is not None or any(layer == layer_idx for layer, _ in run.schedules[b]):
+            _record_stage(run, b, layer_idx, added=int(added.sum()))
     base_shift = run.segments[-1].position_shift if run.segments else torch.zeros_like(pruned.position_shift)
     new_pos = pruned.position_ids
     segment = Segment(
@@ -124,6 +141,27 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
     )
     run.segments.append(segment)
     return segment
+
+
+def _record_stage(run: LayerRun, b: int, layer_idx: int, added: int) -> None:
+    kept = run.source[b][run.visual[b] & ~run.merged[b]]
+    run.stages[b].append(StageStats(
+        name=run.method.name, layer=layer_idx, kept_positions=torch.sort(kept).values, merged=added,
+        visual_out=int(run.visual[b].sum()),
+    ))
+
+
+def _check_layer_selection(name: str, selection: LayerSelection, visual: torch.Tensor, wanted: int) -> None:
+    keep = selection.keep
+    ok = keep.numel() == wanted and bool(visual[keep].all()) and keep.unique().numel() == keep.numel()
+    if selection.merged is not None:
+        anchors = selection.anchors
+        ok = ok and anchors is not None and anchors.numel() == selection.merged.shape[0] and bool(visual[anchors].all())
+    if not ok:
+        raise RuntimeError(
+            f"in-LLM method {name!r} returned {keep.numel()} kept columns for a schedule of {wanted} visual "
+            "tokens (or columns that are not visual candidates); this is a bug in the method."
+        )
 
 
 def decode_segment_inputs(segment: Segment, lm: nn.Module, hidden: torch.Tensor, tail_mask: torch.Tensor | None,

@@ -410,21 +410,31 @@ class PruneSession:
             merged = [torch.zeros_like(src, dtype=torch.bool) for src in sources]
             new_kwargs.update(position_ids=position_ids)
         new_kwargs["past_key_values"] = cache
-        visual, schedules, structural = [], [], []
+        visual, text, schedules, structural = [], [], [], []
         num_layers = len(self.adapter.decoder_layers)
         for b, layout in enumerate(layouts):
             content = torch.cat([img.positions[~img.structural] for img in layout.images]) if layout.images \
                 else torch.empty(0, dtype=torch.long)
             is_visual = torch.isin(sources[b].cpu(), content) | merged[b].cpu()
             visual.append(is_visual)
-            placeholders = layout.visual_positions()
-            structural.append(int(torch.isin(sources[b].cpu(), placeholders).sum()) - int(is_visual.sum())
-                              + int(merged[b].sum()))
+            is_placeholder = torch.isin(sources[b].cpu(), layout.visual_positions())
+            text.append(~is_placeholder & ~merged[b].cpu())
+            structural.append(int(is_placeholder.sum()) - int(is_visual.sum()) + int(merged[b].sum()))
             count = int(is_visual.sum())
             schedules.append(self.layer_method.schedule(num_layers, count, len(layout.images)) if count else [])
+        source = [s.cpu() for s in sources]
+        lm_embeds = new_kwargs["inputs_embeds"]
+        lm_real = torch.zeros(lm_embeds.shape[:2], dtype=torch.bool, device=lm_embeds.device)
+        lm_visual, lm_text = torch.zeros_like(lm_real), torch.zeros_like(lm_real)
+        for b, cols in enumerate(real_columns(lm_mask, batch, lm_embeds.shape[1], lm_embeds.device)):
+            lm_real[b, cols] = True
+            lm_visual[b, cols[visual[b].to(cols.device)]] = True
+            lm_text[b, cols[text[b].to(cols.device)]] = True
         self._run = LayerRun(
-            method=self.layer_method, schedules=schedules, source=[s.cpu() for s in sources], visual=visual,
-            merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural,
+            method=self.layer_method, schedules=schedules, source=source, visual=visual,
+            merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural, text=text,
+            prepared=self.layer_method.prepare(lm_embeds, lm_real, lm_visual, lm_text, source),
+            stages=[[] for _ in range(batch)],
             position_ids=new_kwargs["position_ids"], image_of=[p.image_of.cpu() for p in plans],
             image_rule=self.adapter.compact_image_positions,
         )
@@ -444,10 +454,12 @@ class PruneSession:
         if run is not None:  # prefill
             hidden = args[0] if args else kwargs["hidden_states"]
             if any(layer == index for sched in run.schedules for layer, _ in sched):
-                segment = prune_at_layer(run, self.adapter.language_model, index, hidden,
-                                         {**kwargs, **({"position_embeddings": run.segments[-1].position_embeddings}
-                                                       if run.segments else {})},
-                                         self._run_mask, kwargs.get("past_key_values"))
+                current = run.segments[-1] if run.segments else None
+                # language-model-level ids: the decoder layers of M-RoPE models only receive a text row, or None
+                position_ids = current.position_ids if current else run.position_ids
+                position_embeddings = current.position_embeddings if current else kwargs["position_embeddings"]
+                segment = prune_at_layer(run, self.adapter.language_model, index, hidden, position_ids,
+                                         position_embeddings, self._run_mask, kwargs.get("past_key_values"))
                 if segment is not None:
                     hidden = segment.hidden
                     self._run_mask = segment.prompt_mask
@@ -459,7 +471,9 @@ class PruneSession:
                 kwargs = {**kwargs, "attention_mask": segment.attention_mask,
                           "position_embeddings": segment.position_embeddings,
                           "position_ids": layer_rows(segment.position_ids)}
-            run.previous = (hidden, kwargs["position_embeddings"])
+            # layer ``index``'s input, (cos, sin) and language-model-level position ids (DART re-rotates keys)
+            run.previous = (hidden, kwargs["position_embeddings"],
+                            segment.position_ids if segment is not None else run.position_ids)
             run.history.append([(len(src), int(vis.sum()) + extra)
                                 for src, vis, extra in zip(run.source, run.visual, run.structural, strict=True)])
             return args, kwargs
@@ -484,17 +498,13 @@ class PruneSession:
         if run is None:
             return None
         self._segments = run.segments
+        for segment in self._segments:
+            segment.hidden = None  # the prefill's pruned hidden states are not needed any more
         num_layers = len(self.adapter.decoder_layers)
         for b, sample in enumerate(self._run_samples):
             sample.layer_lengths = [run.history[i][b][0] for i in range(num_layers)]
             sample.visual_lengths = [run.history[i][b][1] for i in range(num_layers)]
-            kept = run.source[b][run.visual[b] & ~run.merged[b]]
-            if any(layer for layer, _ in run.schedules[b]):
-                sample.stages.append(StageStats(
-                    name=self.layer_method.name, layer=run.schedules[b][-1][0],
-                    kept_positions=torch.sort(kept).values, merged=int(run.merged[b].sum()),
-                    visual_out=int(run.visual[b].sum()),
-                ))
+            sample.stages.extend(run.stages[b])
             unpruned = sample.layer_lengths[0] - sample.visual_lengths[0] + sample.visual_in
             sample.flops, sample.flops_unpruned = self._flops(self._run_layouts[b], sample.layer_lengths, unpruned)
         self.last_stats = PruneStats(self.name, self._run_samples)
