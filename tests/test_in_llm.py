@@ -373,10 +373,10 @@ def test_every_family_nothing_pruned_is_identity(new_family_model, method):
     _, model, processor = new_family_model
     inputs = batch_inputs(processor)
     ref = model(**inputs).logits
-    ref_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    ref_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     with vtprune.pruned(model, method, budget=1.0):
         out = model(**inputs).logits
-        tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         assert not any(s.pruned for s in vtprune.stats(model).samples)
     assert torch.equal(out, ref)
     assert torch.equal(tokens, ref_tokens)
@@ -431,7 +431,7 @@ def _check_family_batch(model, processor, method, padding_side, **options):
         batch_logits = model(**inputs).logits
         stats = vtprune.stats(model)
         assert stats.samples[0].pruned and stats.samples[2].pruned and not stats.samples[1].pruned
-        batch_tokens = model.generate(**inputs, max_new_tokens=6, do_sample=False) if padding_side == "left" else None
+        batch_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False) if padding_side == "left" else None
         for b in range(inputs["input_ids"].shape[0]):
             single = single_inputs(processor, b)
             alone = model(**single).logits[0]
@@ -440,7 +440,7 @@ def _check_family_batch(model, processor, method, padding_side, **options):
             rows = batch_logits[b, -n:] if padding_side == "left" else batch_logits[b, :n]
             torch.testing.assert_close(rows, alone, atol=1e-4, rtol=1e-4)
             if batch_tokens is not None:
-                alone_new = model.generate(**single, max_new_tokens=6, do_sample=False)[0, single["input_ids"].shape[1]:]
+                alone_new = model.generate(**single, max_new_tokens=4, do_sample=False)[0, single["input_ids"].shape[1]:]
                 batch_new = batch_tokens[b, inputs["input_ids"].shape[1]:]
                 n = alone_new.numel()
                 assert batch_new[:n].tolist() == alone_new.tolist()
