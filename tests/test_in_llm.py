@@ -8,6 +8,7 @@ import pytest
 import torch
 from reference_runs import (
     ALL_FAMILIES,
+    DEEPSTACK_FAMILIES,
     IN_LLM,
     NEW_TOKENS,
     call_positions,
@@ -487,3 +488,20 @@ def test_every_family_kv_cache_holds_only_kept_tokens(new_family_model, method):
     lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
     assert lengths == stats.layer_lengths
     assert lengths[-1] < lengths[0]
+
+
+def test_every_family_sparsevlm_recycling(new_family_model):
+    """SparseVLM v1 adds merged (recycled) tokens inside the decoder. On Qwen3-VL those tokens would need
+    deepstack features at the decoder layers that still receive them, which the merge does not define: an
+    explicit error, never a silent misalignment. Elsewhere a padded batch equals its samples."""
+    family, model, processor = new_family_model
+    options = {"budget": 0.7, "version": 1}
+    if family in DEEPSTACK_FAMILIES:
+        with vtprune.pruned(model, "sparsevlm", **options):
+            with pytest.raises(vtprune.UnsupportedModelError, match="no deepstack features"):
+                model(**single_inputs(processor, 0))
+        return
+    with vtprune.pruned(model, "sparsevlm", **options):
+        model(**single_inputs(processor, 0))
+        assert all(stage.merged >= 1 for stage in vtprune.stats(model).samples[0].stages)
+    _check_family_batch(model, processor, "sparsevlm", "left", **options)
