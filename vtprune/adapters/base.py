@@ -184,3 +184,15 @@ def adapter_for(model: nn.Module) -> Adapter:
         "Load the model with its conditional-generation class (e.g. LlavaForConditionalGeneration), not the "
         "bare backbone."
     )
+
+
+def crop_index_features(crops_per_image: list[int], num_patches: int) -> list[torch.Tensor]:
+    """Per image [crops, P, 3] "features" (vision row, patch index, 1 = content) to run through a model's own
+    packing function (crops, unpadding, newlines), so that the packed result tells where every token came from."""
+    out, first_row = [], 0
+    patch = torch.arange(num_patches, dtype=torch.float32)
+    for count in crops_per_image:
+        rows = torch.arange(first_row, first_row + count, dtype=torch.float32)
+        out.append(torch.stack(torch.broadcast_tensors(rows[:, None], patch[None, :], torch.ones(1, 1)), dim=-1))
+        first_row += count
+    return out

@@ -15,7 +15,7 @@ import torch
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
 from ..selectors.cls_attention import cls_attention_scores
-from .base import Adapter, SignalStore, register_adapter, split_image_spans
+from .base import Adapter, SignalStore, crop_index_features, register_adapter, split_image_spans
 
 
 def _call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
@@ -161,15 +161,7 @@ class LlavaNextAdapter(_ClipLlavaAdapter):
             )
             for size in image_sizes
         ]
-        index_features, row_offset = [], 0
-        for crops in crops_per_image:
-            rows = torch.arange(row_offset, row_offset + crops, dtype=torch.float32)
-            patch = torch.arange(num_patches, dtype=torch.float32)
-            feats = torch.stack(  # [crops, P, 3]: (vision row, patch index, 1 = content)
-                torch.broadcast_tensors(rows[:, None], patch[None, :], torch.ones(1, 1)), dim=-1
-            )
-            index_features.append(feats)
-            row_offset += crops
+        index_features = crop_index_features(crops_per_image, num_patches)
         newline_marker = torch.tensor([-1.0, -1.0, 0.0])
         packed, _ = self.model.model.pack_image_features(
             index_features, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes,

@@ -27,7 +27,7 @@ import torch
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
 from ..selectors.cls_attention import mean_received_attention
-from .base import SignalStore, register_adapter
+from .base import SignalStore, crop_index_features, register_adapter
 from .llava import _ClipLlavaAdapter
 
 
@@ -111,15 +111,7 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         crops = self._crops_per_image(call)
         num_patches = self._patches_per_row() - (1 if self._feature_strategy(call) == "default" else 0)
-        index_features, first_row = [], 0
-        for count in crops:
-            rows = torch.arange(first_row, first_row + count, dtype=torch.float32)
-            patch = torch.arange(num_patches, dtype=torch.float32)
-            feats = torch.stack(  # [crops, P, 3]: (vision row, patch index, 1 = content)
-                torch.broadcast_tensors(rows[:, None], patch[None, :], torch.ones(1, 1)), dim=-1
-            )
-            index_features.append(feats)
-            first_row += count
+        index_features = crop_index_features(crops, num_patches)
         packed = self._pack(call, index_features, torch.tensor([-1.0, -1.0, 0.0]))
         spans = [self._image_span(image_idx, p, count > 1, num_patches)
                  for image_idx, (p, count) in enumerate(zip(packed, crops, strict=True))]
