@@ -28,6 +28,8 @@ from transformers import (
     Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
     SiglipVisionConfig,
     SiglipVisionModel,
 )
@@ -437,6 +439,32 @@ def test_qwen2_5_vl_window_attention():
         text_config=_qwen_text(),
     )
     assert F.vision_flops(cfg, grid_thw=[[1, 16, 16]]) < F.vision_flops(full, grid_thw=[[1, 16, 16]])
+
+
+def test_qwen3_vl_deepstack():
+    text = _qwen_text()
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 2, 2],
+                               "mrope_interleaved": True}
+    cfg = Qwen3VLConfig(
+        vision_config=dict(
+            depth=3,
+            hidden_size=32,
+            intermediate_size=48,
+            num_heads=4,
+            out_hidden_size=64,
+            patch_size=4,
+            spatial_merge_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0, 1],
+        ),
+        text_config={**text, "head_dim": 16},
+        **_QWEN_TOKENS,
+    )
+    _check_qwen(cfg, Qwen3VLForConditionalGeneration, grid=[[1, 4, 6], [1, 8, 4]], video_grid=[[2, 4, 4]])
+    # the two deepstack mergers cost as much as the main one each
+    vc = cfg.vision_config
+    width = vc.hidden_size * 4
+    assert F.projector_flops(cfg, 10) == 3 * (2 * 10 * width * width + 2 * 10 * width * vc.out_hidden_size)
 
 
 # ----------------------------------------------------------------------------------- misc / formulas

@@ -1,10 +1,23 @@
 """In-LLM pruning (FastV, PyramidDrop, DART, SparseVLM): reference equivalence after the pruning layers,
-batching, decoding, KV cache, memory."""
+batching, decoding, KV cache, memory — method variants on LLaVA / LLaVA-NeXT, then every other family ×
+every registered in-LLM method."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from reference_runs import (
+    ALL_FAMILIES,
+    DEEPSTACK_FAMILIES,
+    IN_LLM,
+    NEW_TOKENS,
+    call_positions,
+    call_side_rows,
+    capture_lm_calls,
+    image_cells,
+    record_kept_columns,
+    reference_decoder,
+)
 
 import vtprune
 from vtprune.testing import tiny_image, tiny_inputs
@@ -305,3 +318,190 @@ def test_sparsevlm_v1_recycles_pruned_tokens(tiny_models):
     for stage, layer_count in zip(sample.stages, [sample.visual_lengths[s.layer] for s in sample.stages], strict=True):
         assert layer_count == stage.visual_out
         assert stage.visual_out >= len(stage.kept_positions) + stage.merged
+
+
+# =========================================================================================================
+# Every other family (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL, Qwen3-VL) × every registered in-LLM method.
+# Methods come from the registry, so new ones are covered without editing this section (they run with
+# ``budget=IN_LLM_BUDGET`` unless listed in ``OPTIONS``); references run the decoder layers by hand on the
+# columns the engine kept at each pruning layer (reference_runs.reference_decoder: 1-D RoPE or 3-D M-RoPE
+# positions, Qwen3-VL deepstack rows, per-layer caches for greedy decoding).
+# =========================================================================================================
+
+NEW_FAMILIES = [f for f in ALL_FAMILIES if f not in FAMILIES]
+
+IN_LLM_BUDGET = 0.6
+#: the papers' options for the known methods (a ratio / λ rather than a budget); others get the budget
+OPTIONS = {"fastv": {"ratio": 0.5}, "pdrop": {"lambda_": 0.5}}
+PRE_FOR_COMPOSITION = "divprune"
+
+IMAGES = (tiny_image(0, (48, 64)), None, tiny_image(1, (64, 48)))
+PROMPTS = ("describe the image please", "hi", "what color")
+
+
+def options_for(method: str) -> dict:
+    return OPTIONS.get(method, {"budget": IN_LLM_BUDGET})
+
+
+def batch_inputs(processor, padding_side="left"):
+    return tiny_inputs(processor, list(IMAGES), list(PROMPTS), padding_side=padding_side)
+
+
+def single_inputs(processor, b: int):
+    """Sample ``b`` of the batch on its own (no padding)."""
+    return tiny_inputs(processor, [IMAGES[b]], [PROMPTS[b]])
+
+
+@pytest.fixture(params=NEW_FAMILIES)
+def new_family_model(request, tiny_models):
+    model, processor = tiny_models[request.param]
+    return request.param, model, processor
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. nothing pruned => nothing changed
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_every_family_nothing_pruned_is_identity(new_family_model, method):
+    _, model, processor = new_family_model
+    inputs = batch_inputs(processor)
+    ref = model(**inputs).logits
+    ref_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    with vtprune.pruned(model, method, budget=1.0):
+        out = model(**inputs).logits
+        tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        assert not any(s.pruned for s in vtprune.stats(model).samples)
+    assert torch.equal(out, ref)
+    assert torch.equal(tokens, ref_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. reference equivalence after the pruning layers
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", ["original", "compact"])
+@pytest.mark.parametrize("method", IN_LLM)
+def test_every_family_reference_equivalence(new_family_model, method, positions, monkeypatch):
+    """Logits and greedy tokens equal the decoder run by hand: the full sequence up to each pruning layer, then
+    only the kept tokens (with their original or compact positions), each layer decoding from its own cache."""
+    family, model, processor = new_family_model
+    single = single_inputs(processor, 0)
+    with capture_lm_calls(model) as calls:
+        model(**single)
+    (call,) = calls
+    with monkeypatch.context() as patch:
+        kept = record_kept_columns(patch)
+        with vtprune.pruned(model, method, positions=positions, **options_for(method)):
+            pruned_logits = model(**single).logits[0]
+            stats = vtprune.stats(model).samples[0]
+            out = model.generate(**single, max_new_tokens=NEW_TOKENS, do_sample=False, output_logits=True,
+                                 return_dict_in_generate=True)
+    assert kept and stats.pruned
+    cells = image_cells(model, single) if family.startswith("qwen") else {}
+    placeholders = torch.nonzero(single["input_ids"][0] == model.config.image_token_id).flatten()
+    logits, lengths, tokens, step_logits = reference_decoder(
+        model, call["inputs_embeds"][0], call_positions(call), call_side_rows(call), kept, positions, cells,
+        placeholders)
+    assert stats.layer_lengths == lengths
+    torch.testing.assert_close(pruned_logits, logits, atol=1e-5, rtol=1e-5)
+    generated = out.sequences[0, single["input_ids"].shape[1]:].tolist()
+    n = len(generated)
+    assert generated == tokens[:n]
+    torch.testing.assert_close(torch.stack(out.logits, 1)[0], step_logits[:n], atol=1e-5, rtol=1e-5)
+    # the stats name the visual tokens that survive the last pruning layer
+    assert set(stats.stages[-1].kept_positions.tolist()) <= set(placeholders.tolist())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. batching (also composed with a pre-LLM method)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_family_batch(model, processor, method, padding_side, **options):
+    inputs = batch_inputs(processor, padding_side)
+    with vtprune.pruned(model, method, **options):
+        batch_logits = model(**inputs).logits
+        stats = vtprune.stats(model)
+        assert stats.samples[0].pruned and stats.samples[2].pruned and not stats.samples[1].pruned
+        batch_tokens = model.generate(**inputs, max_new_tokens=4, do_sample=False) if padding_side == "left" else None
+        for b in range(inputs["input_ids"].shape[0]):
+            single = single_inputs(processor, b)
+            alone = model(**single).logits[0]
+            n = stats.samples[b].layer_lengths[-1]
+            assert alone.shape[0] == n
+            rows = batch_logits[b, -n:] if padding_side == "left" else batch_logits[b, :n]
+            torch.testing.assert_close(rows, alone, atol=1e-4, rtol=1e-4)
+            if batch_tokens is not None:
+                alone_new = model.generate(**single, max_new_tokens=4, do_sample=False)[0, single["input_ids"].shape[1]:]
+                batch_new = batch_tokens[b, inputs["input_ids"].shape[1]:]
+                n = alone_new.numel()
+                assert batch_new[:n].tolist() == alone_new.tolist()
+                if n < batch_new.numel():  # stopped at EOS alone; the batch pads after it
+                    assert int(alone_new[-1]) == model.generation_config.eos_token_id
+                    assert bool((batch_new[n:] == model.generation_config.pad_token_id).all())
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("method", IN_LLM)
+def test_every_family_batch_equals_one_by_one(new_family_model, method, padding_side):
+    _, model, processor = new_family_model
+    _check_family_batch(model, processor, method, padding_side, **options_for(method))
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_every_family_composition_batch(new_family_model, method):
+    """A pre-LLM method followed by an in-LLM one: each stage prunes, and a padded batch equals its samples."""
+    _, model, processor = new_family_model
+    composed = [vtprune.registry.build_method(PRE_FOR_COMPOSITION, budget=0.5),
+                vtprune.registry.build_method(method, **options_for(method))]
+    with vtprune.pruned(model, composed):
+        model(**batch_inputs(processor))
+        sample = vtprune.stats(model).samples[0]
+        names = [s.name for s in sample.stages]  # one entry per stage layer of the in-LLM method
+        assert names[0] == PRE_FOR_COMPOSITION and len(names) > 1 and set(names[1:]) == {method}
+        assert sample.layer_lengths[0] > sample.layer_lengths[-1]
+    _check_family_batch(model, processor, composed, "left")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. per-layer KV cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", IN_LLM)
+def test_every_family_kv_cache_holds_only_kept_tokens(new_family_model, method):
+    _, model, processor = new_family_model
+    single = single_inputs(processor, 0)
+    with vtprune.pruned(model, method, **options_for(method)):
+        out = model(**single, use_cache=True)
+        stats = vtprune.stats(model).samples[0]
+    cache = out.past_key_values
+    lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
+    assert lengths == stats.layer_lengths
+    assert lengths[-1] < lengths[0]
+
+
+def test_every_family_sparsevlm_recycling(new_family_model):
+    """SparseVLM v1 adds merged (recycled) tokens inside the decoder. On Qwen3-VL those tokens would need
+    deepstack features at the decoder layers that still receive them, which the merge does not define: an
+    explicit error, never a silent misalignment. Elsewhere a padded batch equals its samples."""
+    family, model, processor = new_family_model
+    options = {"budget": 0.7, "version": 1}
+    if family in DEEPSTACK_FAMILIES:
+        with vtprune.pruned(model, "sparsevlm", **options):
+            with pytest.raises(vtprune.UnsupportedModelError, match="no deepstack features"):
+                model(**single_inputs(processor, 0))
+        return
+    with vtprune.pruned(model, "sparsevlm", **options):
+        model(**single_inputs(processor, 0))
+        assert all(stage.merged >= 1 for stage in vtprune.stats(model).samples[0].stages)
+    _check_family_batch(model, processor, "sparsevlm", "left", **options)

@@ -1,4 +1,4 @@
-"""``python -m vtprune``: the command line."""
+"""``python -m vtprune``: the same as the ``vtprune`` command."""
 
 import sys
 

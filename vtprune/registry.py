@@ -54,11 +54,16 @@ class Selection:
     ``keep``     LongTensor[k], ascending: indices (into the group) of the tokens kept as they are
     ``merged``   Tensor[m, D] or None: new tokens in LLM-embedding space
     ``anchors``  LongTensor[m]: index (into the group) whose position each merged token takes
+    ``weights``  Tensor[m, N] or None: how each merged token combines the group's tokens (merged token j =
+                 sum_i weights[j, i] * token i, in the space the method merges in). Lets per-token inputs that
+                 the decoder receives besides the embeddings (Qwen3-VL's deepstack features) follow the
+                 merge; a method that merges without weights cannot run on such a model.
     """
 
     keep: torch.Tensor
     merged: torch.Tensor | None = None
     anchors: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
 
     @property
     def num_merged(self) -> int:

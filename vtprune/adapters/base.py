@@ -80,6 +80,9 @@ class Adapter:
         store.vision_call = call
         store.capturing = bool(store.wanted)
 
+    def end_capture(self, store: SignalStore) -> None:
+        """Called when the vision encoder has returned (capturing is off): post-process the captured signals."""
+
     def install_signal_hooks(self, store: SignalStore) -> list[Any]:
         """Register the hooks that fill ``store`` with ``store.wanted``; return their handles."""
         return []
@@ -87,6 +90,37 @@ class Adapter:
     def project(self, vision_hidden: torch.Tensor) -> torch.Tensor:
         """Map vision-space tokens [M, dv] to LLM input embeddings [M, D]."""
         raise NotImplementedError(f"{type(self).__name__} cannot project merged vision tokens")
+
+    # -- decoder-side inputs besides the embeddings ---------------------------------------------------
+    #: language-model keyword arguments that carry rows per visual token besides ``inputs_embeds``:
+    #: (mask argument [B, L] marking the visual positions, argument holding a list with one [n_visual, D]
+    #: tensor per injection point, rows in row-major order of the mask). Qwen3-VL's deepstack features.
+    visual_side_inputs: ClassVar[tuple[str, str] | None] = None
+    #: (attribute path from the language model, method name) of the function that adds those rows to the
+    #: hidden states, called as ``fn(hidden, mask, rows)``; the engine wraps it per instance so that it
+    #: receives the mask and rows of the tokens currently in the (pruned) sequence.
+    side_input_injector: ClassVar[tuple[str, str] | None] = None
+
+    # -- positions -------------------------------------------------------------------------------------
+    #: M-RoPE families: the compact rope index of one pruned image (see vtprune.engine.positions.ImageRule);
+    #: None for 1-D RoPE, where compact positions are simply consecutive
+    compact_image_positions: ClassVar[Any] = None
+
+    def unpruned_decode_positions(self, call: dict[str, Any], seen_len: int) -> torch.Tensor | None:
+        """Position ids the *unpruned* model would use for a decode step that brings none, or None when the
+        engine can derive them itself (1-D RoPE: ``seen_len, seen_len + 1, ...``).
+
+        Families that compute positions from the cache length *before* the language model runs (Qwen's
+        M-RoPE with ``rope_deltas``) return them here, since the pruned cache is shorter.
+        """
+        return None
+
+    # -- FLOPs -----------------------------------------------------------------------------------------
+    def flops_inputs(self, layout: SampleLayout) -> dict[str, Any]:
+        """Vision-side arguments of :func:`vtprune.bench.flops.model_prefill_flops` for one sample."""
+        vc = getattr(self.model.config, "vision_config", None)
+        per_input = (vc.image_size // vc.patch_size) ** 2 if vc is not None and hasattr(vc, "image_size") else 0
+        return {"num_vision_inputs": layout.vision_inputs, "num_projected_tokens": layout.vision_inputs * per_input}
 
     def check_signals(self, needed: set[str], method_name: str) -> None:
         missing = sorted(set(needed) - set(self.provides) - ENGINE_SIGNALS)
@@ -105,8 +139,36 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
+def split_image_spans(input_ids: torch.Tensor, image_token_id: int, image_lengths: list[int],
+                      span_builder) -> list[SampleLayout]:
+    """Per-sample layouts from the image placeholder tokens of a padded batch.
+
+    Images fill the placeholders in row-major order (as the models' ``masked_scatter`` does): image ``i``
+    takes the next ``image_lengths[i]`` placeholders; ``span_builder(i, positions)`` makes its span.
+    """
+    batch_index, positions = (input_ids == image_token_id).nonzero(as_tuple=True)
+    batch_index, positions = batch_index.cpu(), positions.cpu()
+    if sum(image_lengths) != positions.numel():
+        raise UnsupportedModelError(
+            f"found {positions.numel()} image tokens in input_ids but the images produce "
+            f"{sum(image_lengths)} features; build the inputs with the model's processor."
+        )
+    layouts = [SampleLayout() for _ in range(input_ids.shape[0])]
+    start = 0
+    for image_idx, length in enumerate(image_lengths):
+        rows = batch_index[start:start + length]
+        if rows.numel() and bool((rows != rows[0]).any()):
+            raise UnsupportedModelError("an image's tokens span two samples; the inputs are malformed.")
+        span = span_builder(image_idx, positions[start:start + length])
+        layout = layouts[int(rows[0])]
+        layout.images.append(span)
+        layout.vision_inputs += span.num_vision_inputs
+        start += length
+    return layouts
+
+
 def supported_model_classes() -> list[str]:
-    from . import llava  # noqa: F401  (registers the built-in adapters)
+    from . import llava, onevision, qwen_vl  # noqa: F401  (register the built-in adapters)
 
     return sorted(name for cls in _ADAPTERS for name in cls.model_class_names)
 
@@ -122,3 +184,15 @@ def adapter_for(model: nn.Module) -> Adapter:
         "Load the model with its conditional-generation class (e.g. LlavaForConditionalGeneration), not the "
         "bare backbone."
     )
+
+
+def crop_index_features(crops_per_image: list[int], num_patches: int) -> list[torch.Tensor]:
+    """Per image [crops, P, 3] "features" (vision row, patch index, 1 = content) to run through a model's own
+    packing function (crops, unpadding, newlines), so that the packed result tells where every token came from."""
+    out, first_row = [], 0
+    patch = torch.arange(num_patches, dtype=torch.float32)
+    for count in crops_per_image:
+        rows = torch.arange(first_row, first_row + count, dtype=torch.float32)
+        out.append(torch.stack(torch.broadcast_tensors(rows[:, None], patch[None, :], torch.ones(1, 1)), dim=-1))
+        first_row += count
+    return out

@@ -15,7 +15,7 @@ import torch
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
 from ..selectors.cls_attention import cls_attention_scores
-from .base import Adapter, SignalStore, register_adapter
+from .base import Adapter, SignalStore, crop_index_features, register_adapter, split_image_spans
 
 
 def _call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
@@ -71,12 +71,7 @@ class _ClipLlavaAdapter(Adapter):
                     keys = module.k_proj(hidden).view(rows, tokens, module.num_heads, module.head_dim)
                     offset = store.patch_offset
                     if "cls_attention" in store.wanted:
-                        cls_query = module.q_proj(hidden[:, 0]).view(rows, module.num_heads, module.head_dim)
-                        scores = torch.stack(
-                            [cls_attention_scores(cls_query[r], keys[r].transpose(0, 1), module.scale)
-                             for r in range(rows)]
-                        )  # [rows, T]
-                        store["cls_attention"] = scores[:, offset:]
+                        store["cls_attention"] = self._attention_scores(module, hidden, keys)[:, offset:]
                     if "vit_keys" in store.wanted:
                         store["vit_keys"] = keys.mean(dim=2)[:, offset:]  # [rows, P, dh], head-averaged
 
@@ -91,34 +86,24 @@ class _ClipLlavaAdapter(Adapter):
             handles.append(projector.register_forward_pre_hook(on_projector, with_kwargs=True))
         return handles
 
+    @staticmethod
+    def _attention_scores(module, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[rows, T] attention of the CLS query (token 0) to every token, head-averaged, from q/k.
+
+        ``hidden`` [rows, T, dv] is the attention module's input, ``keys`` [rows, T, H, dh] its keys.
+        """
+        rows = hidden.shape[0]
+        cls_query = module.q_proj(hidden[:, 0]).view(rows, module.num_heads, module.head_dim)
+        return torch.stack(
+            [cls_attention_scores(cls_query[r], keys[r].transpose(0, 1), module.scale) for r in range(rows)]
+        )
+
     def project(self, vision_hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(vision_hidden)
 
     # -- layout ------------------------------------------------------------------------------------
-    def _image_token_positions(self, call: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids = call["input_ids"]
-        batch_index, positions = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)
-        return batch_index.cpu(), positions.cpu()
-
     def _split_spans(self, call, image_lengths: list[int], spans_builder) -> list[SampleLayout]:
-        batch_index, positions = self._image_token_positions(call)
-        if sum(image_lengths) != positions.numel():
-            raise UnsupportedModelError(
-                f"found {positions.numel()} image tokens in input_ids but the images produce "
-                f"{sum(image_lengths)} features; build the inputs with the model's processor."
-            )
-        layouts = [SampleLayout() for _ in range(call["input_ids"].shape[0])]
-        start = 0
-        for image_idx, length in enumerate(image_lengths):
-            rows = batch_index[start:start + length]
-            if rows.numel() and bool((rows != rows[0]).any()):
-                raise UnsupportedModelError("an image's tokens span two samples; the inputs are malformed.")
-            span = spans_builder(image_idx, positions[start:start + length])
-            layout = layouts[int(rows[0])]
-            layout.images.append(span)
-            layout.vision_inputs += span.num_vision_inputs
-            start += length
-        return layouts
+        return split_image_spans(call["input_ids"], self.config.image_token_id, image_lengths, spans_builder)
 
 
 @register_adapter
@@ -176,15 +161,7 @@ class LlavaNextAdapter(_ClipLlavaAdapter):
             )
             for size in image_sizes
         ]
-        index_features, row_offset = [], 0
-        for crops in crops_per_image:
-            rows = torch.arange(row_offset, row_offset + crops, dtype=torch.float32)
-            patch = torch.arange(num_patches, dtype=torch.float32)
-            feats = torch.stack(  # [crops, P, 3]: (vision row, patch index, 1 = content)
-                torch.broadcast_tensors(rows[:, None], patch[None, :], torch.ones(1, 1)), dim=-1
-            )
-            index_features.append(feats)
-            row_offset += crops
+        index_features = crop_index_features(crops_per_image, num_patches)
         newline_marker = torch.tensor([-1.0, -1.0, 0.0])
         packed, _ = self.model.model.pack_image_features(
             index_features, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes,

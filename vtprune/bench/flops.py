@@ -40,15 +40,17 @@ Supported families (dispatch on ``config.model_type``)
   ``vision_feature_layer=-1`` and ``"full"`` strategy (no CLS token to drop, 729 tokens per 384px crop).
   The released checkpoints already ship a 26-layer SigLIP (the original's last layer dropped), so the
   config's ``num_hidden_layers`` is what runs. Video bilinear pooling has no matmuls.
-* ``qwen2_vl`` / ``qwen2_5_vl``: the Qwen ViT runs on all patches of an image at once, so its cost depends
-  on ``image_grid_thw`` rather than on an image count: pass ``grid_thw=[(t, h, w), ...]`` (in patches, as
-  returned by the processor). Attention is per frame (``t`` segments of ``h*w`` patches); Qwen2.5-VL
-  uses window attention (``window_size`` px windows) except in ``fullatt_block_indexes`` layers. The
-  2x2 ``PatchMerger`` is reported as the *projector*; it runs on ``sum(t*h*w) / merge**2`` tokens, which
-  is also the number of image tokens the LLM sees.
+* ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl``: the Qwen ViT runs on all patches of an image at once, so its
+  cost depends on ``image_grid_thw`` rather than on an image count: pass ``grid_thw=[(t, h, w), ...]`` (in
+  patches, as returned by the processor). Attention is per frame (``t`` segments of ``h*w`` patches);
+  Qwen2.5-VL uses window attention (``window_size`` px windows) except in ``fullatt_block_indexes``
+  layers. The 2x2 ``PatchMerger`` is reported as the *projector*; it runs on ``sum(t*h*w) / merge**2``
+  tokens, which is also the number of image tokens the LLM sees. Qwen3-VL: a 2-matrix ViT MLP, a learned
+  position table that is interpolated (no matmul), and one extra merger per ``deepstack_visual_indexes``
+  entry (counted in the projector; the decoder adds their outputs to its hidden states, an addition).
 
-Decoders: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen2_vl_text``, ``qwen2_5_vl_text`` (gated
-3-matrix FFN) and ``phi``, ``starcoder2`` (2-matrix FFN). Text-level functions accept either a text
+Decoders: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``qwen2_vl_text``, ``qwen2_5_vl_text``,
+``qwen3_vl_text`` (gated 3-matrix FFN) and ``phi``, ``starcoder2`` (2-matrix FFN). Text-level functions accept either a text
 config or a composite config (its ``text_config`` is used).
 
 The literature formula
@@ -111,16 +113,18 @@ class FlopsBreakdown:
 
 # --------------------------------------------------------------------------------------------- registry
 
-_GATED_FFN_TEXT = frozenset({"llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text"})
+_GATED_FFN_TEXT = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text"}
+)
 _PLAIN_FFN_TEXT = frozenset({"phi", "starcoder2"})
 SUPPORTED_TEXT_MODEL_TYPES = tuple(sorted(_GATED_FFN_TEXT | _PLAIN_FFN_TEXT))
 
 _LLAVA_TYPES = frozenset({"llava", "llava_next", "llava_onevision"})
-_QWEN_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+_QWEN_VL_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl", "qwen3_vl"})
 SUPPORTED_MODEL_TYPES = tuple(sorted(_LLAVA_TYPES | _QWEN_VL_TYPES))
 
 _VIT_TYPES = frozenset({"clip_vision_model", "siglip_vision_model"})
-_QWEN_VIT_TYPES = frozenset({"qwen2_vl_vision", "qwen2_5_vl_vision"})
+_QWEN_VIT_TYPES = frozenset({"qwen2_vl_vision", "qwen2_5_vl_vision", "qwen3_vl_vision"})
 SUPPORTED_VISION_MODEL_TYPES = tuple(sorted(_VIT_TYPES | _QWEN_VIT_TYPES))
 
 
@@ -370,6 +374,10 @@ def _qwen_vit_flops(vc: Any, grid: list[tuple[int, int, int]]) -> int:
         dim = int(vc.embed_dim)
         mlp, ffn_mats = int(dim * vc.mlp_ratio), 2
         full_layers = set(range(int(vc.depth)))
+    elif mt == "qwen3_vl_vision":
+        dim = int(vc.hidden_size)
+        mlp, ffn_mats = int(vc.intermediate_size), 2  # linear_fc1 -> act -> linear_fc2
+        full_layers = set(range(int(vc.depth)))
     else:
         dim = int(vc.hidden_size)
         mlp, ffn_mats = int(vc.intermediate_size), 3
@@ -400,12 +408,12 @@ def vision_flops(
 
     * LLaVA families (``llava``, ``llava_next``, ``llava_onevision``): ``num_images`` is the number of
       vision-tower inputs (LLaVA-1.5: images; LLaVA-NeXT/OneVision: base + crops of all images).
-    * Qwen-VL families (``qwen2_vl``, ``qwen2_5_vl``): pass ``grid_thw`` (the processor's
+    * Qwen-VL families (``qwen2_vl``, ``qwen2_5_vl``, ``qwen3_vl``): pass ``grid_thw`` (the processor's
       ``image_grid_thw``/``video_grid_thw`` rows ``(t, h, w)`` in patches); ``num_images``, if given, must
       equal ``len(grid_thw)``. The PatchMerger is *not* included (see :func:`projector_flops`).
 
     ``model_config`` may also be a bare vision config (``CLIPVisionConfig``, ``SiglipVisionConfig``,
-    ``Qwen2VLVisionConfig``, ``Qwen2_5_VLVisionConfig``).
+    ``Qwen2VLVisionConfig``, ``Qwen2_5_VLVisionConfig``, ``Qwen3VLVisionConfig``).
     """
     vc = _vision_config(model_config)
     if _model_type(vc) in _QWEN_VIT_TYPES:
@@ -449,7 +457,8 @@ def projector_flops(model_config: Any, num_tokens: int) -> int:
       :func:`vision_tokens_per_input` (the projector runs before LLaVA-NeXT's unpadding).
     * Qwen-VL families: the PatchMerger MLP ``linear(c*m^2 -> c*m^2)``, GELU, ``linear(c*m^2 -> out)``
       with ``c`` the ViT width and ``m`` the spatial merge size; ``num_tokens`` = merged tokens =
-      ``sum(t*h*w) // m**2`` (= the number of image tokens in the prompt).
+      ``sum(t*h*w) // m**2`` (= the number of image tokens in the prompt). Qwen3-VL runs one more merger
+      of the same shape per deepstack layer.
     """
     _check_nonneg(num_tokens=num_tokens)
     n = int(num_tokens)
@@ -466,7 +475,8 @@ def projector_flops(model_config: Any, num_tokens: int) -> int:
     else:
         width, out = int(vc.hidden_size), int(vc.out_hidden_size)
     merged_width = width * merge * merge
-    return _linear(n, merged_width, merged_width) + _linear(n, merged_width, out)
+    mergers = 1 + len(getattr(vc, "deepstack_visual_indexes", None) or [])
+    return mergers * (_linear(n, merged_width, merged_width) + _linear(n, merged_width, out))
 
 
 def model_prefill_flops(

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..budget import BudgetError
 from ..engine.attention_rows import attention_rows, key_states, rope_only_rows
+from ..engine.positions import rope_rows
 from ..errors import MethodOptionError
 from ..registry import IN_LLM, Method, register_method
 from ..selectors.dart import dart_select, pick_pivots
@@ -35,7 +36,8 @@ class LayerContext:
     ``source``            per sample LongTensor[n_b]: original sequence position of each real column, in order
     ``prepared``          what the method's :meth:`LayerMethod.prepare` returned for this forward
     ``norm``              the decoder's final norm (DART measures duplication after it)
-    ``previous_position_ids`` [..., B, L] position ids layer ``layer - 1`` used
+    ``previous_position_ids`` [..., B, L] language-model-level position ids layer ``layer - 1`` used ([B, L], or
+                          M-RoPE [3|4, B, L])
     ``rotary``            the decoder's rotary embedding module (position ids -> (cos, sin))
     """
 
@@ -59,7 +61,7 @@ class LayerContext:
         """Layer ``layer - 1``'s (cos, sin) with each sample's positions counted from its first real token, as
         if it ran alone: quantities that are not invariant to a shift of all positions (the L1 norm of rotated
         keys) then do not depend on how much padding the batch put in front of the sample."""
-        positions = self.previous_position_ids  # [..., B, L]
+        positions = rope_rows(self.previous_position_ids)  # [B, L] or M-RoPE [3, B, L]
         first = self.real.float().argmax(dim=-1)  # [B] first real column
         start = positions.gather(-1, first.view(*([1] * (positions.dim() - 2)), -1, 1).expand(
             *positions.shape[:-2], -1, 1).to(positions.device))

@@ -7,6 +7,7 @@ and calls a pure function of ``vtprune.selectors``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import MethodOptionError
 from ..registry import Method, Selection, VisualGroup, register_method
@@ -61,7 +62,9 @@ class AveragePool(Method):
 
     Baseline (the "downsample" family: LLaVA-OneVision / LLaVA-Video pool projected features 2×2). Each pooled
     token takes the position of its window's top-left patch; default positions ``compact`` (as if the image
-    had been smaller). Default 64 tokens per image.
+    had been smaller: on Qwen's M-RoPE exactly the rope index of an image with the pooled grid). The window
+    means are returned as merge weights, so Qwen3-VL's deepstack features are pooled the same way. Default 64
+    tokens per image.
     """
 
     name = "pool"
@@ -73,7 +76,10 @@ class AveragePool(Method):
         h, w = _require_grid(self.name, group)
         pooled = pool_grid(group.features, h, w, k)
         empty = torch.empty(0, dtype=torch.long, device=group.features.device)
-        return Selection(keep=empty, merged=pooled.tokens, anchors=pooled.anchors.to(group.features.device))
+        window = F.one_hot(pooled.assignment, pooled.tokens.shape[0]).T.float()  # [m, N]
+        weights = window / window.sum(dim=1, keepdim=True)  # window means
+        return Selection(keep=empty, merged=pooled.tokens, anchors=pooled.anchors.to(group.features.device),
+                         weights=weights)
 
 
 @register_method
@@ -84,7 +90,14 @@ class FasterVLM(Method):
     (LLaVA: the penultimate layer), averaged over heads; computed from that layer's q/k for the CLS row only
     (the vision tower stays on SDPA). Kept tokens stay in raster order; original positions. LLaVA-NeXT: the
     budget is split over the base image and every crop in proportion to their sizes (same keep ratio per crop,
-    as in the official code). Encoders without CLS use the mean attention each patch receives instead.
+    as in the official code).
+
+    Encoders without a [CLS] token (LLaVA-OneVision's SigLIP, the Qwen-VL ViTs): the score is the mean attention
+    each patch *receives* at the feature layer — mean over heads and over every query of its crop / image —
+    computed from that layer's q/k (after the vision rotary embedding on Qwen), again without eager attention.
+    Qwen-VL: one LLM token is a 2×2 PatchMerger group, so its score is the mean of its 4 patches' scores;
+    Qwen2.5-VL's windowed block order (``window_index``) is undone first. LLaVA-OneVision: scores are packed
+    like the features (a downsampled AnyRes grid gets the interpolated scores of its tokens).
     Paper budgets: 75/90/95 % reduction (144/58/29 of 576); default 64.
     """
 
@@ -108,6 +121,14 @@ class VisionZip(Method):
     token (one token beyond the budget); that token has no placeholder in the HF sequence, so it is not kept
     here and the budget is exact. Contextual tokens take the position of their target token. LLaVA-NeXT:
     per-crop budget.
+
+    Encoders without a [CLS] token (LLaVA-OneVision's SigLIP, the Qwen-VL ViTs): dominant tokens are ranked by
+    the mean attention each token receives at the feature layer (see ``fastervlm``). Qwen-VL: per 2×2
+    PatchMerger group the score and the head-averaged keys (taken before the vision rotary embedding, so
+    similarity is by content) are averaged over the group's 4 patches, after undoing Qwen2.5-VL's window
+    order; the hidden state merged is the merger's input (the 4 patch states concatenated) and contextual
+    tokens are projected by the PatchMerger. The merge is returned as weights (target 1, assigned tokens
+    1/count), which Qwen3-VL's deepstack features follow.
     """
 
     name = "visionzip"
@@ -133,9 +154,23 @@ class VisionZip(Method):
             return _all_kept(group)
         s = group.signals
         result = visionzip_select(s["vit_hidden"], s["vit_keys"], s["cls_attention"], dominant, contextual)
-        merged = group.project(result.merged) if result.merged.shape[0] else None
-        anchors = result.anchors if merged is not None else None
-        return Selection(keep=result.keep, merged=merged, anchors=anchors)
+        if not result.merged.shape[0]:
+            return Selection(keep=result.keep)
+        return Selection(keep=result.keep, merged=group.project(result.merged), anchors=result.anchors,
+                         weights=_visionzip_weights(result.assignment, result.anchors))
+
+
+def _visionzip_weights(assignment: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """[C, N] weights of VisionZip's contextual tokens: 1 on the target, 1/count on each token merged into it."""
+    num_ctx, n = anchors.numel(), assignment.numel()
+    weights = torch.zeros(num_ctx, n, dtype=torch.float32, device=assignment.device)
+    merged_in = assignment >= 0
+    merged_in[anchors] = False  # targets carry weight 1 (below), the tokens assigned to them the mean
+    members = torch.nonzero(merged_in).flatten()
+    counts = torch.bincount(assignment[members], minlength=num_ctx).clamp_min(1).float()
+    weights[assignment[members], members] = 1.0 / counts[assignment[members]]
+    weights[torch.arange(num_ctx, device=assignment.device), anchors] = 1.0
+    return weights
 
 
 @register_method

@@ -17,6 +17,7 @@ from torch import nn
 from ..catalog.in_llm import LayerContext, LayerMethod, LayerSelection
 from ..stats import StageStats
 from .attention_rows import last_token_index
+from .positions import layer_rows, rope_rows
 from .sequence import SamplePlan, assemble
 from .timing import section
 
@@ -28,7 +29,7 @@ class Segment:
     layer: int
     prompt_mask: torch.Tensor        # [B, Lk] 2-D mask of the pruned prompt at this segment
     position_shift: torch.Tensor     # [..., B] language-model-level position - this segment's position
-    position_ids: torch.Tensor | None = None   # prefill only
+    position_ids: torch.Tensor | None = None   # language-model-level ids ([B, L] or M-RoPE [3|4, B, L])
     position_embeddings: Any = None             # prefill, or the current decode step
     attention_mask: Any = None                  # 4-D / None, prefill or the current decode step
     hidden: torch.Tensor | None = None          # prefill: the pruned hidden states entering ``layer``
@@ -49,6 +50,9 @@ class LayerRun:
     prepared: Any = None                      # what the method's prepare() returned for this forward
     #: per sample, one StageStats per stage that ran on it
     stages: list[list[StageStats]] = field(default_factory=list)
+    position_ids: torch.Tensor | None = None  # language-model-level position ids entering layer 0
+    image_of: list[torch.Tensor] | None = None  # per sample [L]: image index of each original position, -1 text
+    image_rule: Any = None                      # M-RoPE: the adapter's compact_image_positions
     segments: list[Segment] = field(default_factory=list)
     previous: tuple[torch.Tensor, Any, Any] | None = None   # input (hidden, pos emb, pos ids) of the previous layer
     #: one entry per decoder layer run so far: per sample (sequence length, visual tokens) entering it
@@ -67,8 +71,9 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
                    cache) -> Segment | None:
     """Run the method's selection at ``layer_idx`` (prefill) and build the segment the later layers use.
 
-    ``hidden`` [B, L, D] enters the layer with ``position_ids`` / ``position_embeddings`` of the current
-    segment and the 2-D ``mask2d`` [B, L]. Returns None when no sample drops anything here.
+    ``hidden`` [B, L, D] enters the layer with the language-model-level ``position_ids`` ([B, L] or M-RoPE
+    [3|4, B, L]) / ``position_embeddings`` of the current segment and the 2-D ``mask2d`` [B, L]. Returns None
+    when no sample drops anything here.
     """
     from transformers.masking_utils import create_causal_mask
 
@@ -102,15 +107,19 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
     plans = []
     for b in range(batch):
         cols = columns[b]
+        image_of = None
+        if run.image_of is not None:  # image index of every current column (compact M-RoPE needs it)
+            image_of = torch.full((length,), -1, dtype=torch.long, device=hidden.device)
+            image_of[cols] = run.image_of[b][run.source[b]].to(hidden.device)
         selection = selections[b]
         if selection is None:
-            plans.append(SamplePlan(keep=cols, last=int(cols[-1]) if cols.numel() else -1))
+            plans.append(SamplePlan(keep=cols, last=int(cols[-1]) if cols.numel() else -1, image_of=image_of))
             continue
         _check_layer_selection(run.method.name, selection, visual[b], wanted[b])
         keep = torch.sort(torch.cat([cols[~run.visual[b].to(cols.device)], selection.keep.to(cols.device)])).values
         plans.append(SamplePlan(keep=keep, merged=selection.merged, merged_anchors=selection.anchors,
-                                last=int(cols[-1]) if cols.numel() else -1))
-    pruned = assemble(hidden, position_ids, plans, run.method.positions, run.pad_left)
+                                last=int(cols[-1]) if cols.numel() else -1, image_of=image_of))
+    pruned = assemble(hidden, position_ids, plans, run.method.positions, run.pad_left, run.image_rule)
     for b in range(batch):
         # each column of the new sequence comes from a column of the old one (merged tokens: their anchor)
         local = torch.searchsorted(columns[b], pruned.source[b]).cpu()
@@ -126,12 +135,12 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
     segment = Segment(
         layer=layer_idx, prompt_mask=pruned.attention_mask, position_shift=base_shift + pruned.position_shift,
         position_ids=new_pos,
-        position_embeddings=lm.rotary_emb(pruned.inputs_embeds, position_ids=new_pos),
+        position_embeddings=lm.rotary_emb(pruned.inputs_embeds, position_ids=rope_rows(new_pos)),
         hidden=pruned.inputs_embeds,
     )
     segment.attention_mask = create_causal_mask(
         config=lm.config, inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask,
-        past_key_values=cache, position_ids=new_pos, layer_idx=layer_idx,
+        past_key_values=cache, position_ids=layer_rows(new_pos), layer_idx=layer_idx,
     )
     run.segments.append(segment)
     return segment
@@ -168,11 +177,12 @@ def decode_segment_inputs(segment: Segment, lm: nn.Module, hidden: torch.Tensor,
         tail_mask = segment.prompt_mask.new_ones(batch, decoded + steps)
     mask2d = torch.cat([segment.prompt_mask, tail_mask.to(segment.prompt_mask)], dim=1)
     positions = position_ids - segment.position_shift.unsqueeze(-1)
-    if bool((segment.position_shift != 0).any()):
-        position_embeddings = lm.rotary_emb(hidden, position_ids=positions)
+    shift = segment.position_shift  # [B] or M-RoPE [3|4, B]; a text row (4 rows) is not a rotary position
+    if bool(((shift[1:] if shift.dim() == 2 and shift.shape[0] == 4 else shift) != 0).any()):
+        position_embeddings = lm.rotary_emb(hidden, position_ids=rope_rows(positions))
     segment.position_ids = positions
     segment.position_embeddings = position_embeddings
     segment.attention_mask = create_causal_mask(
         config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=cache,
-        position_ids=positions, layer_idx=segment.layer,
+        position_ids=layer_rows(positions), layer_idx=segment.layer,
     )

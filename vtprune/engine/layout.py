@@ -80,6 +80,15 @@ class SampleLayout:
     images: list[ImageSpan] = field(default_factory=list)
     #: number of vision-encoder inputs (images, crops, frames) belonging to this sample
     vision_inputs: int = 0
+    #: Qwen-VL families: (t, h, w) patch grid of each image, in order (the vision encoder's cost depends on it)
+    vision_grids: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def image_index(self, length: int) -> torch.Tensor:
+        """LongTensor[length]: index of the image each sequence position belongs to, -1 for text."""
+        index = torch.full((length,), -1, dtype=torch.long)
+        for i, image in enumerate(self.images):
+            index[image.positions] = i
+        return index
 
     @property
     def num_visual(self) -> int:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .positions import ImageRule, pruned_positions
+
 
 @dataclass
 class SamplePlan:
@@ -18,12 +20,15 @@ class SamplePlan:
     ``merged``          Tensor[m, D] or None: merged tokens to insert
     ``merged_anchors``  LongTensor[m]: original position each merged token stands at
     ``last``            original position of the sample's last real token (decoding continues after it)
+    ``image_of``        LongTensor[L] or None: image index of every input column (-1 = text); compact M-RoPE
+                        positions need it (see :mod:`vtprune.engine.positions`)
     """
 
     keep: torch.Tensor
     merged: torch.Tensor | None = None
     merged_anchors: torch.Tensor | None = None
     last: int = -1
+    image_of: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -47,15 +52,19 @@ def assemble(
     plans: list[SamplePlan],
     positions: str,
     pad_left: bool,
+    image_rule: ImageRule | None = None,
 ) -> PrunedBatch:
     """Build the pruned, re-padded batch.
 
     ``inputs_embeds``  [B, L, D] the unpruned input embeddings
-    ``position_ids``   [..., B, L] the position ids the unwrapped model would use (1-D RoPE: [B, L])
+    ``position_ids``   [..., B, L] the position ids the unwrapped model would use (1-D RoPE: [B, L]; M-RoPE:
+                       [3|4, B, L])
     ``positions``      "original": each token keeps its position id (merged tokens: their anchor's);
-                       "compact": positions re-indexed from the sample's first token as if the pruned
-                       sequence had been the input
+                       "compact": positions recomputed as if the pruned sequence had been the input
+                       (rules in :mod:`vtprune.engine.positions`)
     ``pad_left``       pad on the left (generation) or on the right
+    ``image_rule``     M-RoPE families: the compact rope index of one image (the adapter's
+                       ``compact_image_positions``)
     """
     batch, _, hidden = inputs_embeds.shape
     lengths = [p.length for p in plans]
@@ -87,12 +96,10 @@ def assemble(
         out_embeds[b, slot] = embeds
         out_mask[b, slot] = 1
         original = position_ids[..., b, :][..., src_all]  # [..., n]
-        if positions == "original":
-            new = original  # decoding continues after the unpruned length: shift stays 0
-        else:  # compact: consecutive from the sample's first real token; decoding continues after the last
-            new = original[..., :1] + torch.arange(n, device=position_ids.device, dtype=position_ids.dtype)
-            if n:
-                shift[..., b] = position_ids[..., b, plan.last] - new[..., -1]
+        image_of = plan.image_of[src_all.to(plan.image_of.device)] if plan.image_of is not None else None
+        new = pruned_positions(original, positions, image_of, image_rule)
+        if n:  # decoding continues after the last token (0 for unchanged rows, e.g. "original" rope rows)
+            shift[..., b] = position_ids[..., b, plan.last] - new[..., -1]
         out_pos[..., b, slot] = new
         sources.append(src_all)
         merged_flags.append(merged_all)

@@ -24,9 +24,11 @@ from ..adapters.base import ENGINE_SIGNALS, Adapter, SignalStore
 from ..budget import split_proportional, tokens_for
 from ..engine.layer_stage import LayerRun, Segment, decode_segment_inputs, prune_at_layer, real_columns
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
+from ..engine.positions import layer_rows
 from ..engine.sequence import PrunedBatch, SamplePlan, assemble
+from ..engine.side_inputs import MergedRows, gather_side_rows, merged_side_rows, visual_row_index
 from ..engine.timing import section
-from ..errors import VTPruneError
+from ..errors import UnsupportedModelError, VTPruneError
 from ..registry import IN_LLM, PRE_LLM, Method, Selection, VisualGroup
 from ..stats import PruneStats, SampleStats, StageStats
 
@@ -48,6 +50,24 @@ class _DecodeState:
     seen_len: int                 # unpruned tokens seen so far (prompt + decoded)
     prompt_mask: torch.Tensor     # [B, Lp] mask of the pruned prefill
     position_shift: torch.Tensor  # [..., B] unwrapped position - pruned position
+
+
+@dataclass
+class _SideInputs:
+    """The unpruned per-visual-token decoder inputs of the current prefill (Qwen3-VL deepstack)."""
+
+    mask: torch.Tensor               # [B, L] visual positions
+    rows: list[torch.Tensor]         # per injection point [n_visual, D]
+    merged: list[MergedRows | None]  # per sample: rows of its pre-LLM merged tokens
+
+
+@dataclass
+class _MergeRecord:
+    """How one group's merged tokens were built (for side inputs): original positions and weights."""
+
+    anchors: torch.Tensor           # LongTensor[m] anchor positions
+    group_positions: torch.Tensor   # LongTensor[N] positions of the group's tokens
+    weights: torch.Tensor | None    # [m, N] or None when the method gave none
 
 
 def _mix_seed(seed: int, *parts: int) -> int:
@@ -94,6 +114,8 @@ class PruneSession:
         self._labels: torch.Tensor | None = None  # labels of the current call, for the loss on kept positions
         self._decode: _DecodeState | None = None
         self._batch: PrunedBatch | None = None
+        self._side: _SideInputs | None = None
+        self._merge_records: list[list[_MergeRecord]] = []
         self.last_stats: PruneStats | None = None
         #: None, or a timer with ``section(name)`` set by vtprune.bench to time the engine's and the method's
         #: own work separately (see engine/timing.py)
@@ -109,6 +131,7 @@ class PruneSession:
             raise VTPruneError("this model is already pruned; call vtprune.remove(model) before applying again.")
         lm = self.adapter.language_model
         self._wrap_vision_entry_points()
+        self._wrap_side_input_injector()
         self._handles = [
             self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
             self.model.register_forward_hook(self._on_model_return, with_kwargs=True),
@@ -137,12 +160,50 @@ class PruneSession:
                 call = __signature.bind_partial(*args, **kwargs).arguments
                 self.adapter.begin_capture({**call, **call.get("kwargs", {})}, self.store)
                 try:
-                    return __original(*args, **kwargs)
+                    output = __original(*args, **kwargs)
                 finally:
                     self.store.capturing = False
+                self.adapter.end_capture(self.store)
+                return output
 
             setattr(owner, name, run_vision)
             self._wrapped.append((owner, name))
+
+    def _wrap_side_input_injector(self) -> None:
+        """Per-instance wrapper of the function that adds per-visual-token rows (Qwen3-VL deepstack) to the
+        hidden states: during a pruned prefill it receives the mask and rows of the tokens now present."""
+        if self.adapter.side_input_injector is None:
+            return
+        path, name = self.adapter.side_input_injector
+        owner = self.adapter.language_model
+        for part in path.split(".") if path else []:
+            owner = getattr(owner, part)
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def inject(hidden, mask, rows, __original=original):
+            side = self._side
+            columns = self._current_columns(hidden.shape[0], hidden.shape[1]) if side is not None else None
+            if columns is None:
+                return __original(hidden, mask, rows)
+            point = next((i for i, r in enumerate(side.rows) if r is rows), None)
+            if point is None or mask is not side.mask:
+                raise VTPruneError("the decoder's side inputs changed during the forward; cannot align them.")
+            mask, rows = gather_side_rows(side.mask, rows, point, columns, side.merged, hidden.shape[1])
+            return __original(hidden, mask, rows)
+
+        setattr(owner, name, inject)
+        self._wrapped.append((owner, name))
+
+    def _current_columns(self, batch: int, width: int):
+        """Per sample (slots, source, merged) of the hidden states now in the decoder, or None if unpruned."""
+        run = self._run
+        if run is not None and run.segments:
+            slots = real_columns(run.segments[-1].prompt_mask, batch, width, run.segments[-1].prompt_mask.device)
+            return list(zip(slots, run.source, run.merged, strict=True))
+        if self._batch is not None:
+            return list(zip(self._batch.slots, self._batch.source, self._batch.merged, strict=True))
+        return None
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -153,7 +214,7 @@ class PruneSession:
                 delattr(owner, name)
         self._wrapped = []
         self.store.clear()
-        self._pending = self._decode = self._batch = self._labels = self._run = self._step = None
+        self._pending = self._decode = self._batch = self._labels = self._run = self._step = self._side = None
         self._segments = []
         if getattr(self.model, SESSION_ATTRIBUTE, None) is self:
             delattr(self.model, SESSION_ATTRIBUTE)
@@ -165,7 +226,7 @@ class PruneSession:
         self._batch = None
         self._labels = None
         if not self.adapter.has_visual_input(call):
-            return None
+            return self._unpruned_decode_positions(call, args, kwargs)
         if call.get("input_ids") is None:
             raise VTPruneError(
                 "vtprune needs input_ids on a forward with images (it locates the image tokens there); pass "
@@ -183,8 +244,23 @@ class PruneSession:
             raise VTPruneError("pass labels as a keyword argument to a pruned model.")
         return None
 
+    def _unpruned_decode_positions(self, call: dict[str, Any], args: tuple, kwargs: dict[str, Any]):
+        """A decode step on the pruned cache whose positions the model would derive from the cache length:
+        pass the unpruned ones explicitly (the language-model hook then maps them to the pruned cache)."""
+        state = self._decode
+        cache = call.get("past_key_values")
+        if state is None or cache is not state.cache or cache.get_seq_length() != state.cache_len:
+            return None
+        positions = self.adapter.unpruned_decode_positions(call, state.seen_len)
+        if positions is None or "position_ids" in call and call["position_ids"] is not None:
+            return None
+        if "position_ids" not in kwargs and len(args) > list(self._signature.parameters).index("position_ids"):
+            return None
+        return args, {**kwargs, "position_ids": positions}
+
     def _on_language_model_call(self, module, args, kwargs):
         self.store.capturing = False
+        self._side = None
         pending, self._pending = self._pending, None
         cache = kwargs.get("past_key_values")
         cached = 0 if cache is None else cache.get_seq_length()
@@ -230,6 +306,7 @@ class PruneSession:
         layouts = self.adapter.build_layouts({**pending.call, **self.store.vision_call})
         self.store.vision_call = None
         plans, samples = [], []
+        self._merge_records = []
         for b, layout in enumerate(layouts):
             if self.pre_method is not None:
                 plan, sample = self._plan_sample(layout, embeds[b], real[b])
@@ -237,8 +314,11 @@ class PruneSession:
                 kept = torch.nonzero(real[b]).flatten()
                 plan = SamplePlan(keep=kept, last=int(kept[-1]) if kept.numel() else -1)
                 sample = SampleStats(visual_in=layout.num_visual)
+                self._merge_records.append([])
+            plan.image_of = layout.image_index(length).to(embeds.device)
             plans.append(plan)
             samples.append(sample)
+        self._side = self._record_side_inputs(kwargs)
         changed = any(p.length < int(real[b].sum()) or p.merged is not None for b, p in enumerate(plans))
         new_kwargs = dict(kwargs)
         num_layers = len(self.adapter.decoder_layers)
@@ -252,7 +332,8 @@ class PruneSession:
             self.last_stats = PruneStats(self.name, samples)
             self._decode = None
             return new_kwargs
-        pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left)
+        pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left,
+                          self.adapter.compact_image_positions)
         self._batch = pruned
         pruned_mask = pruned.attention_mask
         needs_mask = mask is not None or bool((pruned_mask == 0).any())
@@ -271,6 +352,36 @@ class PruneSession:
             self._finish_sample_stats(sample, plans[b].length, num_layers, layouts[b], kwargs)
         self.last_stats = PruneStats(self.name, samples)
         return new_kwargs
+
+    def _record_side_inputs(self, kwargs: dict[str, Any]) -> _SideInputs | None:
+        """The prefill's per-visual-token side inputs, with the rows of the pre-LLM merged tokens."""
+        names = self.adapter.visual_side_inputs
+        if names is None or kwargs.get(names[0]) is None or not kwargs.get(names[1]):
+            return None
+        mask, rows = kwargs[names[0]], list(kwargs[names[1]])
+        index = visual_row_index(mask)
+        merged: list[MergedRows | None] = []
+        for b, records in enumerate(self._merge_records):
+            if not records:
+                merged.append(None)
+                continue
+            if any(record.weights is None for record in records):
+                raise UnsupportedModelError(
+                    f"method {self.pre_method.name!r} adds merged tokens without merge weights, so "
+                    f"{type(self.model).__name__}'s per-token {names[1]} cannot follow them. Use a method that "
+                    "returns Selection.weights, or one that only drops tokens."
+                )
+            anchors = torch.cat([record.anchors for record in records])
+            order = torch.argsort(anchors)
+            if bool((anchors[order][1:] == anchors[order][:-1]).any()):
+                raise UnsupportedModelError("two merged tokens share an anchor; their side inputs cannot be told apart.")
+            point_rows = [  # per injection point [m, D], in anchor order
+                torch.cat([merged_side_rows(point, index[b], record.group_positions, record.weights)
+                           for record in records])[order.to(point.device)]
+                for point in rows
+            ]
+            merged.append(MergedRows(anchors=anchors[order], rows=point_rows))
+        return _SideInputs(mask=mask, rows=rows, merged=merged)
 
     @staticmethod
     def _cache_for(lm: nn.Module, kwargs: dict[str, Any]):
@@ -293,7 +404,8 @@ class PruneSession:
         new_kwargs = dict(kwargs)
         cache = self._cache_for(lm, kwargs)
         if changed:
-            pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left)
+            pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left,
+                              self.adapter.compact_image_positions)
             self._batch = pruned
             lm_mask, lm_positions, shift = pruned.attention_mask, pruned.position_ids, pruned.position_shift
             sources, merged = pruned.source, pruned.merged
@@ -330,6 +442,8 @@ class PruneSession:
             method=self.layer_method, schedules=schedules, source=source, visual=visual,
             merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural, text=text,
             prepared=prepared, stages=[[] for _ in range(batch)], timer=self.timer,
+            position_ids=new_kwargs["position_ids"], image_of=[p.image_of.cpu() for p in plans],
+            image_rule=self.adapter.compact_image_positions,
         )
         self._run_mask = lm_mask
         self._run_layouts, self._run_samples = layouts, samples
@@ -348,7 +462,8 @@ class PruneSession:
             hidden = args[0] if args else kwargs["hidden_states"]
             if any(layer == index for sched in run.schedules for layer, _ in sched):
                 current = run.segments[-1] if run.segments else None
-                position_ids = current.position_ids if current else kwargs["position_ids"]
+                # language-model-level ids: the decoder layers of M-RoPE models only receive a text row, or None
+                position_ids = current.position_ids if current else run.position_ids
                 position_embeddings = current.position_embeddings if current else kwargs["position_embeddings"]
                 with section(self.timer, "engine"):
                     segment = prune_at_layer(run, self.adapter.language_model, index, hidden, position_ids,
@@ -362,8 +477,11 @@ class PruneSession:
             segment = run.segments[-1] if run.segments else None
             if segment is not None:
                 kwargs = {**kwargs, "attention_mask": segment.attention_mask,
-                          "position_embeddings": segment.position_embeddings, "position_ids": segment.position_ids}
-            run.previous = (hidden, kwargs["position_embeddings"], kwargs.get("position_ids"))
+                          "position_embeddings": segment.position_embeddings,
+                          "position_ids": layer_rows(segment.position_ids)}
+            # layer ``index``'s input, (cos, sin) and language-model-level position ids (DART re-rotates keys)
+            run.previous = (hidden, kwargs["position_embeddings"],
+                            segment.position_ids if segment is not None else run.position_ids)
             run.history.append([(len(src), int(vis.sum()) + extra)
                                 for src, vis, extra in zip(run.source, run.visual, run.structural, strict=True)])
             return args, kwargs
@@ -379,7 +497,8 @@ class PruneSession:
             decode_segment_inputs(segment, self.adapter.language_model, hidden, tail, decoded, positions,
                                   kwargs["position_embeddings"], cache)
         return args, {**kwargs, "attention_mask": segment.attention_mask,
-                      "position_embeddings": segment.position_embeddings, "position_ids": segment.position_ids}
+                      "position_embeddings": segment.position_embeddings,
+                      "position_ids": layer_rows(segment.position_ids)}
 
     def _on_language_model_return(self, module, args, output):
         run, self._run = self._run, None
@@ -404,6 +523,7 @@ class PruneSession:
         keep = real.clone()
         merged, anchors = [], []
         kept_visual, num_merged = [], 0
+        self._merge_records.append([])
         for image_idx, image in enumerate(layout.images):
             span_keep, image_merged, image_anchors = self._select_image(image, image_idx, embeds)
             keep[image.positions[~span_keep].to(keep.device)] = False
@@ -453,6 +573,10 @@ class PruneSession:
             if selection.num_merged:
                 merged.append(selection.merged)
                 anchors.append(group.members[selection.anchors.cpu()])
+                self._merge_records[-1].append(_MergeRecord(
+                    anchors=image.positions[anchors[-1]], group_positions=image.positions[group.members],
+                    weights=selection.weights,
+                ))
         anchor_span = torch.cat(anchors) if anchors else torch.empty(0, dtype=torch.long)
         # structural tokens (row newlines) stay for every row that still holds a token
         alive_rows = torch.cat([image.row[span_keep & ~image.structural], image.row[anchor_span]])
@@ -521,18 +645,12 @@ class PruneSession:
         from ..bench.flops import model_prefill_flops
 
         num_layers = len(layer_lengths)
-        projected = layout.vision_inputs * self._projected_per_input()
-        pruned = model_prefill_flops(self.model.config, layer_lengths, layout.vision_inputs, projected,
-                                     layer_lengths[-1] if layer_lengths else 0)
-        full = model_prefill_flops(self.model.config, [unpruned_length] * num_layers, layout.vision_inputs,
-                                   projected, unpruned_length)
+        vision = self.adapter.flops_inputs(layout)
+        pruned = model_prefill_flops(self.model.config, layer_lengths, logits_positions=layer_lengths[-1]
+                                     if layer_lengths else 0, **vision)
+        full = model_prefill_flops(self.model.config, [unpruned_length] * num_layers,
+                                   logits_positions=unpruned_length, **vision)
         return pruned.total, full.total
-
-    def _projected_per_input(self) -> int:
-        vc = getattr(self.model.config, "vision_config", None)
-        if vc is None or not hasattr(vc, "image_size"):
-            return 0
-        return (vc.image_size // vc.patch_size) ** 2
 
     def _record_text_only(self, kwargs: dict[str, Any]) -> None:
         embeds = kwargs.get("inputs_embeds")

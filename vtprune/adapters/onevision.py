@@ -1,0 +1,145 @@
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``), image path.
+
+A SigLIP tower without CLS token, an MLP projector and a Qwen2 decoder (1-D RoPE). An image is the base view
+(27 x 27 tokens at 384 px) followed by the AnyRes crops packed as one unpadded grid with an image-newline
+token closing every row; when that grid exceeds ``anyres_max_N`` crops' worth of tokens it is bilinearly
+downsampled (the packed tokens are then blends of neighbouring patches). A sample with several images gets
+no crops: each image is its base view plus one newline token.
+
+Layout: the model's own ``pack_image_features`` run on index tensors gives each token's place (so it always
+matches the model's packing); an image has two groups, the base view and the high-resolution grid (one grid,
+whatever the crop count), and newline tokens are structural (kept while their row holds a token).
+
+Signals: there is no CLS token, so ``cls_attention`` is the mean attention each patch receives at the
+feature layer (mean over heads and over every query of its crop, from q/k; the tower stays on SDPA).
+Signals are captured per crop and then packed exactly like the features (``pack_image_features`` on the
+signal tensors), so every packed token — downsampled ones included — has the signal of its own mix of
+patches (scores and keys interpolated like the features).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
+from ..errors import UnsupportedModelError
+from ..selectors.cls_attention import mean_received_attention
+from .base import SignalStore, crop_index_features, register_adapter
+from .llava import _ClipLlavaAdapter
+
+
+def _pad_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack [n_i, ...] tensors into [len, max n_i, ...], zero-padded."""
+    longest = max(t.shape[0] for t in tensors)
+    out = tensors[0].new_zeros(len(tensors), longest, *tensors[0].shape[1:])
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+@register_adapter
+class LlavaOnevisionAdapter(_ClipLlavaAdapter):
+    family = "llava_onevision"
+    model_class_names = ("LlavaOnevisionForConditionalGeneration",)
+
+    def has_visual_input(self, call: dict[str, Any]) -> bool:
+        encoded = call.get("mm_encoder_outputs") or {}
+        if call.get("pixel_values_videos") is not None or encoded.get("video") is not None:
+            raise UnsupportedModelError(
+                "vtprune prunes LLaVA-OneVision images only; video inputs are not supported yet. Remove the "
+                "pruning (vtprune.remove) to run videos."
+            )
+        return super().has_visual_input(call)
+
+    @staticmethod
+    def _attention_scores(module, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[rows, T] mean attention each token receives (SigLIP has no CLS): mean over heads and queries."""
+        rows, tokens, _ = hidden.shape
+        queries = module.q_proj(hidden).view(rows, tokens, module.num_heads, module.head_dim)
+        return torch.stack([
+            mean_received_attention(queries[r].transpose(0, 1), keys[r].transpose(0, 1), module.scale)
+            for r in range(rows)
+        ])
+
+    # -- the model's own image bookkeeping ---------------------------------------------------------------
+    def _crops_per_image(self, call: dict[str, Any]) -> list[int]:
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        image_sizes = call["image_sizes"]
+        batch_num_images = call.get("batch_num_images")
+        if batch_num_images is None:
+            patching = [True] * len(image_sizes)
+        else:
+            patching = [int(n) == 1 for n in batch_num_images for _ in range(int(n))]
+        return [
+            image_size_to_num_patches(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                                      patch_size=self.config.vision_config.image_size) if patch else 1
+            for size, patch in zip(image_sizes, patching, strict=True)
+        ]
+
+    def _pack(self, call: dict[str, Any], features: list[torch.Tensor], newline: torch.Tensor) -> list[torch.Tensor]:
+        """``pack_image_features`` of the model: per image [crops, P, C] -> [n, C]."""
+        image_sizes = call["image_sizes"]
+        ratio = call.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
+        packed, _ = self.model.model.pack_image_features(
+            features, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes,
+            image_newline=newline, vision_aspect_ratio=ratio,
+        )
+        return packed
+
+    def end_capture(self, store: SignalStore) -> None:
+        """Pack the per-crop signals like the features: tables indexed [image, token of the image's span]."""
+        names = [name for name in ("cls_attention", "vit_keys", "vit_hidden") if name in store]
+        if not names:
+            return
+        call = store.vision_call
+        columns = [store[name].float() if name != "cls_attention" else store[name].float()[..., None]
+                   for name in names]  # each [crops, P, c]
+        widths = [c.shape[-1] for c in columns]
+        joined = torch.cat(columns, dim=-1)  # [crops, P, sum c]
+        per_image = list(torch.split(joined, self._crops_per_image(call), dim=0))
+        packed = self._pack(call, per_image, joined.new_zeros(joined.shape[-1]))  # per image [n, sum c]
+        table = _pad_rows(packed)  # [images, max n, sum c]
+        for name, part in zip(names, torch.split(table, widths, dim=-1), strict=True):
+            dtype = store[name].dtype
+            store[name] = (part[..., 0] if name == "cls_attention" else part).to(dtype)
+
+    # -- layout --------------------------------------------------------------------------------------------
+    def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
+        crops = self._crops_per_image(call)
+        num_patches = self._patches_per_row() - (1 if self._feature_strategy(call) == "default" else 0)
+        index_features = crop_index_features(crops, num_patches)
+        packed = self._pack(call, index_features, torch.tensor([-1.0, -1.0, 0.0]))
+        spans = [self._image_span(image_idx, p, count > 1, num_patches)
+                 for image_idx, (p, count) in enumerate(zip(packed, crops, strict=True))]
+        layouts = self._split_spans(call, [s.num_tokens for s in spans],
+                                    lambda i, positions: ImageSpan(positions, spans[i].structural, spans[i].row,
+                                                                   spans[i].groups))
+        # vision-encoder inputs per sample (FLOPs): the crops of its images, in order
+        image_idx = 0
+        for layout in layouts:
+            layout.vision_inputs = sum(crops[image_idx:image_idx + len(layout.images)])
+            image_idx += len(layout.images)
+        return layouts
+
+    @staticmethod
+    def _image_span(image_idx: int, packed: torch.Tensor, has_crops: bool, num_patches: int) -> ImageSpan:
+        """packed [n, 3]: (vision row, patch index, content) per token; newline tokens have content 0."""
+        structural = packed[:, 2] < 0.5
+        row = torch.cumsum(structural.long(), 0) - structural.long()  # a newline closes the row it ends
+        side = math.isqrt(num_patches)
+        base_grid = (side, side) if side * side == num_patches else (None, None)
+        base = torch.arange(num_patches)
+        groups = [TokenGroup(base, *base_grid, torch.full_like(base, image_idx), base)]
+        if has_crops:
+            row[:num_patches] = -1  # the base view has no newline tokens
+            high = torch.nonzero(~structural[num_patches:]).flatten() + num_patches
+            height = int(structural[num_patches:].sum())
+            width = high.numel() // height if height else 0
+            if height * width != high.numel():
+                raise UnsupportedModelError("the packed LLaVA-OneVision crops do not form a grid; unexpected layout.")
+            groups.append(TokenGroup(high, height, width, torch.full_like(high, image_idx), high))
+        return ImageSpan(torch.empty(0, dtype=torch.long), structural, row, groups)
