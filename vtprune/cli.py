@@ -55,9 +55,10 @@ def cmd_methods(args) -> int:
 
 
 def _default_image():
-    from .testing import tiny_image
+    """A question of the shipped synthetic test split (what the bundled micro-VLMs were trained for)."""
+    from .synth import load_test_split
 
-    return tiny_image(seed=0, size=(96, 128))
+    return load_test_split(limit=6)[5]  # fine_detail: "What color is the small object?"
 
 
 def cmd_run(args) -> int:
@@ -71,7 +72,13 @@ def cmd_run(args) -> int:
 
         image = Image.open(args.image).convert("RGB")
     else:
-        image = _default_image()
+        sample = _default_image()
+        image = sample.image
+        if args.prompt is None:
+            args.prompt = sample.question
+            print(f"image:  synthetic test sample {sample.id} (reference answer: {sample.answer})")
+    if args.prompt is None:
+        args.prompt = "What is in the image?"
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     inputs = processor(images=[image], text=[text], return_tensors="pt").to(args.device)
@@ -88,6 +95,11 @@ def cmd_run(args) -> int:
     print(f"answer: {answer.strip()}")
     print(stats.summary())
     print(f"generate: {elapsed * 1000:.1f} ms for {output.shape[1] - inputs['input_ids'].shape[1]} new tokens")
+    if args.show:
+        from .viz import save_overlay
+
+        path = save_overlay(args.show, model, inputs, image, processor=processor)
+        print(f"kept tokens drawn to {path}")
     return 0
 
 
@@ -199,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="HF directory or hub id; 'tiny:<family>' for a random tiny model; default: bundled model")
     p.add_argument("--image", default=None, help="image file (default: a generated test image)")
-    p.add_argument("--prompt", default="What is in the image?")
+    p.add_argument("--prompt", default=None,
+                   help="default: the question of the default image, or 'What is in the image?'")
     p.add_argument("--method", default="divprune")
     p.add_argument("--budget", type=_parse_budget, default=None,
                    help="int tokens per image, float fraction, or 'none' for the paper default")
@@ -210,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--show", default=None, metavar="OUT.png",
+                   help="save the image with the kept tokens of each stage highlighted")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="sweep methods x budgets x models x tasks; JSONL rows (resumable) + tables")

@@ -39,5 +39,39 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
     torch_dtype = getattr(torch, dtype)
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, attn_implementation="sdpa")
     net = net.to(device).eval()
-    processor = AutoProcessor.from_pretrained(model)
+    processor = load_processor(model)
     return net, processor, model
+
+
+def load_processor(path: str | Path):
+    """``AutoProcessor.from_pretrained(path)``; for processors whose video part needs torchvision (Qwen-VL in
+    transformers 5.x) and no torchvision installed, the same processor class is built from the saved image
+    processor, tokenizer and chat template with a video processor that refuses videos (images work as usual).
+    """
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except ValueError as error:
+        if "torchvision" not in str(error):
+            raise
+    import json
+
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from .testing import _make_processor, _video_processor
+
+    config_file = Path(path) / "processor_config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found; cannot build the processor without torchvision")
+    config = json.loads(config_file.read_text())
+    processor_cls = getattr(transformers, config["processor_class"])
+    image_processor = AutoImageProcessor.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    video_attrs = {k: v for k, v in config.get("video_processor", {}).items()
+                   if k in ("patch_size", "temporal_patch_size", "merge_size", "size")}
+    video_processor = _video_processor(config.get("video_processor", {}).get("video_processor_type", ""),
+                                       **video_attrs)
+    return _make_processor(processor_cls, image_processor=image_processor, tokenizer=tokenizer,
+                           video_processor=video_processor, chat_template=tokenizer.chat_template)

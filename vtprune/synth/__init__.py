@@ -263,6 +263,51 @@ _BUILDERS: dict[str, Callable[[np.random.Generator, int], _Built | None]] = {
 }
 
 
+def scene_questions(objects: tuple[SceneObject, ...] | list[SceneObject]) -> dict[str, list[tuple[str, str]]]:
+    """Every question of the six skills that is well posed for a scene: skill -> [(question, answer)].
+
+    Used to ask several questions about one training image. ``existence`` lists the "yes" questions first
+    (one per present colour x shape), then the "no" ones; counting only counts present kinds (1..4).
+    """
+    shapes = [o for o in objects if o.kind == "shape"]
+    signs = [o for o in objects if o.kind == "sign"]
+    out: dict[str, list[tuple[str, str]]] = {skill: [] for skill in SKILLS}
+    combos = [(o.color, o.shape) for o in shapes]
+
+    def article(color: str) -> str:
+        return "an" if color[0] in "aeiou" else "a"
+
+    present = sorted(set(combos), key=combos.index)
+    absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
+    out["existence"] = [(f"Is there {article(c)} {c} {s}?", "yes") for c, s in present] + \
+                       [(f"Is there {article(c)} {c} {s}?", "no") for c, s in absent]
+    for shape in SHAPES:
+        matching = [o for o in shapes if o.shape == shape]
+        if len(matching) == 1:
+            out["attribute"].append((f"What color is the {shape}?", matching[0].color))
+        if 1 <= len(matching) <= MAX_COUNT:
+            out["counting"].append((f"How many {PLURALS[shape]} are there?", str(len(matching))))
+    for color in COLOR_NAMES:
+        matching = [o for o in shapes if o.color == color]
+        if len(matching) == 1:
+            out["attribute"].append((f"What shape is the {color} object?", matching[0].shape))
+        if 1 <= len(matching) <= MAX_COUNT:
+            out["counting"].append((f"How many {color} objects are there?", str(len(matching))))
+    unique = [o for o in shapes if combos.count((o.color, o.shape)) == 1]
+    for a in unique:
+        for b in unique:
+            for relation in RELATIONS:
+                if a is not b and _relation_holds(relation, a.center, b.center):
+                    out["spatial"].append(
+                        (f"Where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?", relation))
+    if len(signs) == 1:
+        out["ocr"].append(("What character is on the sign?", signs[0].char.lower()))
+    small = [o for o in shapes if o.small]
+    if len(small) == 1:
+        out["fine_detail"].append(("What color is the small object?", small[0].color))
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------
@@ -382,5 +427,5 @@ def load_test_split(limit: int | None = None, root: str | Path | None = None) ->
 __all__ = [
     "ANSWERS", "CHARACTERS", "COLOR_NAMES", "IMAGE_SIZE", "MAX_COUNT", "RELATIONS", "SHAPES", "SKILLS", "SPLITS",
     "TEST_SIZE", "SceneObject", "VQASample", "export_split", "generate_sample", "generate_split",
-    "iterate_split", "load_split", "load_test_split",
+    "iterate_split", "load_split", "load_test_split", "scene_questions",
 ]

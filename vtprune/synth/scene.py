@@ -150,6 +150,18 @@ def render(objects: list[SceneObject], rng: np.random.Generator) -> np.ndarray:
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
 
 
+def object_map(objects: list[SceneObject] | tuple[SceneObject, ...]) -> np.ndarray:
+    """int [64, 64]: index of the object drawn at each pixel (later objects on top, as rendered), -1 elsewhere."""
+    index = np.full((IMAGE_SIZE, IMAGE_SIZE), -1, dtype=np.int64)
+    for i, obj in enumerate(objects):
+        if obj.kind == "shape":
+            index[_shape_mask(obj.shape, obj.box)] = i
+        else:
+            x0, y0, x1, y1 = obj.box
+            index[y0:y1, x0:x1] = i
+    return index
+
+
 __all__ = [
-    "CHARACTERS", "COLORS", "IMAGE_SIZE", "PLURALS", "SHAPES", "SceneObject", "place_box", "render",
+    "CHARACTERS", "COLORS", "IMAGE_SIZE", "PLURALS", "SHAPES", "SceneObject", "object_map", "place_box", "render",
 ]

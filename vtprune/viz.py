@@ -1,0 +1,188 @@
+"""Draw which visual tokens a pruned forward kept: ``vtprune run --show out.png``.
+
+    inputs = processor(images=[image], text=[prompt], return_tensors="pt")
+    vtprune.apply(model, "fastervlm", budget=32)
+    model.generate(**inputs, max_new_tokens=4)
+    vtprune.viz.save_overlay("kept.png", model, inputs, image)
+
+One column per pruning stage of ``vtprune.stats(model)`` (after the input column), one row per token group
+(the image; for LLaVA-NeXT the base view and the crop grid). Kept tokens stay bright with a green outline,
+pruned ones are darkened. When a stage merged tokens (VisionZip's contextual tokens, ...), its title says how
+many, and the pruned tokens are tinted blue instead of dark: their content lives on in the merged tokens.
+If a stage records the sequence positions its merged tokens took (``merged_positions``), those cells get
+an orange outline.
+
+Token cells are placed with the model's own layout (:meth:`Adapter.build_layouts`): the grid of each group is
+drawn over the image the vision encoder saw (LLaVA: the un-normalised ``pixel_values``; otherwise the input
+image stretched to the grid, which is what Qwen-VL's resize and LLaVA-NeXT's unpadded crop grid show).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["overlay", "save_overlay"]
+
+_KEPT = (40, 220, 90)
+_MERGED = (255, 150, 30)
+_DROPPED_DIM = 0.28           # brightness left to a pruned token
+_MERGED_TINT = (70, 110, 200)  # pruned tokens whose content went into merged tokens
+_PANEL = 256                  # long side of a panel in pixels
+_TITLE = 30
+
+
+def _pixel_rows(inputs: dict[str, Any]) -> torch.Tensor | None:
+    """pixel_values as [vision rows, 3, H, W] (LLaVA: 4-D; LLaVA-NeXT: [images, crops, 3, H, W] flattened),
+    or None when the model takes flattened patches (Qwen-VL)."""
+    pixels = inputs.get("pixel_values")
+    if not isinstance(pixels, torch.Tensor):
+        return None
+    if pixels.dim() == 5:
+        return pixels.flatten(0, 1)
+    return pixels if pixels.dim() == 4 else None
+
+
+def _model_view(pixels: torch.Tensor, row: int, processor) -> Image.Image:
+    """The image the vision tower saw for vision row ``row``, un-normalised with the processor's mean/std."""
+    image_processor = getattr(processor, "image_processor", None)
+    mean = np.array(getattr(image_processor, "image_mean", None) or [0.0, 0.0, 0.0], dtype=np.float32)
+    std = np.array(getattr(image_processor, "image_std", None) or [1.0, 1.0, 1.0], dtype=np.float32)
+    array = pixels[row].detach().float().cpu().numpy().transpose(1, 2, 0)  # [H, W, 3]
+    array = np.clip((array * std + mean) * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(array, mode="RGB")
+
+
+def _vit_grid(model) -> int | None:
+    """Patches per side of one square vision-encoder input (CLIP-style configs), else None."""
+    vision = getattr(model.config, "vision_config", None)
+    image_size, patch_size = getattr(vision, "image_size", None), getattr(vision, "patch_size", None)
+    if isinstance(image_size, int) and isinstance(patch_size, int) and patch_size > 0:
+        return image_size // patch_size
+    return None
+
+
+def _panel(base: Image.Image, height: int, width: int, cells: np.ndarray, kept: np.ndarray, merged_into: bool,
+           merged: np.ndarray | None, title: str) -> Image.Image:
+    """One panel: ``base`` resized so the long side is _PANEL px with a ``height x width`` token grid on top.
+    ``cells`` (int [n], raster index) are the grid cells that are tokens, ``kept`` (bool [n]) which of them
+    the stage kept, ``merged`` (bool [n] or None) which took a merged token; other cells are hatched."""
+    scale = _PANEL / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    picture = np.asarray(base.convert("RGB").resize(size, Image.NEAREST), dtype=np.float32).copy()
+    state = np.full(height * width, -1)  # -1: no token, 0: pruned, 1: kept
+    state[cells] = kept.astype(int)
+    ys = np.minimum((np.arange(size[1]) / scale).astype(int), height - 1)
+    xs = np.minimum((np.arange(size[0]) / scale).astype(int), width - 1)
+    pixel_state = state.reshape(height, width)[ys[:, None], xs[None, :]]  # [H, W]
+    dropped = pixel_state == 0
+    if merged_into:
+        picture[dropped] = 0.45 * picture[dropped] + 0.55 * np.array(_MERGED_TINT, dtype=np.float32)
+    else:
+        picture[dropped] *= _DROPPED_DIM
+    absent = pixel_state < 0
+    stripes = ((np.arange(size[1])[:, None] + np.arange(size[0])[None, :]) // 4) % 2 == 0
+    picture[absent] = np.where(stripes[absent][:, None], 200.0, 235.0)
+    canvas = Image.new("RGB", (size[0], size[1] + _TITLE), (255, 255, 255))
+    canvas.paste(Image.fromarray(picture.round().astype(np.uint8)), (0, _TITLE))
+    draw = ImageDraw.Draw(canvas)
+
+    def outline(index: int, color, width_px: int) -> None:
+        r, c = divmod(int(index), width)
+        draw.rectangle((c * scale, _TITLE + r * scale, (c + 1) * scale - 1, _TITLE + (r + 1) * scale - 1),
+                       outline=color, width=width_px)
+
+    for index in cells[kept]:
+        outline(index, _KEPT, 1 if scale < 12 else 2)
+    if merged is not None:
+        for index in cells[merged]:
+            outline(index, _MERGED, 2)
+    font = ImageFont.load_default()
+    for line_index, line in enumerate(title.split("\n")[:2]):
+        draw.text((3, 2 + 13 * line_index), line, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def _views(model, layout, call: dict[str, Any], image: Image.Image | None, processor):
+    """Yield (base image, grid height, grid width, cells, sequence positions) per drawable view: one per
+    vision-encoder input when its pixels can be shown (tokens placed by their patch index), else one per
+    token group drawn over the original image."""
+    pixels, side = _pixel_rows(call), _vit_grid(model)
+    for img in layout.images:
+        for group in img.groups:
+            positions = img.positions[group.members].cpu()  # [g]
+            rows = torch.unique(group.vision_row)
+            if pixels is not None and side is not None and int(rows.max()) < pixels.shape[0] \
+                    and int(group.patch_index.max()) < side * side:
+                for row in rows.tolist():
+                    mine = (group.vision_row == row).cpu()
+                    yield (_model_view(pixels, row, processor), side, side, group.patch_index[mine].cpu().numpy(),
+                           positions[mine])
+            elif group.height and group.width:
+                if image is None:
+                    raise ValueError("pass the original image: the model's view cannot be rebuilt from the inputs")
+                yield image, group.height, group.width, np.arange(group.size), positions
+
+
+def overlay(model, inputs: dict[str, Any], image: Image.Image | None = None, sample: int = 0,
+            processor=None) -> Image.Image:
+    """A PIL image of the tokens kept at each stage of the last pruned forward of ``model`` on ``inputs``.
+
+    ``inputs`` are the processor outputs of that forward (``input_ids``, ``pixel_values``, ...); ``image``
+    the original image (used where the model's view cannot be reconstructed); ``sample`` the batch row;
+    ``processor`` (optional) supplies the normalisation to un-normalise LLaVA ``pixel_values``.
+    """
+    from .adapters.base import adapter_for
+    from .api import stats as prune_stats
+
+    stats = prune_stats(model)
+    if not 0 <= sample < len(stats.samples):
+        raise IndexError(f"sample {sample} is not in the last batch ({len(stats.samples)} samples)")
+    sample_stats = stats.samples[sample]
+    call = dict(inputs)
+    layout = adapter_for(model).build_layouts(call)[sample]
+    if not layout.images:
+        raise ValueError("this sample has no image tokens; nothing to draw.")
+
+    rows = []
+    for base, height, width, cells, positions in _views(model, layout, call, image, processor):
+        everything = np.ones(len(cells), dtype=bool)
+        panels = [_panel(base, height, width, cells, everything, False, None,
+                         f"input: {len(cells)} tokens")]
+        for stage in sample_stats.stages:
+            kept = torch.isin(positions, stage.kept_positions.cpu()).numpy()
+            anchors = getattr(stage, "merged_positions", None)
+            merged = torch.isin(positions, anchors.cpu()).numpy() if anchors is not None else None
+            title = f"{stage.name} @L{stage.layer}: kept {int(kept.sum())}/{len(cells)}"
+            if stage.merged:
+                title += f"\n+{stage.merged} merged tokens (blue: merged away)"
+            panels.append(_panel(base, height, width, cells, kept, stage.merged > 0, merged, title))
+        rows.append(panels)
+    if not rows:
+        raise ValueError("the visual tokens of this model have no 2-D grid layout to draw.")
+
+    gap = 6
+    width = max(sum(p.width for p in row) + gap * (len(row) - 1) for row in rows)
+    height = sum(max(p.height for p in row) for row in rows) + gap * (len(rows) - 1)
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    y = 0
+    for row in rows:
+        x = 0
+        for panel in row:
+            sheet.paste(panel, (x, y))
+            x += panel.width + gap
+        y += max(p.height for p in row) + gap
+    return sheet
+
+
+def save_overlay(path: str | Path, model, inputs: dict[str, Any], image: Image.Image | None = None,
+                 sample: int = 0, processor=None) -> Path:
+    """Write :func:`overlay` to ``path`` (format from the suffix, e.g. .png) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    overlay(model, inputs, image, sample, processor).save(path)
+    return path
