@@ -2,13 +2,16 @@
 ``torch.utils.flop_counter.FlopCounterMode`` on the same forward, for every family vtprune supports and
 every registered method, pruned and unpruned.
 
-The method's own selection work (similarity matrices, attention rows, ...) is not part of the model's
-FLOPs: it is counted by a second FlopCounterMode opened inside the engine's ``select`` section (the timing
-hook of :mod:`vtprune.engine.timing`) and taken off the measured total.
+The method's own work is not part of the model's FLOPs and is taken off the measured total: the selection
+(similarity matrices, attention rows, ...) is counted by a second FlopCounterMode opened inside the engine's
+``select`` section (the timing hook of :mod:`vtprune.engine.timing`), and the vision signals a method asks for
+(e.g. attention received per patch, computed from q/k in the ViT) as the extra FLOPs of the vision forward
+with pruning installed over the same forward without.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import pytest
@@ -41,6 +44,12 @@ class _SelectFlops:
         self.flops += counter.get_total_flops()
 
 
+def _count(fn) -> int:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
 def _supported(family: str, tiny_models) -> bool:
     try:
         adapter_for(tiny_models[family][0])
@@ -64,17 +73,23 @@ def test_stats_flops_match_flop_counter(tiny_models, family, method):
     assert bool(inputs["attention_mask"].all())
     # method None: a keep-everything budget, i.e. the unpruned forward (bitwise, invariant 1)
     name, budget = (method, _budget(method)) if method else ("random", 1.0)
+    core = model.model
+    accepted = inspect.signature(core.get_image_features).parameters
+    vision_kwargs = {k: v for k, v in inputs.items() if k in accepted and k not in ("input_ids", "attention_mask")}
+    vision_plain = _count(lambda: core.get_image_features(**vision_kwargs))
     with vtprune.pruned(model, name, budget=budget):
+        signal_flops = _count(lambda: core.get_image_features(**vision_kwargs)) - vision_plain
         timer = _SelectFlops()
         getattr(model, SESSION_ATTRIBUTE).timer = timer
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
             model(**inputs)
         stats = vtprune.stats(model)
-    measured = counter.get_total_flops() - timer.flops
+    measured = counter.get_total_flops() - timer.flops - signal_flops
     analytic = stats.flops
     assert analytic > 0 and measured > 0
     assert abs(analytic - measured) <= 0.01 * measured, (analytic, measured, analytic / measured)
+    assert signal_flops >= 0
     if method is None:
-        assert stats.flops == stats.flops_unpruned and timer.flops == 0
+        assert stats.flops == stats.flops_unpruned and timer.flops == 0 and signal_flops == 0
     else:
         assert stats.flops < stats.flops_unpruned
