@@ -177,3 +177,32 @@ def test_bench_resumes_after_kill_without_loss_or_duplication(tmp_path, saved_ti
     assert set(keys) == {c.key for c in expected}
     assert (out.with_suffix(".md")).read_text().count("\n") > len(expected)
     assert "acc %" in done.stdout and "counting" in done.stdout
+
+
+def test_cli_bench_without_model_uses_the_bundled_models(tmp_path, saved_tiny_llava, monkeypatch, capsys):
+    import vtprune.bench.sweep as sweep
+    from vtprune.cli import main
+
+    monkeypatch.setattr(sweep, "default_models", lambda: [saved_tiny_llava])
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--methods", "random,fastv", "--limit", "6", "--repeats", "1", "--warmup", "0",
+                 "--new-tokens", "2", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    # default budgets: full, 50%, 25%, 12.5%; default task: synth (accuracy)
+    assert sorted((r["method"], r["budget"]) for r in rows) == sorted(
+        [("none", None)] + [(m, b) for m in ("random", "fastv") for b in (0.5, 0.25, 0.125)])
+    assert all(r["task"] == "synth" and r["model"] == saved_tiny_llava for r in rows)
+    printed = capsys.readouterr().out
+    assert "vtprune bench: 7 cells" in printed and "fastv" in printed and "random" in printed
+    header = (tmp_path / "r.md").read_text().splitlines()[0]
+    for column in ("acc %", "attribute", "fine_detail", "eq. tokens", "prefill GFLOPs", "prefill ms"):
+        assert column in header
+    assert (tmp_path / "r.csv").exists()
+
+
+def test_cli_bench_without_any_model_says_what_to_pass(monkeypatch, tmp_path):
+    import vtprune.bench.sweep as sweep
+    from vtprune.cli import main
+
+    monkeypatch.setattr(sweep, "default_models", lambda: [])
+    assert main(["bench", "--out", str(tmp_path / "r.jsonl")]) == 2
