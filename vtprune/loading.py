@@ -34,7 +34,7 @@ def load_model(model: str | None = None, dtype: str = "float32", device: str = "
         family = model.split(":", 1)[1]
         net, processor = tiny_vlm(family)
         return net.to(device), processor, f"{model} (random weights, for a smoke run only)"
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     torch_dtype = getattr(torch, dtype)
     net = AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype, attn_implementation="sdpa")
