@@ -56,7 +56,7 @@ from vtprune.synth import (  # noqa: E402
     load_test_split,
     scene_questions,
 )
-from vtprune.synth.scene import object_map  # noqa: E402
+from vtprune.synth.scene import CELL, IMAGE_SIZE, object_map  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizer and chat templates
@@ -76,34 +76,42 @@ QWEN_SPECIAL = {"unk_token": "<unk>", "eos_token": "<|im_end|>", "pad_token": "<
 QWEN_EXTRA = ("<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>",
               "<|video_pad|>")
 
-# LLaVA-1.5 (Vicuna style): "<s>USER: <image>\nWhat color is the circle? ASSISTANT: red</s>"
+# The micro-VLMs' chat templates state the user's text both before and after the image:
+#   micro-llava:   "<s>USER: What color is the circle?\n<image>\nWhat color is the circle? ASSISTANT: red</s>"
+#   micro-qwen2vl: "...<|im_start|>user\nWhat color...?\n<|vision_start|><|image_pad|>...<|vision_end|>What color...?<|im_end|>..."
+# The copy before the image makes the visual tokens question-aware inside the decoder (each can attend to the
+# question), so a 4-layer decoder trained from scratch learns the question -> object routing within minutes
+# instead of stalling at the text prior. The copy after the image keeps the standard layout that pruning
+# methods rely on (the last prompt token and the text after the image attend to the visual tokens).
+_TEXT = "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
+_HAS_IMAGE = "{% set ns = namespace(image=false) %}{% for item in message['content'] %}" \
+             "{% if item['type'] in ('image', 'video') %}{% set ns.image = true %}{% endif %}{% endfor %}"
+
 LLAVA_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}{{ ' ' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}" + _TEXT + "{% endif %}{{ ' ' }}"
     "{% else %}"
     "{{ message['role'].upper() + ': ' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}" + _HAS_IMAGE +
+    "{% if ns.image %}" + _TEXT + "{{ '\n' }}{% endif %}"
     "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
-    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}"
+    + _TEXT + "{% endif %}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ ' ' }}{% endif %}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 
-# Qwen2-VL (ChatML with the default system prompt)
 QWEN_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}"
     "{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}" + _HAS_IMAGE +
+    "{% if ns.image %}" + _TEXT + "{{ '\n' }}{% endif %}"
     "{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
     "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
@@ -159,19 +167,21 @@ def build_tokenizer(family: str):
 # Models and processors
 # --------------------------------------------------------------------------------------------------
 
-IMAGE_SIZE, PATCH = 64, 4
+PATCH = CELL  # one vision patch per 8x8-pixel grid cell of the synthetic scenes: 128x128 -> 16x16 = 256 patches
 
 PRESETS = {
     "llava": {
         "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "vision_ffn": 256,
         "text_hidden": 128, "text_layers": 4, "text_heads": 4, "text_kv_heads": 2, "text_ffn": 384,
-        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6, "curriculum": 0.75,
+        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
+        "objects_until": 400, "background_from": 300, "background_until": 1500,
         "dense_weight": 0.5, "aux_weight": 0.5,
     },
     "qwen2vl": {
         "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "vision_ffn": 256,
         "text_hidden": 128, "text_layers": 4, "text_heads": 4, "text_kv_heads": 2, "text_ffn": 384,
-        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6, "curriculum": 0.75,
+        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
+        "objects_until": 400, "background_from": 300, "background_until": 1500,
         "dense_weight": 0.5, "aux_weight": 0.0,
     },
 }
@@ -307,13 +317,6 @@ def dense_targets(sample, cell: int) -> list[int]:
     return np.where(covered, np.array(labels)[best], 0).tolist()
 
 
-def object_cells(sample, cell: int) -> np.ndarray:
-    """bool [cells]: which ``cell x cell`` pixel cells show any pixel of an object (raster order)."""
-    side = IMAGE_SIZE // cell
-    index = object_map(sample.objects)
-    return (index.reshape(side, cell, side, cell) >= 0).any(axis=(1, 3)).reshape(-1)
-
-
 def forward_visual_subset(model, family: str, batch, keep: list[torch.Tensor]):
     """Forward pass in which each row keeps only the visual tokens ``keep[row]`` (bool per image token, raster
     order) at their original (M-)RoPE positions; the curriculum below uses it to shorten the early sequences."""
@@ -384,35 +387,47 @@ def prompt_text(processor, question: str) -> str:
 _ASSISTANT_HEADER = {"llava": ("assistant", ":"), "qwen2vl": ("<|im_start|>", "assistant")}
 
 
-def warmup_questions(sample) -> list[tuple[str, str]]:
-    """Training-only questions that need no binding of attributes (answerable from pooled visual features):
-    they give the decoder a gradient towards reading the visual tokens long before the routing that the
-    evaluated skills need has formed (the role captioning plays in LLaVA's first stage)."""
-    shapes = [o for o in sample.objects if o.kind == "shape"]
-    colors, kinds = {o.color for o in shapes}, {o.shape for o in shapes}
-    has_sign = any(o.kind == "sign" for o in sample.objects)
-    questions = [(f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} object?", "yes" if c in colors else "no")
-                 for c in COLOR_NAMES]
-    questions += [(f"Is there a {shape}?", "yes" if shape in kinds else "no") for shape in SHAPES]
-    questions += [("Is there a sign?", "yes" if has_sign else "no"), ("How many objects are there?", str(len(shapes)))]
+def warmup_questions(sample) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Training-only questions that need no binding of attributes (answerable from pooled visual features),
+    with the objects they are about: they give the decoder an easy gradient towards reading the visual tokens
+    (the role captioning plays in LLaVA's first stage)."""
+    shapes = [(i, o) for i, o in enumerate(sample.objects) if o.kind == "shape"]
+    signs = tuple(i for i, o in enumerate(sample.objects) if o.kind == "sign")
+    questions = []
+    for c in COLOR_NAMES:
+        hits = tuple(i for i, o in shapes if o.color == c)
+        questions.append((f"Is there {'an' if c[0] in 'aeiou' else 'a'} {c} object?", "yes" if hits else "no", hits))
+    for shape in SHAPES:
+        hits = tuple(i for i, o in shapes if o.shape == shape)
+        questions.append((f"Is there a {shape}?", "yes" if hits else "no", hits))
+    questions.append(("Is there a sign?", "yes" if signs else "no", signs))
+    questions.append(("How many objects are there?", str(len(shapes)), tuple(i for i, _ in shapes)))
     return questions
 
 
-def extra_turns(sample, rng: np.random.Generator, count: int) -> list[tuple[str, str]]:
-    """``count`` more (question, answer) pairs about the same scene: a skill with a well-posed question (or the
-    warm-up set) is drawn uniformly, then a question of it (existence: yes or no with equal probability)."""
-    pool = {**scene_questions(sample.objects), "warmup": warmup_questions(sample)}
+def primary_targets(sample) -> tuple[int, ...]:
+    """The objects the sample's own question is about (see scene_questions(with_targets=True))."""
+    for question, _, targets in scene_questions(sample.objects, with_targets=True)[sample.skill]:
+        if question == sample.question:
+            return targets
+    return tuple(sample.targets)
+
+
+def extra_turns(sample, rng: np.random.Generator, count: int) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``count`` more (question, answer, targets) about the same scene: a skill with a well-posed question (or
+    the warm-up set) is drawn uniformly, then a question of it (existence: yes or no with equal probability)."""
+    pool = {**scene_questions(sample.objects, with_targets=True), "warmup": warmup_questions(sample)}
     skills = [skill for skill, questions in pool.items() if questions]
-    turns: list[tuple[str, str]] = []
+    turns: list[tuple[str, str, tuple[int, ...]]] = []
     for _ in range(count):
         skill = skills[int(rng.integers(len(skills)))]
         questions = pool[skill]
         if skill in ("existence", "warmup"):
             wanted = "yes" if rng.random() < 0.5 else "no"
             questions = [qa for qa in questions if qa[1] == wanted] or questions
-        question, answer = questions[int(rng.integers(len(questions)))]
-        if question != sample.question and (question, answer) not in turns:
-            turns.append((question, answer))
+        turn = questions[int(rng.integers(len(questions)))]
+        if turn[0] != sample.question and turn not in turns:
+            turns.append(turn)
     return turns
 
 
@@ -420,7 +435,7 @@ def conversation(sample, turns: list[tuple[str, str]]) -> list[dict]:
     """Chat messages: the image with the sample's question first, then the extra turns (text only)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]},
                 {"role": "assistant", "content": sample.answer}]
-    for question, answer in turns:
+    for question, answer, *_ in turns:
         messages += [{"role": "user", "content": [{"type": "text", "text": question}]},
                      {"role": "assistant", "content": answer}]
     return messages
@@ -447,24 +462,46 @@ def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, header:
 
 def make_batch(processor, family: str, samples, rng: np.random.Generator, extra: int):
     """Processor inputs for one conversation per sample (its question + ``extra`` more about the same image),
-    with labels on the answers and their eos tokens only."""
+    with labels on the answers and their eos tokens only; also returns, per sample, the indices of the objects
+    the conversation asks about."""
     tokenizer = processor.tokenizer
-    texts = [processor.apply_chat_template(conversation(s, extra_turns(s, rng, extra)), tokenize=False)
-             for s in samples]
+    texts, targets = [], []
+    for s in samples:
+        turns = extra_turns(s, rng, extra)
+        texts.append(processor.apply_chat_template(conversation(s, turns), tokenize=False))
+        targets.append(set(primary_targets(s)).union(*(t[2] for t in turns)))
     batch = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True,
                       padding_side="right")
     header = tokenizer.convert_tokens_to_ids(list(_ASSISTANT_HEADER[family]))
     batch["labels"] = answer_labels(batch["input_ids"], batch["attention_mask"], header, tokenizer.eos_token_id)
-    return batch
+    return batch, targets
 
 
-def curriculum_keep(step: int, end: int, start: float = 0.1) -> float:
-    """Share of background visual tokens fed to the decoder at ``step``: from ``start`` rising linearly to 1 at
-    step ``end`` (object tokens are always kept), full sequences afterwards. Early on, the decoder attends over
-    ~40-60 instead of 256 visual tokens, which lets the question -> object routing form much sooner."""
-    if step >= end:
-        return 1.0
-    return start + (1.0 - start) * step / end
+def cells_of(sample, objects, cell: int) -> np.ndarray:
+    """bool [cells]: the ``cell x cell`` pixel cells showing any pixel of the given objects (raster order)."""
+    side = IMAGE_SIZE // cell
+    index = object_map(sample.objects)
+    wanted = np.isin(index, list(objects)) if objects else np.zeros_like(index, dtype=bool)
+    return wanted.reshape(side, cell, side, cell).any(axis=(1, 3)).reshape(-1)
+
+
+def curriculum(step: int, preset: dict) -> tuple[float, float, int]:
+    """Token curriculum at ``step``: (share of the other objects' tokens, share of background tokens, extra
+    questions). The decoder first sees only the tokens of the objects asked about, so reading them out is
+    learned in a few dozen steps; the other objects are then mixed in (the question -> object routing forms
+    while distractors are few), then the background, then full 256-token sequences for the rest of the run.
+    Extra questions (whose objects would defeat the first phase) start once all objects are shown."""
+    objects_end, background_start, background_end = (int(preset[k]) for k in
+                                                     ("objects_until", "background_from", "background_until"))
+    objects = min(1.0, step / objects_end) if objects_end else 1.0
+    if step < background_start:
+        background = 0.0
+    elif step < background_end:
+        background = (step - background_start) / max(1, background_end - background_start)
+    else:
+        background = 1.0
+    extra = int(preset["extra_questions"]) if step >= objects_end else 0
+    return objects, background, extra
 
 
 def cpu_has_bf16() -> bool:
@@ -563,8 +600,11 @@ def main(argv: list[str] | None = None) -> int:
     first_step, elapsed_before = 0, 0.0
     if args.resume:
         state = torch.load(args.resume, weights_only=False)
-        if state["steps"] != steps or state["seed"] != args.seed or state["preset"] != preset:
-            raise SystemExit(f"{args.resume} was saved by a run with other settings; resume with the same ones")
+        same = {k: v for k, v in state["preset"].items() if k != "steps"} == {k: v for k, v in preset.items()
+                                                                             if k != "steps"}
+        if state["seed"] != args.seed or not same or state["step"] > int(steps * 0.8):
+            raise SystemExit(f"{args.resume} was saved by a run with other settings (only --steps may differ, "
+                             "and the state must lie before the learning-rate decay)")
         model.load_state_dict(state["model"])
         dense_head.load_state_dict(state["dense_head"])
         if aux_head is not None:
@@ -586,18 +626,19 @@ def main(argv: list[str] | None = None) -> int:
     for step in bar:
         token_rng = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # per step: resumable
         samples = [generate_sample("train", step * batch_size + i, seed=args.seed) for i in range(batch_size)]
-        batch = make_batch(processor, args.family, samples, np.random.default_rng([args.seed, 1, step]),
-                           int(preset["extra_questions"]))
+        share_objects, share_background, extra = curriculum(step, preset)
+        batch, targets = make_batch(processor, args.family, samples, np.random.default_rng([args.seed, 1, step]),
+                                    extra)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, preset["lr"], warmup)
-        background_keep = curriculum_keep(step, int(preset["curriculum"] * steps))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            if background_keep < 1.0:
+            if share_background < 1.0 or share_objects < 1.0:
                 keep = []
-                for s in samples:
-                    objects = torch.from_numpy(object_cells(s, dense_cell))
-                    draw = torch.rand(objects.shape, generator=token_rng)
-                    keep.append(objects | (draw < background_keep))
+                for s, wanted in zip(samples, targets, strict=True):
+                    asked = torch.from_numpy(cells_of(s, wanted, dense_cell))
+                    objects = torch.from_numpy(cells_of(s, range(len(s.objects)), dense_cell))
+                    draw = torch.rand(asked.shape, generator=token_rng)
+                    keep.append(asked | (objects & (draw < share_objects)) | (~objects & (draw < share_background)))
                 output = forward_visual_subset(model, args.family, batch, keep)
             else:
                 output = model(**batch)
@@ -631,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         log.write(json.dumps(record) + "\n")
         log.flush()
         if args.state and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
-            state = {"step": step + 1, "steps": steps, "seed": args.seed, "preset": preset,
+            state = {"step": step + 1, "seed": args.seed, "preset": preset,
                      "model": model.state_dict(), "dense_head": dense_head.state_dict(),
                      "aux_head": aux_head.state_dict() if aux_head is not None else None,
                      "optimizer": optimizer.state_dict(), "elapsed_s": time.perf_counter() - start,

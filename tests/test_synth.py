@@ -142,3 +142,26 @@ def test_shipped_test_split_matches_the_generator():
         assert (a.id, a.question, a.answer) == (b.id, b.question, b.answer)
         assert np.array_equal(_pixels(a), _pixels(b))
     assert len(load_test_split()) == TEST_SIZE
+
+
+def test_scene_questions_include_the_sample_question_and_are_consistent(samples):
+    from vtprune.synth import scene_questions
+
+    for s in samples[:60]:
+        pool = scene_questions(s.objects)
+        assert (s.question, s.answer) in pool[s.skill]
+        for skill, questions in pool.items():
+            assert all(answer in ANSWERS[skill] for _, answer in questions), skill
+        yes = [q for q, a in pool["existence"] if a == "yes"]
+        assert len(yes) == len({(o.color, o.shape) for o in s.objects if o.kind == "shape"})
+
+
+def test_object_map_marks_every_object():
+    from vtprune.synth.scene import object_map
+
+    sample = generate_sample("test", 5)  # fine_detail: one small object
+    index = object_map(sample.objects)
+    for i, obj in enumerate(sample.objects):
+        x0, y0, x1, y1 = obj.box
+        assert (index == i).any() and (index[y0:y1, x0:x1] == i).sum() == (index == i).sum()
+    assert (index == -1).mean() > 0.5  # mostly background

@@ -1,6 +1,6 @@
 """Synthetic visual question answering: seeded scenes and one-word questions across six skills.
 
-Every sample is a 64x64 image (see :mod:`vtprune.synth.scene`) with one question whose answer is one
+Every sample is a 128x128 image on a grid of 8x8-pixel cells (see :mod:`vtprune.synth.scene`) with one question whose answer is one
 word. The skills stress different token selectors:
 
 ``attribute``    "What color is the triangle?" / "What shape is the red object?" (target unique)
@@ -8,8 +8,8 @@ word. The skills stress different token selectors:
                  colour or a shape that is present (POPE-style adversarial negatives)
 ``counting``     "How many circles are there?" / "How many green objects are there?" -> 1..4
 ``spatial``      "Where is the red circle relative to the blue square?" -> left/right/above/below
-``ocr``          "What character is on the sign?" -> one of 18 characters drawn on a 12x16 px sign
-``fine_detail``  "What color is the small object?" -> colour of the one 4-6 px object (1-2 patches)
+``ocr``          "What character is on the sign?" -> one of 18 characters (5x7 px) on a one-cell sign
+``fine_detail``  "What color is the small object?" -> colour of the one 6-8 px object (one cell)
 
 Skills are assigned round-robin (sample ``i`` has skill ``SKILLS[i % 6]``), and within a skill the
 answer cycles through its answer set with the per-skill index, so any prefix of a split is balanced
@@ -32,16 +32,20 @@ import numpy as np
 from PIL import Image
 
 from .scene import (
+    CELL,
     CHARACTERS,
     COLORS,
     IMAGE_SIZE,
     PLURALS,
+    REGULAR_CELLS,
     REGULAR_SIZE,
     SHAPES,
-    SIGN_SIZE,
+    SIGN_CELLS,
+    SMALL_CELLS,
     SMALL_SIZE,
     SceneObject,
-    place_box,
+    box_in_block,
+    place_block,
     render,
 )
 
@@ -96,19 +100,19 @@ def _add_shape(rng, objects: list[SceneObject], color: str, shape: str, small: b
                accept: Callable | None = None) -> bool:
     low, high = SMALL_SIZE if small else REGULAR_SIZE
     size = int(rng.integers(low, high + 1))
-    box = place_box(rng, [o.box for o in objects], size, size, accept=accept)
-    if box is None:
+    block = place_block(rng, [o.box for o in objects], SMALL_CELLS if small else REGULAR_CELLS, accept=accept)
+    if block is None:
         return False
-    objects.append(SceneObject("shape", box, color=color, shape=shape, small=small))
+    objects.append(SceneObject("shape", box_in_block(block, size), color=color, shape=shape, small=small))
     return True
 
 
 def _add_sign(rng, objects: list[SceneObject], char: str | None = None) -> bool:
     char = _pick(rng, CHARACTERS) if char is None else char
-    box = place_box(rng, [o.box for o in objects], *SIGN_SIZE)
-    if box is None:
+    block = place_block(rng, [o.box for o in objects], SIGN_CELLS)
+    if block is None:
         return False
-    objects.append(SceneObject("sign", box, char=char))
+    objects.append(SceneObject("sign", box_in_block(block, SIGN_CELLS * CELL), char=char))
     return True
 
 
@@ -195,7 +199,7 @@ def _counting(rng, k: int) -> _Built | None:
     return objects, question, str(count), tuple(range(count))
 
 
-def _relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float], margin: float = 12.0) -> bool:
+def _relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float], margin: float = 24.0) -> bool:
     """``a`` is ``relation`` of ``b`` along one axis by ``margin`` px, and clearly more than along the other."""
     dx, dy = a[0] - b[0], a[1] - b[1]
     if relation in ("left", "right"):
@@ -216,8 +220,8 @@ def _spatial(rng, k: int) -> _Built | None:
         return None
     reference = objects[0].center
 
-    def accept(box):
-        center = ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    def accept(block):
+        center = ((block[0] + block[2]) * CELL / 2, (block[1] + block[3]) * CELL / 2)
         return _relation_holds(relation, center, reference)
 
     if not _add_shape(rng, objects, *first, accept=accept):
@@ -263,48 +267,56 @@ _BUILDERS: dict[str, Callable[[np.random.Generator, int], _Built | None]] = {
 }
 
 
-def scene_questions(objects: tuple[SceneObject, ...] | list[SceneObject]) -> dict[str, list[tuple[str, str]]]:
+def scene_questions(objects: tuple[SceneObject, ...] | list[SceneObject],
+                    with_targets: bool = False) -> dict[str, list[tuple]]:
     """Every question of the six skills that is well posed for a scene: skill -> [(question, answer)].
 
     Used to ask several questions about one training image. ``existence`` lists the "yes" questions first
     (one per present colour x shape), then the "no" ones; counting only counts present kinds (1..4).
+    ``with_targets=True`` adds a third element: the indices of the objects a model has to look at (for
+    existence, every object sharing the colour or the shape asked about).
     """
-    shapes = [o for o in objects if o.kind == "shape"]
-    signs = [o for o in objects if o.kind == "sign"]
-    out: dict[str, list[tuple[str, str]]] = {skill: [] for skill in SKILLS}
-    combos = [(o.color, o.shape) for o in shapes]
+    shapes = [(i, o) for i, o in enumerate(objects) if o.kind == "shape"]
+    signs = [(i, o) for i, o in enumerate(objects) if o.kind == "sign"]
+    out: dict[str, list[tuple]] = {skill: [] for skill in SKILLS}
+    combos = [(o.color, o.shape) for _, o in shapes]
 
     def article(color: str) -> str:
         return "an" if color[0] in "aeiou" else "a"
 
+    def related(color: str, shape: str) -> tuple[int, ...]:
+        return tuple(i for i, o in shapes if o.color == color or o.shape == shape)
+
     present = sorted(set(combos), key=combos.index)
     absent = [(c, s) for c in COLOR_NAMES for s in SHAPES if (c, s) not in present]
-    out["existence"] = [(f"Is there {article(c)} {c} {s}?", "yes") for c, s in present] + \
-                       [(f"Is there {article(c)} {c} {s}?", "no") for c, s in absent]
+    out["existence"] = [(f"Is there {article(c)} {c} {s}?", "yes", related(c, s)) for c, s in present] + \
+                       [(f"Is there {article(c)} {c} {s}?", "no", related(c, s)) for c, s in absent]
     for shape in SHAPES:
-        matching = [o for o in shapes if o.shape == shape]
+        matching = tuple(i for i, o in shapes if o.shape == shape)
         if len(matching) == 1:
-            out["attribute"].append((f"What color is the {shape}?", matching[0].color))
+            out["attribute"].append((f"What color is the {shape}?", objects[matching[0]].color, matching))
         if 1 <= len(matching) <= MAX_COUNT:
-            out["counting"].append((f"How many {PLURALS[shape]} are there?", str(len(matching))))
+            out["counting"].append((f"How many {PLURALS[shape]} are there?", str(len(matching)), matching))
     for color in COLOR_NAMES:
-        matching = [o for o in shapes if o.color == color]
+        matching = tuple(i for i, o in shapes if o.color == color)
         if len(matching) == 1:
-            out["attribute"].append((f"What shape is the {color} object?", matching[0].shape))
+            out["attribute"].append((f"What shape is the {color} object?", objects[matching[0]].shape, matching))
         if 1 <= len(matching) <= MAX_COUNT:
-            out["counting"].append((f"How many {color} objects are there?", str(len(matching))))
-    unique = [o for o in shapes if combos.count((o.color, o.shape)) == 1]
-    for a in unique:
-        for b in unique:
+            out["counting"].append((f"How many {color} objects are there?", str(len(matching)), matching))
+    unique = [(i, o) for i, o in shapes if combos.count((o.color, o.shape)) == 1]
+    for i, a in unique:
+        for j, b in unique:
             for relation in RELATIONS:
-                if a is not b and _relation_holds(relation, a.center, b.center):
+                if i != j and _relation_holds(relation, a.center, b.center):
                     out["spatial"].append(
-                        (f"Where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?", relation))
+                        (f"Where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?", relation, (i, j)))
     if len(signs) == 1:
-        out["ocr"].append(("What character is on the sign?", signs[0].char.lower()))
-    small = [o for o in shapes if o.small]
+        out["ocr"].append(("What character is on the sign?", signs[0][1].char.lower(), (signs[0][0],)))
+    small = [i for i, o in shapes if o.small]
     if len(small) == 1:
-        out["fine_detail"].append(("What color is the small object?", small[0].color))
+        out["fine_detail"].append(("What color is the small object?", objects[small[0]].color, (small[0],)))
+    if not with_targets:
+        return {skill: [(q, a) for q, a, _ in questions] for skill, questions in out.items()}
     return out
 
 
@@ -324,7 +336,7 @@ def generate_sample(split: str, index: int, seed: int = 0) -> VQASample:
         built = _BUILDERS[skill](rng, per_skill_index)
         if built is not None:
             break
-    else:  # pragma: no cover - placement of <= 7 small boxes on 64x64 never fails 100 times in a row
+    else:  # pragma: no cover - placement of <= 7 blocks on the 16x16 grid never fails 100 times in a row
         raise RuntimeError(f"could not build a {skill} scene for {split}[{index}]")
     objects, question, answer, targets = built
     image = Image.fromarray(render(objects, rng), mode="RGB")

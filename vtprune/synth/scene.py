@@ -1,9 +1,13 @@
 """Scenes of the synthetic VQA task and their rendering (numpy only, bit-identical everywhere).
 
-A scene is a 64x64 RGB image: a low-saturation textured background (noise, stripes, checker or
-blotches) and a few objects -- coloured shapes (circle, square, triangle, cross) of a regular size
-(9-14 px, i.e. ~3 patches of 4 px), at most one *small* shape (4-6 px, ~1-2 patches) and optional
-light "signs" carrying one dark 5x7 character drawn at 2x (12x16 px).
+A scene is a 128x128 RGB image on a grid of 8x8-pixel cells (16x16 cells: one cell per vision-encoder patch
+of the micro-VLMs). Objects sit on the grid, so every patch shows one recognisable part of one object:
+
+* regular shapes (circle, square, triangle, cross; 13-16 px) fill a block of 2x2 cells, one quadrant per cell;
+* the *small* shape (6-8 px, fine-detail skill) fills one cell;
+* a *sign* is one light cell carrying one dark 5x7 character (OCR skill).
+
+The background is a low-saturation texture (noise, stripes, checker or blotches) drawn at half resolution.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .glyphs import CHARACTERS, glyph_mask
+from .glyphs import CHARACTERS, GLYPH_HEIGHT, GLYPH_WIDTH, glyph_mask
 
-IMAGE_SIZE = 64
+IMAGE_SIZE = 128
+CELL = 8                       # pixels per grid cell (= one vision patch of the micro-VLMs)
+GRID = IMAGE_SIZE // CELL      # 16 cells per side
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -26,9 +32,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
-REGULAR_SIZE = (9, 14)   # inclusive range of a regular shape's side in pixels
-SMALL_SIZE = (4, 6)      # the fine-detail object
-SIGN_SIZE = (16, 12)     # (height, width) of a sign plate
+REGULAR_CELLS, SMALL_CELLS, SIGN_CELLS = 2, 1, 1  # side of each kind of object in cells
+REGULAR_SIZE = (13, 16)   # inclusive range of a regular shape's side in pixels (inside its 2x2 block)
+SMALL_SIZE = (6, 8)       # the fine-detail object (inside one cell)
 COLOR_JITTER = 12
 
 
@@ -62,30 +68,42 @@ class SceneObject:
         )
 
 
-def _overlaps(box, placed, gap: int) -> bool:
+def _block(box) -> tuple[int, int, int, int]:
+    """The grid cells (cx0, cy0, cx1, cy1) a pixel box lies in, end-exclusive."""
     x0, y0, x1, y1 = box
-    return any(x0 < b[2] + gap and b[0] < x1 + gap and y0 < b[3] + gap and b[1] < y1 + gap for b in placed)
+    return x0 // CELL, y0 // CELL, (x1 - 1) // CELL + 1, (y1 - 1) // CELL + 1
 
 
-def place_box(rng: np.random.Generator, placed: list, height: int, width: int, gap: int = 2,
-              tries: int = 200, accept=None) -> tuple[int, int, int, int] | None:
-    """A random ``(x0, y0, x1, y1)`` box of the given size inside the image, not touching ``placed``
-    boxes (``gap`` pixels apart) and satisfying ``accept(box)``; None if none was found."""
+def place_block(rng: np.random.Generator, placed: list, cells: int, gap: int = 1, tries: int = 200,
+                accept=None) -> tuple[int, int, int, int] | None:
+    """A random block of ``cells x cells`` grid cells ``(cx0, cy0, cx1, cy1)`` that keeps ``gap`` free cells
+    to every ``placed`` pixel box and satisfies ``accept(block)``; None if none was found."""
+    taken = [_block(b) for b in placed]
     for _ in range(tries):
-        x0 = int(rng.integers(1, IMAGE_SIZE - width))
-        y0 = int(rng.integers(1, IMAGE_SIZE - height))
-        box = (x0, y0, x0 + width, y0 + height)
-        if _overlaps(box, placed, gap):
+        cx0 = int(rng.integers(0, GRID - cells + 1))
+        cy0 = int(rng.integers(0, GRID - cells + 1))
+        block = (cx0, cy0, cx0 + cells, cy0 + cells)
+        if any(cx0 < t[2] + gap and t[0] < block[2] + gap and cy0 < t[3] + gap and t[1] < block[3] + gap
+               for t in taken):
             continue
-        if accept is not None and not accept(box):
+        if accept is not None and not accept(block):
             continue
-        return box
+        return block
     return None
 
 
+def box_in_block(block, size: int) -> tuple[int, int, int, int]:
+    """The ``size x size`` pixel box centred in a grid block."""
+    cx0, cy0, cx1, cy1 = block
+    side = (cx1 - cx0) * CELL
+    x0, y0 = cx0 * CELL + (side - size) // 2, cy0 * CELL + (side - size) // 2
+    return x0, y0, x0 + size, y0 + size
+
+
 def _background(rng: np.random.Generator) -> np.ndarray:
-    """[64, 64, 3] float: grey-ish base with a slight tint and one of four textures."""
-    n = IMAGE_SIZE
+    """[128, 128, 3] float: grey-ish base with a slight tint and one of four textures (drawn at 64x64, each
+    texel 2x2 pixels: cheaper to store as PNG, and the texture stays finer than an 8 px patch)."""
+    n = IMAGE_SIZE // 2
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float64)
     base = rng.uniform(70, 150) + rng.normal(0, 8, size=3)  # [3]
     kind = int(rng.integers(4))
@@ -101,17 +119,17 @@ def _background(rng: np.random.Generator) -> np.ndarray:
         texture = rng.uniform(10, 18) * (((xx // cell + yy // cell) % 2) * 2 - 1)
     else:  # blotches: a coarse random grid upsampled (nearest, then smoothed by a box filter)
         coarse = rng.normal(0, 22, size=(8, 8))
-        texture = np.kron(coarse, np.ones((8, 8)))
+        texture = np.kron(coarse, np.ones((n // 8, n // 8)))
         kernel = 5
         padded = np.pad(texture, kernel // 2, mode="edge")
         windows = np.lib.stride_tricks.sliding_window_view(padded, (kernel, kernel))
         texture = windows.mean(axis=(-1, -2))
     image = base[None, None, :] + texture[:, :, None] + rng.normal(0, 4, size=(n, n, 3))
-    return image
+    return np.kron(image, np.ones((2, 2, 1)))  # [128, 128, 3]
 
 
 def _shape_mask(shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Boolean [64, 64] mask of ``shape`` inscribed in ``box``."""
+    """Boolean [128, 128] mask of ``shape`` inscribed in ``box``."""
     x0, y0, x1, y1 = box
     size = x1 - x0
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
@@ -132,7 +150,7 @@ def _shape_mask(shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
 
 
 def render(objects: list[SceneObject], rng: np.random.Generator) -> np.ndarray:
-    """uint8 [64, 64, 3] image of ``objects`` on a random textured background."""
+    """uint8 [128, 128, 3] image of ``objects`` on a random textured background."""
     image = _background(rng)
     for obj in objects:
         if obj.kind == "shape":
@@ -141,8 +159,8 @@ def render(objects: list[SceneObject], rng: np.random.Generator) -> np.ndarray:
         elif obj.kind == "sign":
             x0, y0, x1, y1 = obj.box
             image[y0:y1, x0:x1] = rng.uniform(205, 240) + rng.normal(0, 3, size=3)
-            glyph = glyph_mask(obj.char)  # [14, 10]
-            gy, gx = y0 + (y1 - y0 - glyph.shape[0]) // 2, x0 + (x1 - x0 - glyph.shape[1]) // 2
+            glyph = glyph_mask(obj.char, scale=1)  # [7, 5]
+            gy, gx = y0 + (y1 - y0 - GLYPH_HEIGHT) // 2, x0 + (x1 - x0 - GLYPH_WIDTH) // 2
             region = image[gy:gy + glyph.shape[0], gx:gx + glyph.shape[1]]
             region[glyph] = rng.uniform(10, 50)
         else:
@@ -151,7 +169,7 @@ def render(objects: list[SceneObject], rng: np.random.Generator) -> np.ndarray:
 
 
 def object_map(objects: list[SceneObject] | tuple[SceneObject, ...]) -> np.ndarray:
-    """int [64, 64]: index of the object drawn at each pixel (later objects on top, as rendered), -1 elsewhere."""
+    """int [128, 128]: index of the object drawn at each pixel (later objects on top, as rendered), -1 elsewhere."""
     index = np.full((IMAGE_SIZE, IMAGE_SIZE), -1, dtype=np.int64)
     for i, obj in enumerate(objects):
         if obj.kind == "shape":
@@ -163,5 +181,6 @@ def object_map(objects: list[SceneObject] | tuple[SceneObject, ...]) -> np.ndarr
 
 
 __all__ = [
-    "CHARACTERS", "COLORS", "IMAGE_SIZE", "PLURALS", "SHAPES", "SceneObject", "object_map", "place_box", "render",
+    "CELL", "CHARACTERS", "COLORS", "GRID", "IMAGE_SIZE", "PLURALS", "SHAPES", "SceneObject", "box_in_block",
+    "object_map", "place_block", "render",
 ]
