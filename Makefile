@@ -1,11 +1,11 @@
-# Two entry points (see README): `make demo` and `make test`. Both create .venv on first use.
+# Two entry points (see README): `make bench` (the main job) and `make test`. Both create .venv on first use.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 LMMS_EVAL_SPEC ?= lmms-eval==0.7.3
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast setup lint
+.PHONY: bench demo test test-fast setup lint
 
 $(BIN)/vtprune: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ $(BIN)/vtprune: pyproject.toml
 	touch $@
 
 setup: $(BIN)/vtprune
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(BIN)/vtprune bench
 
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/vtprune run --method divprune --budget 16
