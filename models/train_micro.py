@@ -128,7 +128,8 @@ def task_words() -> list[str]:
     """Every word the synthetic questions and answers use (lower-cased)."""
     words = set(_COMMON_WORDS)
     for template in ("What color is the", "What shape is the object", "Is there a an", "How many are there",
-                     "Where is the relative to the", "What character is on the sign", "What color is the small object"):
+                     "Is the left or right of the", "Is the above or below of the", "What character is on the sign",
+                     "What color is the small object"):
         words.update(template.lower().split())
     words.update(COLOR_NAMES)
     words.update(SHAPES)
@@ -173,16 +174,18 @@ PRESETS = {
     "llava": {
         "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "vision_ffn": 256,
         "text_hidden": 128, "text_layers": 4, "text_heads": 4, "text_kv_heads": 2, "text_ffn": 384,
-        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
+        "steps": 2700, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
         "objects_until": 400, "background_from": 300, "background_until": 1500,
-        "dense_weight": 0.5, "aux_weight": 0.5,
+        "dense_weight": 0.5, "aux_weight": 0.5, "position_weight": 0.2, "ground_weight": 0.5, "ground_layer": 1,
+        "ground_floor": 0.6,
     },
     "qwen2vl": {
         "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "vision_ffn": 256,
         "text_hidden": 128, "text_layers": 4, "text_heads": 4, "text_kv_heads": 2, "text_ffn": 384,
-        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
+        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 10,
         "objects_until": 400, "background_from": 300, "background_until": 1500,
-        "dense_weight": 0.5, "aux_weight": 0.0,
+        "dense_weight": 0.5, "aux_weight": 0.0, "position_weight": 0.0, "ground_weight": 0.5, "ground_layer": 1,
+        "ground_floor": 0.6,
     },
 }
 
@@ -317,9 +320,16 @@ def dense_targets(sample, cell: int) -> list[int]:
     return np.where(covered, np.array(labels)[best], 0).tolist()
 
 
-def forward_visual_subset(model, family: str, batch, keep: list[torch.Tensor]):
+def image_cells(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """[B, L] long: for each image-token column its visual-token index (0.. in raster order), -1 elsewhere."""
+    is_image = input_ids == image_token_id
+    return torch.where(is_image, is_image.long().cumsum(-1) - 1, torch.full_like(input_ids, -1))
+
+
+def forward_visual_subset(model, family: str, batch, keep: list[torch.Tensor], cells: torch.Tensor):
     """Forward pass in which each row keeps only the visual tokens ``keep[row]`` (bool per image token, raster
-    order) at their original (M-)RoPE positions; the curriculum below uses it to shorten the early sequences."""
+    order) at their original (M-)RoPE positions; the curriculum below uses it to shorten the early sequences.
+    Returns the output and the shortened (attention_mask, labels, cells) the grounding objective needs."""
     input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     rows, length = input_ids.shape
     inner = model.model
@@ -343,14 +353,85 @@ def forward_visual_subset(model, family: str, batch, keep: list[torch.Tensor]):
     new_embeds = embeds.new_zeros(rows, width, embeds.shape[-1])
     new_mask = mask.new_zeros(rows, width)
     new_labels = labels.new_full((rows, width), -100)
+    new_cells = cells.new_full((rows, width), -1)
     new_positions = positions.new_zeros(*positions.shape[:-2], rows, width)
     for row, kept in enumerate(kept_rows):
         n = len(kept)
         new_embeds[row, :n] = embeds[row, kept]
         new_mask[row, :n] = 1
         new_labels[row, :n] = labels[row, kept]
+        new_cells[row, :n] = cells[row, kept]
         new_positions[..., row, :n] = positions[..., row, kept]
-    return model(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions, labels=new_labels)
+    output = model(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions, labels=new_labels)
+    return output, new_mask, new_labels, new_cells
+
+
+class LayerInputCapture:
+    """Forward pre-hook on one decoder layer: keeps its input hidden states and (cos, sin) rotary embeddings."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.hidden: torch.Tensor | None = None
+        self.position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.handle = layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        self.hidden = args[0] if args else kwargs["hidden_states"]
+        self.position_embeddings = kwargs["position_embeddings"]
+
+    def remove(self):
+        self.handle.remove()
+
+
+def grounding_loss(capture: LayerInputCapture, attention_mask: torch.Tensor, labels: torch.Tensor,
+                   cells: torch.Tensor, turn_cells: list[list[tuple[torch.Tensor, tuple[int, torch.Tensor] | None]]],
+                   floor: float) -> torch.Tensor:
+    """Grounding objective at the captured decoder layer, for the token that predicts each answer (the last token
+    of its assistant header):
+
+    * its head-averaged attention should put at least ``floor`` of its mass on the visual tokens of the objects
+      the question is about: max(0, log(floor) - log(mass)) (turns about no object are skipped; the rest of the
+      mass stays free, e.g. for the attention sink that counting by attention needs);
+    * for spatial questions one head per axis (ORDER_HEADS) should attend to the object that comes first along
+      the asked axis: -log(that head's mass on it).
+
+    The attention rows are recomputed from the layer's own q/k (vtprune.engine.attention_rows), the rows
+    FastV-style methods read at inference. ``labels`` [B, L] (-100 outside answers), ``cells`` [B, L]
+    visual-token index per column (-1 elsewhere), ``turn_cells[b][t]`` = (bool [n_visual] tokens turn ``t`` of
+    sample ``b`` is about, optional (head, bool [n_visual]) order target)."""
+    from vtprune.engine.attention_rows import attention_rows
+
+    rows, length = labels.shape
+    answer = labels != -100
+    starts = answer & ~torch.cat([answer.new_zeros(rows, 1), answer[:, :-1]], dim=1)  # first token of each answer
+    queries = [(starts[b].nonzero().flatten() - 1).tolist() for b in range(rows)]
+    width = max(1, max(len(q) for q in queries))
+    query_index = torch.zeros(rows, width, dtype=torch.long)
+    target = torch.zeros(rows, width, length, dtype=torch.bool)
+    order_target = torch.zeros(rows, width, length, dtype=torch.bool)
+    order_head = torch.zeros(rows, width, dtype=torch.long)
+    is_visual = cells >= 0
+    for b in range(rows):
+        if len(queries[b]) != len(turn_cells[b]):  # cannot happen with make_batch; never guess the pairing
+            continue
+        for t, (position, (wanted, order)) in enumerate(zip(queries[b], turn_cells[b], strict=True)):
+            query_index[b, t] = position
+            target[b, t] = is_visual[b] & wanted[cells[b].clamp(min=0)]
+            if order is not None:
+                order_head[b, t] = order[0]
+                order_target[b, t] = is_visual[b] & order[1][cells[b].clamp(min=0)]
+    valid, order_valid = target.any(-1), order_target.any(-1)  # [B, Q]
+    if not valid.any():
+        return labels.new_zeros((), dtype=torch.float32)
+    probs = attention_rows(capture.layer, capture.hidden, capture.position_embeddings, query_index,
+                           key_padding_mask=attention_mask)  # [B, H, Q, L]
+    mass = (probs.mean(1) * target).sum(-1).clamp_min(1e-6)  # [B, Q]
+    loss = ((math.log(floor) - mass.log()).clamp_min(0) * valid).sum() / valid.sum()
+    if order_valid.any():
+        per_head = probs.gather(1, order_head[:, None, :, None].expand(-1, 1, -1, length))[:, 0]  # [B, Q, L]
+        order_mass = (per_head * order_target).sum(-1).clamp_min(1e-6)
+        loss = loss + (-(order_mass.log()) * order_valid).sum() / order_valid.sum()
+    return loss
 
 
 class VisionCapture:
@@ -460,16 +541,32 @@ def answer_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, header:
     return labels
 
 
+ORDER_HEADS = {"left or right": 0, "above or below": 1}  # decoder heads trained to find the first object on an axis
+
+
+def order_focus(sample, question: str, objects: tuple[int, ...]) -> tuple[int, int] | None:
+    """For a spatial question ("Is A left or right of B?"): (head, object) = the head that the grounding
+    objective trains to attend to the object that comes first along the asked axis (the leftmost / topmost of
+    A and B), so that the identity that head reads out decides the answer. None for other questions."""
+    for axis, head in ORDER_HEADS.items():
+        if axis in question and len(objects) == 2:
+            coordinate = 0 if head == 0 else 1  # x for left/right, y for above/below
+            first = min(objects, key=lambda i: sample.objects[i].center[coordinate])
+            return head, first
+    return None
+
+
 def make_batch(processor, family: str, samples, rng: np.random.Generator, extra: int):
     """Processor inputs for one conversation per sample (its question + ``extra`` more about the same image),
-    with labels on the answers and their eos tokens only; also returns, per sample, the indices of the objects
-    the conversation asks about."""
+    with labels on the answers and their eos tokens only; also returns, per sample, the objects each turn asks
+    about (one tuple of object indices per answer, in conversation order)."""
     tokenizer = processor.tokenizer
     texts, targets = [], []
     for s in samples:
         turns = extra_turns(s, rng, extra)
         texts.append(processor.apply_chat_template(conversation(s, turns), tokenize=False))
-        targets.append(set(primary_targets(s)).union(*(t[2] for t in turns)))
+        asked = [(s.question, tuple(primary_targets(s))), *((t[0], tuple(t[2])) for t in turns)]
+        targets.append([(objects, order_focus(s, question, objects)) for question, objects in asked])
     batch = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True,
                       padding_side="right")
     header = tokenizer.convert_tokens_to_ids(list(_ASSISTANT_HEADER[family]))
@@ -483,6 +580,15 @@ def cells_of(sample, objects, cell: int) -> np.ndarray:
     index = object_map(sample.objects)
     wanted = np.isin(index, list(objects)) if objects else np.zeros_like(index, dtype=bool)
     return wanted.reshape(side, cell, side, cell).any(axis=(1, 3)).reshape(-1)
+
+
+def turn_cell_masks(samples, targets, cell: int) -> list[list[tuple[torch.Tensor, tuple[int, torch.Tensor] | None]]]:
+    """make_batch's per-turn objects as visual-token masks: per sample, per turn (bool [n_visual] of the asked
+    objects, optional (head, bool [n_visual]) of the object the order head should find)."""
+    return [[(torch.from_numpy(cells_of(s, objects, cell)),
+              None if order is None else (order[0], torch.from_numpy(cells_of(s, (order[1],), cell))))
+             for objects, order in turns]
+            for s, turns in zip(samples, targets, strict=True)]
 
 
 def curriculum(step: int, preset: dict) -> tuple[float, float, int]:
@@ -587,6 +693,14 @@ def main(argv: list[str] | None = None) -> int:
     if preset["aux_weight"] > 0:
         aux_head = nn.Linear(model.config.vision_config.hidden_size, len(PRESENCE_LABELS))
         params += list(aux_head.parameters())
+    side = IMAGE_SIZE // dense_cell
+    # position objective: row and column of every visual token, so "where" is readable from each token
+    position_head = nn.Linear(token_width, 2 * side)
+    position_target = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1)
+    position_target = position_target.reshape(-1, 2)  # [cells, (row, col)] raster order
+    if preset["position_weight"] > 0:
+        params += list(position_head.parameters())
+    layer_capture = LayerInputCapture(model.model.language_model.layers[int(preset["ground_layer"])])
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
@@ -609,14 +723,15 @@ def main(argv: list[str] | None = None) -> int:
         dense_head.load_state_dict(state["dense_head"])
         if aux_head is not None:
             aux_head.load_state_dict(state["aux_head"])
+        position_head.load_state_dict(state["position_head"])
         optimizer.load_state_dict(state["optimizer"])
         first_step, elapsed_before = state["step"], state["elapsed_s"]
-        ema_loss, ema_aux, ema_dense = state["ema"]
+        ema_loss, ema_aux, ema_dense, ema_ground = state["ema"]
         kept_lines = log_path.read_text().splitlines()[:first_step] if log_path.is_file() else []
         log_path.write_text("".join(line + "\n" for line in kept_lines))
         print(f"resumed from {args.resume} at step {first_step}", flush=True)
     else:
-        ema_loss = ema_aux = ema_dense = None
+        ema_loss = ema_aux = ema_dense = ema_ground = None
     log = log_path.open("a" if args.resume else "w")
     print(f"micro-{args.family}: {n_params / 1e6:.2f} M parameters, {steps} steps x {batch_size}, "
           f"lr {preset['lr']}, threads {args.threads}, {'bf16 autocast' if bf16 else 'float32'}", flush=True)
@@ -631,18 +746,30 @@ def main(argv: list[str] | None = None) -> int:
                                     extra)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, preset["lr"], warmup)
+        turn_cells = turn_cell_masks(samples, targets, dense_cell)
+        cells = image_cells(batch["input_ids"], model.config.image_token_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if share_background < 1.0 or share_objects < 1.0:
                 keep = []
-                for s, wanted in zip(samples, targets, strict=True):
-                    asked = torch.from_numpy(cells_of(s, wanted, dense_cell))
+                for s, turns in zip(samples, turn_cells, strict=True):
+                    asked = torch.stack([wanted for wanted, _ in turns]).any(0)
                     objects = torch.from_numpy(cells_of(s, range(len(s.objects)), dense_cell))
                     draw = torch.rand(asked.shape, generator=token_rng)
                     keep.append(asked | (objects & (draw < share_objects)) | (~objects & (draw < share_background)))
-                output = forward_visual_subset(model, args.family, batch, keep)
+                output, mask, labels, cells = forward_visual_subset(model, args.family, batch, keep, cells)
             else:
                 output = model(**batch)
+                mask, labels = batch["attention_mask"], batch["labels"]
         loss = output.loss
+        ground_value = 0.0
+        if preset["ground_weight"] > 0:
+            ground = grounding_loss(layer_capture, mask, labels, cells, turn_cells, preset["ground_floor"])
+            loss = loss + preset["ground_weight"] * ground
+            ground_value = float(ground)
+        if preset["position_weight"] > 0:
+            logits = position_head(capture.tokens.float()).reshape(-1, 2, side)  # [B * cells, (row, col), side]
+            where = position_target.repeat(len(samples), 1).flatten()  # [B * cells * 2]
+            loss = loss + preset["position_weight"] * nn.functional.cross_entropy(logits.reshape(-1, side), where)
         dense_target = torch.tensor([dense_targets(s, dense_cell) for s in samples]).flatten()
         dense = nn.functional.cross_entropy(dense_head(capture.tokens.float()).flatten(0, -2), dense_target)
         loss = loss + preset["dense_weight"] * dense
@@ -661,7 +788,9 @@ def main(argv: list[str] | None = None) -> int:
         ema_dense = float(dense) if ema_dense is None else 0.98 * ema_dense + 0.02 * float(dense)
         ema_loss = lm if ema_loss is None else 0.98 * ema_loss + 0.02 * lm
         ema_aux = aux_value if ema_aux is None else 0.98 * ema_aux + 0.02 * aux_value
+        ema_ground = ground_value if ema_ground is None else 0.98 * ema_ground + 0.02 * ground_value
         record = {"step": step + 1, "lm_loss": round(lm, 5), "aux_loss": round(aux_value, 5),
+                  "ground_loss": round(ground_value, 5),
                   "dense_loss": round(float(dense), 5),
                   "lr": optimizer.param_groups[0]["lr"], "elapsed_s": round(time.perf_counter() - start, 1)}
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
@@ -675,14 +804,16 @@ def main(argv: list[str] | None = None) -> int:
             state = {"step": step + 1, "seed": args.seed, "preset": preset,
                      "model": model.state_dict(), "dense_head": dense_head.state_dict(),
                      "aux_head": aux_head.state_dict() if aux_head is not None else None,
+                     "position_head": position_head.state_dict(),
                      "optimizer": optimizer.state_dict(), "elapsed_s": time.perf_counter() - start,
-                     "ema": (ema_loss, ema_aux, ema_dense)}
+                     "ema": (ema_loss, ema_aux, ema_dense, ema_ground)}
             torch.save(state, f"{args.state}.tmp")
             os.replace(f"{args.state}.tmp", args.state)
-        bar.set_postfix(loss=f"{ema_loss:.3f}", dense=f"{ema_dense:.3f}", aux=f"{ema_aux:.3f}")
+        bar.set_postfix(loss=f"{ema_loss:.3f}", ground=f"{ema_ground:.3f}", dense=f"{ema_dense:.3f}", aux=f"{ema_aux:.3f}")
     bar.close()
     train_seconds = time.perf_counter() - start
     capture.remove()
+    layer_capture.remove()
 
     model.eval()
     generation = model.generation_config
@@ -701,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         "family": args.family, "seed": args.seed, "preset": preset, "parameters": n_params,
         "train_seconds": round(train_seconds, 1), "train_samples": steps * batch_size,
         "final_lm_loss_ema": round(ema_loss, 4), "final_aux_loss_ema": round(ema_aux, 4),
-        "final_dense_loss_ema": round(ema_dense, 4),
+        "final_dense_loss_ema": round(ema_dense, 4), "final_ground_loss_ema": round(ema_ground, 4),
         "val": val.to_dict(), "test": test.to_dict(),
         "torch": torch.__version__, "threads": args.threads, "bf16_autocast": bf16, "machine": platform.processor() or platform.machine(),
         "command": "python models/train_micro.py " + " ".join(argv if argv is not None else sys.argv[1:]),

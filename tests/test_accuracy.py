@@ -57,3 +57,32 @@ def test_rejects_bad_batch_size(tiny_models, samples):
     model, processor = tiny_models["llava"]
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_vqa(model, processor, samples, batch_size=0)
+
+
+class _CountingProcessor:
+    """Delegates to a processor and counts its calls (image + prompt preprocessing)."""
+
+    def __init__(self, processor):
+        self.processor, self.calls = processor, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.processor(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.processor, name)
+
+
+def test_inputs_cache_preprocesses_once_and_never_mixes_samples(tiny_models, samples):
+    model, processor = tiny_models["llava"]
+    counting, cache = _CountingProcessor(processor), {}
+    first = evaluate_vqa(model, counting, samples, batch_size=4, max_new_tokens=2, inputs_cache=cache)
+    assert counting.calls == 3
+    second = evaluate_vqa(model, counting, samples, batch_size=4, max_new_tokens=2, inputs_cache=cache)
+    assert counting.calls == 3 and second.predictions == first.predictions
+    # other sample objects (even with the same content) are preprocessed, never served from another batch
+    others = [dataclasses.replace(s) for s in samples]
+    evaluate_vqa(model, counting, others, batch_size=4, max_new_tokens=2, inputs_cache=cache)
+    assert counting.calls == 6
+    uncached = evaluate_vqa(model, processor, samples, batch_size=4, max_new_tokens=2)
+    assert uncached.predictions == first.predictions

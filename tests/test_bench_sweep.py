@@ -136,6 +136,46 @@ def test_synth_sweep_reports_accuracy_per_skill_and_plots(tmp_path, saved_tiny_l
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
 
 
+#: row fields that do not depend on timing, the machine's load or the runner
+DETERMINISTIC = ("model", "method", "budget", "task", "status", "error", "options", "stage", "equivalent_tokens",
+                 "visual_lengths", "flops", "accuracy", "accuracy_per_skill", "accuracy_n", "predictions")
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_serial_rows(tmp_path, saved_tiny_llava):
+    """``jobs=2``: each model's cells run in their own spawned process; rows = the serial rows."""
+    import shutil
+
+    second = tmp_path / "second-model"
+    shutil.copytree(saved_tiny_llava, second)
+    cells = plan_cells([saved_tiny_llava, str(second)], ["random", "fastv"], ["full", "0.5"], ["synth"])
+    serial = run_sweep(cells, tmp_path / "serial.jsonl", FAST, progress=False)
+    parallel = run_sweep(cells, tmp_path / "parallel.jsonl", FAST, progress=False, jobs=2)
+    assert all(row["env"]["runner"].startswith("process") for row in parallel)
+
+    def project(rows):
+        return {Cell(r["model"], r["method"], r["budget"], r["task"]).key: {k: r.get(k) for k in DETERMINISTIC}
+                for r in rows}
+
+    assert len(parallel) == len(cells) and project(parallel) == project(serial)
+    assert (tmp_path / "parallel.jsonl").read_text().count("\n") == len(cells)
+
+
+def test_accuracy_spread_names_best_and_worst_per_budget():
+    rows = [{"model": "/m/micro-x", "method": m, "budget": b, "task": "synth", "status": "ok", "accuracy": a,
+             "accuracy_n": 600} for m, b, a in [("none", None, 0.9), ("random", 0.5, 0.7), ("divprune", 0.5, 0.85),
+                                                ("random", 0.125, 0.4), ("divprune", 0.125, 0.75),
+                                                ("fastv", 0.125, 0.6)]]
+    rows.append({"model": "/m/micro-x", "method": "pdrop", "budget": 0.125, "task": "synth", "status": "error",
+                 "error": "BudgetError"})
+    spreads = {s["budget"]: s for s in report.accuracy_spread(report.summaries(rows))}
+    assert set(spreads) == {0.5, 0.125}
+    low = spreads[0.125]
+    assert (low["best"], low["worst"], low["methods"], low["n"]) == ("divprune", "random", 3, 600)
+    assert low["spread_points"] == pytest.approx(35.0)
+    assert "| micro-x | 0.125 | 3 | divprune 75.0 | random 40.0 | 35.0 | 600 |" in report.spread_markdown([low])
+
+
 def test_pareto_front():
     points = [(1, 50), (2, 40), (2, 60), (3, 60), (4, 70), (0.5, 10)]
     assert pareto_front(points) == [(0.5, 10), (1, 50), (2, 60), (4, 70)]

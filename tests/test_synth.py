@@ -97,6 +97,9 @@ def test_answers_match_the_scene(samples):
             dx, dy = a[0] - b[0], a[1] - b[1]
             expected = ("left" if dx < 0 else "right") if abs(dx) > abs(dy) else ("above" if dy < 0 else "below")
             assert s.answer == expected
+            # GQA-style: the question names the axis, the answer is one of its two sides
+            axis = "left or right" if expected in ("left", "right") else "above or below"
+            assert axis in q and q.startswith("Is the ")
         elif s.skill == "ocr":
             assert len(signs) == 1 and s.answer == signs[0].char.lower()
         else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 import time
 
@@ -149,12 +150,24 @@ def cmd_bench(args) -> int:
             cells += plan_cells(group, chosen, _split(args.budgets or default_budgets),
                                 _split(args.tasks or default_tasks))
     out = Path(args.out)
-    rows = run_sweep(cells, out, options, progress=not args.no_progress, use_ray=args.ray)
+    jobs = args.jobs
+    if jobs is None:  # accuracy sweeps over several models: one process per model on a multi-core machine
+        synth_only = all(cell.task == "synth" for cell in cells)
+        jobs = min(len({cell.model for cell in cells}), os.cpu_count() or 1) if synth_only else 1
+    rows = run_sweep(cells, out, options, progress=not args.no_progress, use_ray=args.ray, jobs=jobs)
     records = report.summaries(rows)
     stem = out.with_suffix("")
     Path(f"{stem}.csv").write_text(report.to_csv(records))
-    Path(f"{stem}.md").write_text(report.to_markdown(records))
+    markdown = report.to_markdown(records)
+    spreads = report.accuracy_spread(records)
+    if spreads:
+        markdown += "\n### Best vs worst method per budget (accuracy)\n\n" + report.spread_markdown(spreads)
+    Path(f"{stem}.md").write_text(markdown)
     report.print_table(records, title=f"vtprune bench: {len(rows)} cells ({out})")
+    for s in spreads:
+        print(f"{s['model_name']} @ {s['budget']}: best {s['best']} {100 * s['best_accuracy']:.1f} %, "
+              f"worst {s['worst']} {100 * s['worst_accuracy']:.1f} % -> spread {s['spread_points']:.1f} points "
+              f"({s['methods']} methods, {s['n']} questions)")
     print(f"rows: {out}   tables: {stem}.md, {stem}.csv")
     sections = []
     for clock in (("cpu", "wall") if not str(args.device).startswith("cuda") else ("wall",)):
@@ -253,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_results/results.jsonl",
                    help="JSONL results (re-running with the same file resumes); .md/.csv tables next to it")
     p.add_argument("--ray", action="store_true", help="run the cells as Ray tasks on a local Ray instance")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="worker processes, each running whole models (default: one per model, up to the CPU "
+                        "count, when only accuracy is measured; else 1 so timings do not share the machine)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the preset's dtype, float32 for model directories")

@@ -92,12 +92,16 @@ def evaluate_vqa(
     batch_size: int = 16,
     max_new_tokens: int = 4,
     progress: bool | Callable[[int], Any] | None = None,
+    inputs_cache: dict | None = None,
 ) -> AccuracyResult:
     """Exact-match accuracy of ``model`` on ``samples`` (objects with ``image``, ``question``, ``answer``,
     ``skill``, like :class:`vtprune.synth.VQASample`), overall and per skill.
 
     Batched greedy ``generate`` (``do_sample=False``) with left padding, one image per question; the
     continuation is decoded without special tokens and compared after :func:`normalize_answer`.
+    ``inputs_cache``: a dict kept by the caller across calls with the same processor (e.g. one per model in a
+    sweep); the processor's outputs for each batch are stored in it and reused, so evaluating many pruning
+    configurations on the same samples preprocesses the images and prompts once.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -110,13 +114,20 @@ def evaluate_vqa(
     try:
         for start in range(0, len(samples), batch_size):
             batch = samples[start:start + batch_size]
-            inputs = processor(
-                images=[s.image for s in batch],
-                text=[_prompt(processor, s.question) for s in batch],
-                return_tensors="pt",
-                padding=True,
-                padding_side="left",
-            ).to(device)
+            # keyed by the sample objects themselves: the cache holds them, so their ids stay unique
+            key = (str(device), tuple(id(s) for s in batch))
+            cached = None if inputs_cache is None else inputs_cache.get(key)
+            inputs = cached[1] if cached is not None else None
+            if inputs is None:
+                inputs = processor(
+                    images=[s.image for s in batch],
+                    text=[_prompt(processor, s.question) for s in batch],
+                    return_tensors="pt",
+                    padding=True,
+                    padding_side="left",
+                ).to(device)
+                if inputs_cache is not None:
+                    inputs_cache[key] = (list(batch), inputs)
             with torch.inference_mode():
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                         pad_token_id=pad_id)

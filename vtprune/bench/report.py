@@ -22,7 +22,8 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["summarize", "summaries", "to_csv", "to_markdown", "print_table", "SKILL_ORDER"]
+__all__ = ["summarize", "summaries", "to_csv", "to_markdown", "print_table", "accuracy_spread", "spread_markdown",
+           "SKILL_ORDER"]
 
 SKILL_ORDER = ("attribute", "existence", "counting", "spatial", "ocr", "fine_detail")
 
@@ -63,7 +64,8 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
         "task": row["task"], "status": row.get("status"), "stage": row.get("stage"),
         "visual_tokens": row.get("visual_tokens"), "equivalent_tokens": row.get("equivalent_tokens"),
         "gflops": None if flops is None else flops / 1e9,
-        "accuracy": row.get("accuracy"),
+        "accuracy": row.get("accuracy"), "accuracy_stderr": row.get("accuracy_stderr"),
+        "accuracy_n": row.get("accuracy_n"),
         "prefill_ms": prefill,
         "prefill_p25": (latency.get("prefill_ms") or {}).get("p25"),
         "prefill_p75": (latency.get("prefill_ms") or {}).get("p75"),
@@ -104,7 +106,8 @@ def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[
     columns = [("model", "model", "model"), ("method", "method", "s"), ("budget", "budget", "s"),
                ("equivalent_tokens", "eq. tokens", ".1f"), ("gflops", "prefill GFLOPs", ".4g")]
     if any(r.get("accuracy") is not None for r in records):
-        columns += [("accuracy", "acc %", "pct")] + [(f"acc_{s}", s, "pct") for s in skills]
+        columns += [("accuracy", "acc %", "pct"), ("accuracy_stderr", "± (s.e.)", "pct")]
+        columns += [(f"acc_{s}", s, "pct") for s in skills]
     columns += [("prefill_ms", "prefill ms", ".1f"), ("flops_speedup", "FLOPs speedup", ".2f"),
                 ("speedup", "speedup", ".2f"), ("efficiency", "speedup/FLOPs", ".2f"),
                 ("native_prefill_ms", "native-K ms", ".1f"), ("vs_native", "pruned/native", ".3f"),
@@ -186,6 +189,39 @@ def print_table(records: Sequence[dict[str, Any]], title: str | None = None) -> 
     console.print(table)
     for error in _errors(records):
         console.print(f"[yellow]not run[/]: {error}")
+
+
+# ------------------------------------------------------------------------------------------ discrimination
+
+
+def accuracy_spread(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per model and pruned budget: the most and the least accurate method and the spread between them in
+    accuracy points -- whether the task tells methods apart at that budget."""
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("status") == "ok" and r.get("accuracy") is not None and r["budget"] != "full":
+            groups.setdefault((r["model"], r["budget"]), []).append(r)
+    spreads = []
+    for (model, budget), group in groups.items():
+        best = max(group, key=lambda r: r["accuracy"])
+        worst = min(group, key=lambda r: r["accuracy"])
+        spreads.append({
+            "model": model, "model_name": _short_model(model), "budget": budget, "methods": len(group),
+            "n": best.get("accuracy_n"),
+            "best": best["method"], "best_accuracy": best["accuracy"],
+            "worst": worst["method"], "worst_accuracy": worst["accuracy"],
+            "spread_points": 100 * (best["accuracy"] - worst["accuracy"]),
+        })
+    return spreads
+
+
+def spread_markdown(spreads: Sequence[dict[str, Any]]) -> str:
+    lines = ["| model | budget | methods run | best | worst | spread (points) | questions |", "|---|---|---|---|---|---|---|"]
+    for s in spreads:
+        lines.append(f"| {s['model_name']} | {s['budget']} | {s['methods']} | {s['best']} "
+                     f"{100 * s['best_accuracy']:.1f} | {s['worst']} {100 * s['worst_accuracy']:.1f} | "
+                     f"{s['spread_points']:.1f} | {s['n']} |")
+    return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ targets

@@ -236,6 +236,8 @@ class LoadedModel:
     dtype: str
     preset: Any = None
     bench_inputs: Any = None   # the latency input (on device)
+    vqa_samples: dict = field(default_factory=dict)  # limit -> test samples (loaded once per model)
+    vqa_cache: dict = field(default_factory=dict)    # evaluate_vqa's processed inputs, shared by the cells
 
 
 _MODEL_CACHE: dict[tuple, LoadedModel] = {}
@@ -265,8 +267,28 @@ def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
             model = model.to(getattr(torch, dtype))
         loaded = LoadedModel(spec, model, processor, description, spec.startswith("tiny:"), dtype)
         loaded.bench_inputs = _synth_inputs(loaded, options)
+        _warm_up(loaded)
     _MODEL_CACHE[key] = loaded
     return loaded
+
+
+def _warm_up(loaded: LoadedModel, rounds: int = 3) -> None:
+    """A few untimed short generates right after loading a model directory, so that its first cell does not pay
+    for lazy initialisation (kernel selection, allocator growth, first-call imports) in its latency (preset
+    models, which are large, rely on each cell's own warm-up)."""
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    pad = getattr(tokenizer, "pad_token_id", None)
+    with torch.inference_mode():
+        for _ in range(rounds):
+            loaded.model.generate(**loaded.bench_inputs, max_new_tokens=2, do_sample=False, pad_token_id=pad)
+
+
+def _test_samples(loaded: LoadedModel, limit: int | None) -> list:
+    from ..synth import load_test_split
+
+    if limit not in loaded.vqa_samples:
+        loaded.vqa_samples[limit] = load_test_split(limit=limit)
+    return loaded.vqa_samples[limit]
 
 
 def _synth_inputs(loaded: LoadedModel, options: SweepOptions):
@@ -376,11 +398,10 @@ def _apply(model, cell: Cell, options: SweepOptions, method_options: dict[str, A
 def _synth_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method_options) -> dict[str, Any]:
     import vtprune
 
-    from ..synth import load_test_split
     from .accuracy import evaluate_vqa
     from .latency import measure_latency
 
-    samples = load_test_split(limit=options.limit)
+    samples = _test_samples(loaded, options.limit)
     model, inputs = loaded.model, loaded.bench_inputs
     out: dict[str, Any] = {}
     if cell.method == UNPRUNED:
@@ -390,7 +411,8 @@ def _synth_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method_o
         with torch.inference_mode():
             model(**inputs, use_cache=False)
         out.update(_stats_summary(vtprune.stats(model)))
-    accuracy = evaluate_vqa(model, loaded.processor, samples, batch_size=options.batch_size)
+    accuracy = evaluate_vqa(model, loaded.processor, samples, batch_size=options.batch_size,
+                            inputs_cache=loaded.vqa_cache)
     latency = measure_latency(model, inputs, new_tokens=options.new_tokens, warmup=options.warmup,
                               repeats=options.repeats)
     out.update(
@@ -457,9 +479,13 @@ def run_sweep(
     *,
     progress: bool = True,
     use_ray: bool = False,
+    jobs: int = 1,
     on_row: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every cell not yet in ``out`` and append its row; returns all rows of ``out`` for these cells."""
+    """Run every cell not yet in ``out`` and append its row; returns all rows of ``out`` for these cells.
+
+    ``jobs`` > 1 runs the models' cells in that many worker processes (one model per process at a time, see
+    :func:`run_cells_in_processes`); ``use_ray`` runs every cell as a Ray task."""
     _git_commit()  # pin the commit before any cell runs
     results = ResultsFile(out)
     done = results.done_keys()
@@ -475,6 +501,8 @@ def run_sweep(
             from .ray_runner import run_cells_with_ray
 
             run_cells_with_ray(todo, options, finished, on_start=bar.describe)
+        elif jobs > 1 and len({cell.model for cell in todo}) > 1:
+            run_cells_in_processes(todo, options, finished, jobs=jobs, on_start=bar.describe)
         else:
             for cell in todo:
                 bar.describe(cell.label)
@@ -482,6 +510,68 @@ def run_sweep(
     wanted = {cell.key for cell in cells}
     return [row for row in results.load()
             if Cell(row["model"], row["method"], row["budget"], row["task"]).key in wanted]
+
+
+def _model_worker(cells: list[Cell], options: SweepOptions, threads: int, queue) -> None:
+    """Worker process of :func:`run_cells_in_processes`: runs its cells in order, reporting on ``queue``."""
+    import traceback
+
+    torch.set_num_threads(threads)
+    try:
+        for cell in cells:
+            queue.put(("start", cell.label))
+            row = run_cell(cell, options)
+            row.setdefault("env", {})["runner"] = f"process ({threads} thread{'s' if threads > 1 else ''})"
+            queue.put(("row", row))
+    except BaseException:  # report, then let the parent raise
+        queue.put(("error", traceback.format_exc()))
+    finally:
+        queue.put(("done", None))
+
+
+def run_cells_in_processes(cells: Sequence[Cell], options: SweepOptions, finished: Callable[[dict[str, Any]], Any],
+                           *, jobs: int, on_start: Callable[[str], Any] | None = None) -> None:
+    """Run ``cells`` in up to ``jobs`` spawned worker processes, each owning whole models (a model is loaded by
+    one process only; models are dealt round-robin in order of appearance). Rows reach ``finished`` in the
+    parent as cells complete, so the results file has one writer and resume works as in a serial sweep. Each
+    worker uses ``options.threads`` torch threads, else an equal share of the CPU cores. Latency measured
+    this way shares the machine between the workers: use ``jobs=1`` when the timings matter more than the
+    wall time of the sweep (accuracy, FLOPs and token counts are unaffected)."""
+    import multiprocessing
+
+    groups: dict[str, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.model, []).append(cell)
+    jobs = max(1, min(jobs, len(groups)))
+    assigned: list[list[Cell]] = [[] for _ in range(jobs)]
+    for i, model_cells in enumerate(groups.values()):
+        assigned[i % jobs].extend(model_cells)
+    threads = options.threads or max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    workers = [context.Process(target=_model_worker, args=(part, options, threads, queue), daemon=True)
+               for part in assigned]
+    for worker in workers:
+        worker.start()
+    running, errors = len(workers), []
+    try:
+        while running:
+            kind, payload = queue.get()
+            if kind == "start" and on_start is not None:
+                on_start(payload)
+            elif kind == "row":
+                finished(payload)
+            elif kind == "error":
+                errors.append(payload)
+            elif kind == "done":
+                running -= 1
+    finally:
+        for worker in workers:
+            worker.join(timeout=10)
+            if worker.is_alive():
+                worker.terminate()
+    if errors:
+        raise RuntimeError("a bench worker process failed:\n" + "\n".join(errors))
 
 
 class _Progress:

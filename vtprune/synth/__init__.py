@@ -7,7 +7,8 @@ word. The skills stress different token selectors:
 ``existence``    "Is there a blue cross?" -- yes/no, exactly balanced; half of the "no" questions reuse a
                  colour or a shape that is present (POPE-style adversarial negatives)
 ``counting``     "How many circles are there?" / "How many green objects are there?" -> 1..4
-``spatial``      "Where is the red circle relative to the blue square?" -> left/right/above/below
+``spatial``      "Is the red circle left or right of the blue square?" / "... above or below ..." -> left/right/
+                 above/below (GQA-style: the question names the axis, the model decides the side)
 ``ocr``          "What character is on the sign?" -> one of 18 characters (5x7 px) on a one-cell sign
 ``fine_detail``  "What color is the small object?" -> colour of the one 6-8 px object (one cell)
 
@@ -209,6 +210,13 @@ def _relation_holds(relation: str, a: tuple[float, float], b: tuple[float, float
     return along >= margin and abs(dx) <= along / 2
 
 
+def spatial_question(first: tuple[str, str], second: tuple[str, str], relation: str) -> str:
+    """The question whose answer is ``relation`` of the (colour, shape) ``first`` to ``second``; it names the
+    axis of the relation ("left or right" / "above or below")."""
+    axis = "left or right" if relation in ("left", "right") else "above or below"
+    return f"Is the {first[0]} {first[1]} {axis} of the {second[0]} {second[1]}?"
+
+
 def _spatial(rng, k: int) -> _Built | None:
     objects: list[SceneObject] = []
     relation = RELATIONS[k % len(RELATIONS)]
@@ -231,8 +239,7 @@ def _spatial(rng, k: int) -> _Built | None:
         return None
     if not _maybe_sign(rng, objects):
         return None
-    question = f"Where is the {first[0]} {first[1]} relative to the {second[0]} {second[1]}?"
-    return objects, question, relation, (1, 0)
+    return objects, spatial_question(first, second, relation), relation, (1, 0)
 
 
 def _ocr(rng, k: int) -> _Built | None:
@@ -308,8 +315,8 @@ def scene_questions(objects: tuple[SceneObject, ...] | list[SceneObject],
         for j, b in unique:
             for relation in RELATIONS:
                 if i != j and _relation_holds(relation, a.center, b.center):
-                    out["spatial"].append(
-                        (f"Where is the {a.color} {a.shape} relative to the {b.color} {b.shape}?", relation, (i, j)))
+                    question = spatial_question((a.color, a.shape), (b.color, b.shape), relation)
+                    out["spatial"].append((question, relation, (i, j)))
     if len(signs) == 1:
         out["ocr"].append(("What character is on the sign?", signs[0][1].char.lower(), (signs[0][0],)))
     small = [i for i, o in shapes if o.small]
@@ -439,5 +446,5 @@ def load_test_split(limit: int | None = None, root: str | Path | None = None) ->
 __all__ = [
     "ANSWERS", "CHARACTERS", "COLOR_NAMES", "IMAGE_SIZE", "MAX_COUNT", "RELATIONS", "SHAPES", "SKILLS", "SPLITS",
     "TEST_SIZE", "SceneObject", "VQASample", "export_split", "generate_sample", "generate_split",
-    "iterate_split", "load_split", "load_test_split", "scene_questions",
+    "iterate_split", "load_split", "load_test_split", "scene_questions", "spatial_question",
 ]

@@ -1,0 +1,69 @@
+"""models/train_micro.py's training machinery on tiny sizes: conversations, labels and the grounding objective."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vtprune.synth import SceneObject, generate_sample
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"vision_hidden": 32, "vision_layers": 1, "vision_heads": 2, "vision_ffn": 64, "text_hidden": 32,
+        "text_layers": 2, "text_heads": 4, "text_kv_heads": 2, "text_ffn": 64, "init": 0.02}
+
+
+@pytest.fixture(scope="module")
+def train():
+    spec = importlib.util.spec_from_file_location("train_micro", ROOT / "models" / "train_micro.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("train_micro", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2vl"])
+def test_grounding_objective_reads_the_answer_tokens_attention(train, family):
+    torch.manual_seed(0)
+    tokenizer = train.build_tokenizer(family)
+    model, processor = (train.build_llava if family == "llava" else train.build_qwen2vl)(tokenizer, TINY)
+    samples = [generate_sample("train", i) for i in range(6)]  # one of each skill
+    batch, targets = train.make_batch(processor, family, samples, np.random.default_rng(0), extra=3)
+    # one answer span per turn, and every turn that names objects gets visual targets
+    answer = batch["labels"] != -100
+    starts = answer & ~torch.cat([answer.new_zeros(len(samples), 1), answer[:, :-1]], dim=1)
+    assert starts.sum(-1).tolist() == [len(t) for t in targets]
+    header_end = tokenizer.convert_tokens_to_ids(train._ASSISTANT_HEADER[family][-1])
+    for row in range(len(samples)):  # the token before each answer ends the assistant header
+        assert all(batch["input_ids"][row, i - 1] == header_end for i in starts[row].nonzero().flatten())
+    spatial = samples[3]
+    assert spatial.skill == "spatial" and targets[3][0][1] is not None  # the order head has a target
+
+    cell = train.PATCH if family == "llava" else 2 * train.PATCH
+    turn_cells = train.turn_cell_masks(samples, targets, cell)
+    cells = train.image_cells(batch["input_ids"], model.config.image_token_id)
+    assert (cells >= 0).sum(-1).tolist() == [(train.IMAGE_SIZE // cell) ** 2] * len(samples)
+    layer = model.model.language_model.layers[1]
+    capture = train.LayerInputCapture(layer)
+    model(**batch)
+    loss = train.grounding_loss(capture, batch["attention_mask"], batch["labels"], cells, turn_cells, floor=0.6)
+    capture.remove()
+    # an untrained model spreads attention over ~300 tokens: far below the floor on the asked objects
+    assert torch.isfinite(loss) and loss > 1.0
+    loss.backward()
+    assert layer.self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0  # via layer 1's input
+
+
+def test_order_focus_is_the_first_object_along_the_asked_axis(train):
+    class Scene:
+        objects = (SceneObject("shape", (80, 16, 96, 32), color="red", shape="circle"),
+                   SceneObject("shape", (16, 64, 32, 80), color="blue", shape="square"))
+
+    assert train.order_focus(Scene, "Is the red circle left or right of the blue square?", (0, 1)) == (0, 1)
+    assert train.order_focus(Scene, "Is the red circle above or below the blue square?", (0, 1)) == (1, 0)
+    assert train.order_focus(Scene, "What color is the circle?", (0,)) is None
