@@ -8,13 +8,17 @@ fixed thread count). It prints a progress bar, a training log (``training_log.js
 directory) and the held-out accuracy per skill on the validation split and on the shipped test split
 (``eval_results.json``).
 
-micro-llava    ``LlavaForConditionalGeneration``: CLIP ViT (64x64 input, 4 px patches -> 16x16 = 256 patch
+micro-llava    ``LlavaForConditionalGeneration``: CLIP ViT (128x128 input, 8 px patches -> 16x16 = 256 patch
                tokens + CLS) + 2-layer MLP projector + Llama decoder. The ViT's CLS output is trained with an
                auxiliary multi-label presence objective (which colour x shape combinations, which sign
                character and which small-object colour appear), so CLS attention points at objects -- the
                signal FasterVLM / VisionZip use.
-micro-qwen2vl  ``Qwen2VLForConditionalGeneration``: Qwen2-VL ViT (2-D RoPE, no CLS) with 4 px patches and the
-               2x2 PatchMerger (64x64 -> 64 visual tokens) + Qwen2 decoder with 3-D M-RoPE.
+micro-qwen2vl  ``Qwen2VLForConditionalGeneration``: Qwen2-VL ViT (2-D RoPE, no CLS) with 8 px patches and the
+               2x2 PatchMerger (128x128 -> 64 visual tokens) + Qwen2 decoder with 3-D M-RoPE.
+
+Objectives besides the answer tokens' loss: per-token object classes (dense) on the vision output, CLS presence
+(micro-llava), patch row/column (micro-llava), and the grounding objective on decoder layer 1's attention
+from each answer-predicting token (see ``grounding_loss``); models/README.md explains each.
 
 Both get a word-level tokenizer built here (``tokenizers`` WordLevel over the task's vocabulary plus common
 prompt words, lower-cased; unknown words map to ``<unk>``), the family's chat template and the real
@@ -177,15 +181,15 @@ PRESETS = {
         "steps": 2700, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
         "objects_until": 400, "background_from": 300, "background_until": 1500,
         "dense_weight": 0.5, "aux_weight": 0.5, "position_weight": 0.2, "ground_weight": 0.5, "ground_layer": 1,
-        "ground_floor": 0.6,
+        "ground_floor": 1.0, "order_weight": 0.0,
     },
     "qwen2vl": {
         "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "vision_ffn": 256,
         "text_hidden": 128, "text_layers": 4, "text_heads": 4, "text_kv_heads": 2, "text_ffn": 384,
-        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 10,
+        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
         "objects_until": 400, "background_from": 300, "background_until": 1500,
         "dense_weight": 0.5, "aux_weight": 0.0, "position_weight": 0.0, "ground_weight": 0.5, "ground_layer": 1,
-        "ground_floor": 0.6,
+        "ground_floor": 1.0, "order_weight": 0.0,
     },
 }
 
@@ -385,7 +389,7 @@ class LayerInputCapture:
 
 def grounding_loss(capture: LayerInputCapture, attention_mask: torch.Tensor, labels: torch.Tensor,
                    cells: torch.Tensor, turn_cells: list[list[tuple[torch.Tensor, tuple[int, torch.Tensor] | None]]],
-                   floor: float) -> torch.Tensor:
+                   floor: float, order_weight: float = 0.0) -> torch.Tensor:
     """Grounding objective at the captured decoder layer, for the token that predicts each answer (the last token
     of its assistant header):
 
@@ -427,10 +431,10 @@ def grounding_loss(capture: LayerInputCapture, attention_mask: torch.Tensor, lab
                            key_padding_mask=attention_mask)  # [B, H, Q, L]
     mass = (probs.mean(1) * target).sum(-1).clamp_min(1e-6)  # [B, Q]
     loss = ((math.log(floor) - mass.log()).clamp_min(0) * valid).sum() / valid.sum()
-    if order_valid.any():
+    if order_weight > 0 and order_valid.any():
         per_head = probs.gather(1, order_head[:, None, :, None].expand(-1, 1, -1, length))[:, 0]  # [B, Q, L]
         order_mass = (per_head * order_target).sum(-1).clamp_min(1e-6)
-        loss = loss + (-(order_mass.log()) * order_valid).sum() / order_valid.sum()
+        loss = loss + order_weight * (-(order_mass.log()) * order_valid).sum() / order_valid.sum()
     return loss
 
 
@@ -763,7 +767,8 @@ def main(argv: list[str] | None = None) -> int:
         loss = output.loss
         ground_value = 0.0
         if preset["ground_weight"] > 0:
-            ground = grounding_loss(layer_capture, mask, labels, cells, turn_cells, preset["ground_floor"])
+            ground = grounding_loss(layer_capture, mask, labels, cells, turn_cells, preset["ground_floor"],
+                                    preset["order_weight"])
             loss = loss + preset["ground_weight"] * ground
             ground_value = float(ground)
         if preset["position_weight"] > 0:

@@ -50,10 +50,15 @@ def test_grounding_objective_reads_the_answer_tokens_attention(train, family):
     layer = model.model.language_model.layers[1]
     capture = train.LayerInputCapture(layer)
     model(**batch)
-    loss = train.grounding_loss(capture, batch["attention_mask"], batch["labels"], cells, turn_cells, floor=0.6)
+    loss = train.grounding_loss(capture, batch["attention_mask"], batch["labels"], cells, turn_cells, floor=1.0)
+    hinged = train.grounding_loss(capture, batch["attention_mask"], batch["labels"], cells, turn_cells, floor=0.5)
+    with_order = train.grounding_loss(capture, batch["attention_mask"], batch["labels"], cells, turn_cells,
+                                      floor=1.0, order_weight=0.5)
     capture.remove()
     # an untrained model spreads attention over ~300 tokens: far below the floor on the asked objects
     assert torch.isfinite(loss) and loss > 1.0
+    assert float(hinged) == pytest.approx(float(loss) - np.log(2), rel=0.05)  # every turn is far below 50 % mass
+    assert float(with_order) > float(loss)  # the spatial turn's order head adds its -log mass
     loss.backward()
     assert layer.self_attn.q_proj.weight.grad.abs().sum() > 0
     assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0  # via layer 1's input

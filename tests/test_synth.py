@@ -9,6 +9,7 @@ import pytest
 
 from vtprune.synth import (
     ANSWERS,
+    CHANCE,
     IMAGE_SIZE,
     SKILLS,
     TEST_SIZE,
@@ -168,3 +169,13 @@ def test_object_map_marks_every_object():
         x0, y0, x1, y1 = obj.box
         assert (index == i).any() and (index[y0:y1, x0:x1] == i).sum() == (index == i).sum()
     assert (index == -1).mean() > 0.5  # mostly background
+
+
+def test_chance_levels_follow_the_answer_sets(samples):
+    assert set(CHANCE) == set(SKILLS)
+    assert CHANCE["existence"] == CHANCE["spatial"] == 0.5 and CHANCE["ocr"] == 1 / len(ANSWERS["ocr"])
+    # attribute: colour questions choose among the colours, shape questions among the shapes (half each)
+    colours = sum(s.question.startswith("What color") for s in samples if s.skill == "attribute")
+    shapes = sum(s.question.startswith("What shape") for s in samples if s.skill == "attribute")
+    assert colours == shapes
+    assert all(0 < p <= 0.5 for p in CHANCE.values())

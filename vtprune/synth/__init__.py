@@ -68,6 +68,17 @@ ANSWERS: dict[str, tuple[str, ...]] = {
     "fine_detail": COLOR_NAMES,
 }
 
+#: accuracy of uniform guessing among the answers a question allows, per skill (attribute: half colour
+#: questions, 1 of 6, half shape questions, 1 of 4; spatial: the question names the axis, 1 of 2)
+CHANCE: dict[str, float] = {
+    "attribute": 0.5 / len(COLOR_NAMES) + 0.5 / len(SHAPES),
+    "existence": 0.5,
+    "counting": 1 / MAX_COUNT,
+    "spatial": 0.5,
+    "ocr": 1 / len(CHARACTERS),
+    "fine_detail": 1 / len(COLOR_NAMES),
+}
+
 _SPLIT_CODES = {name: code for code, name in enumerate(SPLITS)}
 _SIGN_PROBABILITY = 0.25  # chance of a distractor sign in skills other than ocr
 
@@ -444,7 +455,7 @@ def load_test_split(limit: int | None = None, root: str | Path | None = None) ->
 
 
 __all__ = [
-    "ANSWERS", "CHARACTERS", "COLOR_NAMES", "IMAGE_SIZE", "MAX_COUNT", "RELATIONS", "SHAPES", "SKILLS", "SPLITS",
+    "ANSWERS", "CHANCE", "CHARACTERS", "COLOR_NAMES", "IMAGE_SIZE", "MAX_COUNT", "RELATIONS", "SHAPES", "SKILLS", "SPLITS",
     "TEST_SIZE", "SceneObject", "VQASample", "export_split", "generate_sample", "generate_split",
     "iterate_split", "load_split", "load_test_split", "scene_questions", "spatial_question",
 ]
