@@ -456,6 +456,18 @@ class PairedLatency:
                 "native_prefill_cpu_ms": None if self.native_cpu is None else self.native_cpu.to_dict()}
 
 
+def _prefill_and_generate(model: nn.Module, inputs: dict[str, Any], new_tokens: int, collector) -> None:
+    """One prefill and (``new_tokens`` > 0) one generate, recorded in ``collector`` (None: warm-up, untimed)."""
+    sample = PrefillRunner(model, inputs)()
+    if collector is not None:
+        collector.prefill(sample)
+    del sample
+    if new_tokens > 0:
+        sample = GenerateRunner(model, inputs, new_tokens)()
+        if collector is not None:
+            collector.generate(sample)
+
+
 def measure_paired(
     model: nn.Module,
     inputs: dict[str, Any],
@@ -488,25 +500,11 @@ def measure_paired(
         timed = i >= warmup
         install()
         try:
-            sample = PrefillRunner(model, inputs)()
-            if timed:
-                pruned_c.prefill(sample)
-            del sample
-            if new_tokens > 0:
-                sample = GenerateRunner(model, inputs, new_tokens)()
-                if timed:
-                    pruned_c.generate(sample)
+            _prefill_and_generate(model, inputs, new_tokens, pruned_c if timed else None)
         finally:
             uninstall()
         if ref_c is not None:
-            sample = PrefillRunner(model, inputs)()
-            if timed:
-                ref_c.prefill(sample)
-            del sample
-            if new_tokens > 0:
-                sample = GenerateRunner(model, inputs, new_tokens)()
-                if timed:
-                    ref_c.generate(sample)
+            _prefill_and_generate(model, inputs, new_tokens, ref_c if timed else None)
         if native_fn is not None:
             clock.synchronize()
             start = clock.mark()
