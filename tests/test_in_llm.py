@@ -214,16 +214,20 @@ def test_composition_and_budget_errors(tiny_models):
         vtprune.apply(model, "fastv", ratio=1.5)
 
 
-def test_kv_cache_holds_only_kept_tokens(tiny_models):
-    model, processor = tiny_models["llava"]
-    single = _single(_inputs(processor), 0, model)
-    with torch.no_grad(), vtprune.pruned(model, "fastv", ratio=0.75):
-        out = model(**single, use_cache=True)
+def _assert_cache_holds_only_kept_tokens(model, single_input, method, **options):
+    """Per decoder layer, the KV cache after a pruned prefill is exactly as long as the layer's sequence."""
+    with torch.no_grad(), vtprune.pruned(model, method, **options):
+        out = model(**single_input, use_cache=True)
         stats = vtprune.stats(model).samples[0]
     cache = out.past_key_values
     lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
     assert lengths == stats.layer_lengths
     assert lengths[-1] < lengths[0]
+
+
+def test_kv_cache_holds_only_kept_tokens(tiny_models):
+    model, processor = tiny_models["llava"]
+    _assert_cache_holds_only_kept_tokens(model, _single(_inputs(processor), 0, model), "fastv", ratio=0.75)
 
 
 def test_composition_splits_the_budget(tiny_models):
@@ -480,14 +484,7 @@ def test_every_family_composition_batch(new_family_model, method):
 @pytest.mark.parametrize("method", IN_LLM)
 def test_every_family_kv_cache_holds_only_kept_tokens(new_family_model, method):
     _, model, processor = new_family_model
-    single = single_inputs(processor, 0)
-    with vtprune.pruned(model, method, **options_for(method)):
-        out = model(**single, use_cache=True)
-        stats = vtprune.stats(model).samples[0]
-    cache = out.past_key_values
-    lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
-    assert lengths == stats.layer_lengths
-    assert lengths[-1] < lengths[0]
+    _assert_cache_holds_only_kept_tokens(model, single_inputs(processor, 0), method, **options_for(method))
 
 
 def test_every_family_sparsevlm_recycling(new_family_model):
