@@ -174,23 +174,16 @@ def build_tokenizer(family: str):
 
 PATCH = CELL  # one vision patch per 8x8-pixel grid cell of the synthetic scenes: 128x128 -> 16x16 = 256 patches
 
+_SHARED = {
+    "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "vision_ffn": 256,
+    "text_hidden": 128, "text_layers": 4, "text_heads": 4, "text_kv_heads": 2, "text_ffn": 384,
+    "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
+    "objects_until": 400, "background_from": 300, "background_until": 1500,
+    "dense_weight": 0.5, "ground_weight": 0.5, "ground_layer": 1, "ground_floor": 1.0, "order_weight": 0.0,
+}
 PRESETS = {
-    "llava": {
-        "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "vision_ffn": 256,
-        "text_hidden": 128, "text_layers": 4, "text_heads": 4, "text_kv_heads": 2, "text_ffn": 384,
-        "steps": 2700, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
-        "objects_until": 400, "background_from": 300, "background_until": 1500,
-        "dense_weight": 0.5, "aux_weight": 0.5, "position_weight": 0.2, "ground_weight": 0.5, "ground_layer": 1,
-        "ground_floor": 1.0, "order_weight": 0.0,
-    },
-    "qwen2vl": {
-        "vision_hidden": 96, "vision_layers": 3, "vision_heads": 4, "vision_ffn": 256,
-        "text_hidden": 128, "text_layers": 4, "text_heads": 4, "text_kv_heads": 2, "text_ffn": 384,
-        "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
-        "objects_until": 400, "background_from": 300, "background_until": 1500,
-        "dense_weight": 0.5, "aux_weight": 0.0, "position_weight": 0.0, "ground_weight": 0.5, "ground_layer": 1,
-        "ground_floor": 1.0, "order_weight": 0.0,
-    },
+    "llava": {**_SHARED, "steps": 2700, "aux_weight": 0.5, "position_weight": 0.2},
+    "qwen2vl": {**_SHARED, "aux_weight": 0.0, "position_weight": 0.0},
 }
 
 

@@ -66,50 +66,27 @@ def _build(cls, config):
     return cls._from_config(config, attn_implementation="sdpa").eval()
 
 
+#: the tiny vision towers' shared sizes (CLIP and SigLIP take the same keys)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+               patch_size=4)
+
+
 def _clip(**kw):
-    base = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=4,
-    )
-    return CLIPVisionConfig(**{**base, **kw})
+    return CLIPVisionConfig(**{**_VISION, **kw})
 
 
 def _siglip(**kw):
-    base = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=32,
-        patch_size=4,
-    )
-    return SiglipVisionConfig(**{**base, **kw})
+    return SiglipVisionConfig(**{**_VISION, **kw})
 
 
 def _llama():
-    return LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-    )
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=300)
 
 
 def _qwen2():
-    return Qwen2Config(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=300,
-    )
+    return Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=300)
 
 
 @pytest.fixture(scope="module")
