@@ -180,6 +180,7 @@ _SHARED = {
     "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
     "objects_until": 400, "background_from": 300, "background_until": 1500,
     "dense_weight": 0.5, "ground_weight": 0.5, "ground_layer": 1, "ground_floor": 1.0, "order_weight": 0.0,
+    "ground_counting": 1,
 }
 PRESETS = {
     "llava": {**_SHARED, "steps": 2700, "aux_weight": 0.5, "position_weight": 0.2},
@@ -555,15 +556,15 @@ def order_focus(sample, question: str, objects: tuple[int, ...]) -> tuple[int, i
 
 def make_batch(processor, family: str, samples, rng: np.random.Generator, extra: int):
     """Processor inputs for one conversation per sample (its question + ``extra`` more about the same image),
-    with labels on the answers and their eos tokens only; also returns, per sample, the objects each turn asks
-    about (one tuple of object indices per answer, in conversation order)."""
+    with labels on the answers and their eos tokens only; also returns, per sample and turn (in conversation
+    order): (indices of the objects the turn asks about, its order_focus, its question)."""
     tokenizer = processor.tokenizer
     texts, targets = [], []
     for s in samples:
         turns = extra_turns(s, rng, extra)
         texts.append(processor.apply_chat_template(conversation(s, turns), tokenize=False))
         asked = [(s.question, tuple(primary_targets(s))), *((t[0], tuple(t[2])) for t in turns)]
-        targets.append([(objects, order_focus(s, question, objects)) for question, objects in asked])
+        targets.append([(objects, order_focus(s, question, objects), question) for question, objects in asked])
     batch = processor(images=[s.image for s in samples], text=texts, return_tensors="pt", padding=True,
                       padding_side="right")
     header = tokenizer.convert_tokens_to_ids(list(_ASSISTANT_HEADER[family]))
@@ -584,7 +585,7 @@ def turn_cell_masks(samples, targets, cell: int) -> list[list[tuple[torch.Tensor
     objects, optional (head, bool [n_visual]) of the object the order head should find)."""
     return [[(torch.from_numpy(cells_of(s, objects, cell)),
               None if order is None else (order[0], torch.from_numpy(cells_of(s, (order[1],), cell))))
-             for objects, order in turns]
+             for objects, order, *_ in turns]
             for s, turns in zip(samples, targets, strict=True)]
 
 
@@ -760,7 +761,12 @@ def main(argv: list[str] | None = None) -> int:
         loss = output.loss
         ground_value = 0.0
         if preset["ground_weight"] > 0:
-            ground = grounding_loss(layer_capture, mask, labels, cells, turn_cells, preset["ground_floor"],
+            ground_cells = turn_cells
+            if not preset["ground_counting"]:  # counting by attention needs unsaturated mass (a sink to compare to)
+                ground_cells = [[(torch.zeros_like(wanted) if question.startswith("How many") else wanted, order)
+                                 for (wanted, order), (_, _, question) in zip(masks, turns, strict=True)]
+                                for masks, turns in zip(turn_cells, targets, strict=True)]
+            ground = grounding_loss(layer_capture, mask, labels, cells, ground_cells, preset["ground_floor"],
                                     preset["order_weight"])
             loss = loss + preset["ground_weight"] * ground
             ground_value = float(ground)
