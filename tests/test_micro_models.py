@@ -39,10 +39,26 @@ def test_loads_offline_and_answers(name, questions, monkeypatch):
     assert type(model).__name__ == MODELS[name]
     assert model.dtype == torch.float32
     result = evaluate_vqa(model, processor, questions, batch_size=12)
-    # far above chance (about 0.27 on this skill mix); the issue's targets (85 % / 80 %) are not met yet by the
-    # shipped checkpoints (66.2 % / 71.8 % on the 600-question test split, eval_results.json)
-    assert result.overall >= 0.5, (result.overall, result.per_skill)
-    assert all(acc > 0 for acc in result.per_skill.values()), result.per_skill
+    # chance on this skill mix is about 0.32 (vtprune.synth.CHANCE); the shipped checkpoints score 0.89 / 0.83 on
+    # these 36 questions and 88.7 % / 85.3 % on the whole 600-question test split (eval_results.json)
+    assert result.overall >= 0.75, (result.overall, result.per_skill)
+    for skill in ("attribute", "existence", "ocr", "fine_detail"):  # the skills both models have mastered
+        assert result.per_skill[skill] >= 5 / 6, (skill, result.per_skill)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_recorded_accuracy_meets_the_targets(name):
+    """The held-out numbers the training script recorded (600 test questions): overall >= 85 % (micro-llava) /
+    80 % (micro-qwen2vl), and every skill above chance except where the note says otherwise."""
+    from vtprune.synth import CHANCE
+
+    results = json.loads((_model_dir(name) / "eval_results.json").read_text())["test"]
+    assert results["n"] == 600
+    assert results["overall"] >= {"micro-llava": 0.85, "micro-qwen2vl": 0.80}[name]
+    for skill, accuracy in results["per_skill"].items():
+        if name == "micro-qwen2vl" and skill == "spatial":
+            continue  # at chance: Qwen2-VL's ViT has no absolute positions (see models/README.md)
+        assert accuracy >= CHANCE[skill] + 0.15, (skill, accuracy)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -202,7 +202,7 @@ def accuracy_spread(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if r.get("status") == "ok" and r.get("accuracy") is not None and r["budget"] != "full":
             groups.setdefault((r["model"], r["budget"]), []).append(r)
     spreads = []
-    for (model, budget), group in groups.items():
+    for (model, budget), group in sorted(groups.items(), key=lambda item: (item[0][0], -_budget_order(item[0][1]))):
         best = max(group, key=lambda r: r["accuracy"])
         worst = min(group, key=lambda r: r["accuracy"])
         spreads.append({
@@ -213,6 +213,14 @@ def accuracy_spread(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "spread_points": 100 * (best["accuracy"] - worst["accuracy"]),
         })
     return spreads
+
+
+def _budget_order(budget: Any) -> float:
+    """Sort key of a budget within one model: fractions and token counts both sort by size."""
+    try:
+        return float(budget)
+    except (TypeError, ValueError):
+        return float("inf")
 
 
 def spread_markdown(spreads: Sequence[dict[str, Any]]) -> str:
