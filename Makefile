@@ -12,7 +12,7 @@ $(BIN)/vtprune: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	echo "$(TORCH_SPEC)" > $(VENV)/constraints.txt
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,eval,ray]"
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,eval,ray,notebook]"
 	# lmms-eval without its declared dependencies (see pyproject.toml, extra "eval")
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt --no-deps "$(LMMS_EVAL_SPEC)"
 	touch $@
