@@ -252,7 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "full,0.5,0.25,0.125 for models and full,192,128,64 for presets")
     p.add_argument("--tasks", default=None, help="synth (accuracy) and/or latency; default synth for models, "
                                                 "latency for presets")
-    p.add_argument("--limit", type=int, default=120, help="synth: questions of the test split (0 = all 600)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="synth: the first N questions of the test split (skill-balanced prefix); default 0 = all "
+                        "600, a binomial standard error of at most 2.0 accuracy points")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)

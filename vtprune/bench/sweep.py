@@ -82,7 +82,7 @@ class Cell:
 class SweepOptions:
     """How every cell is measured (recorded in each row)."""
 
-    limit: int | None = 120            # synth: questions of the test split (None = all 600)
+    limit: int | None = None           # synth: the first N questions of the test split (None = all 600)
     batch_size: int = 16               # synth: evaluate_vqa batch size
     repeats: int = 5
     warmup: int = 1
