@@ -96,7 +96,14 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def summaries(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [summarize(row) for row in rows]
+    """One record per row, grouped by model (first appearance) and task; within a group the unpruned record
+    first, then methods by name, budgets from the largest (rows of parallel workers arrive interleaved)."""
+    records = [summarize(row) for row in rows]
+    first_seen: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(records):
+        first_seen.setdefault((r["model"], r["task"]), i)
+    return sorted(records, key=lambda r: (first_seen[(r["model"], r["task"])], r["method"] != "none", r["method"],
+                                          -_budget_order(r["budget"]) if r["budget"] != "full" else 0.0))
 
 
 def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[str, str, str]]:
