@@ -538,6 +538,7 @@ def run_cells_in_processes(cells: Sequence[Cell], options: SweepOptions, finishe
     this way shares the machine between the workers: use ``jobs=1`` when the timings matter more than the
     wall time of the sweep (accuracy, FLOPs and token counts are unaffected)."""
     import multiprocessing
+    from queue import Empty
 
     groups: dict[str, list[Cell]] = {}
     for cell in cells:
@@ -556,7 +557,14 @@ def run_cells_in_processes(cells: Sequence[Cell], options: SweepOptions, finishe
     running, errors = len(workers), []
     try:
         while running:
-            kind, payload = queue.get()
+            try:
+                kind, payload = queue.get(timeout=2.0)
+            except Empty:  # a worker killed from outside (OOM, signal) never reports "done"
+                if not any(worker.is_alive() for worker in workers):
+                    codes = [worker.exitcode for worker in workers]
+                    errors.append(f"worker processes exited without finishing (exit codes {codes})")
+                    break
+                continue
             if kind == "start" and on_start is not None:
                 on_start(payload)
             elif kind == "row":
