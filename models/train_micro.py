@@ -387,11 +387,11 @@ def grounding_loss(capture: LayerInputCapture, attention_mask: torch.Tensor, lab
     """Grounding objective at the captured decoder layer, for the token that predicts each answer (the last token
     of its assistant header):
 
-    * its head-averaged attention should put at least ``floor`` of its mass on the visual tokens of the objects
-      the question is about: max(0, log(floor) - log(mass)) (turns about no object are skipped; the rest of the
-      mass stays free, e.g. for the attention sink that counting by attention needs);
-    * for spatial questions one head per axis (ORDER_HEADS) should attend to the object that comes first along
-      the asked axis: -log(that head's mass on it).
+    * its head-averaged attention mass on the visual tokens of the objects the question is about:
+      max(0, log(floor) - log(mass)), i.e. -log(mass) with the presets' floor 1.0 (a floor < 1 leaves part of
+      the mass free); turns about no object are skipped;
+    * with ``order_weight`` > 0 (off in the presets), for spatial questions one head per axis (ORDER_HEADS)
+      attending to the object that comes first along the asked axis: -log(that head's mass on it).
 
     The attention rows are recomputed from the layer's own q/k (vtprune.engine.attention_rows), the rows
     FastV-style methods read at inference. ``labels`` [B, L] (-100 outside answers), ``cells`` [B, L]
