@@ -180,7 +180,7 @@ _SHARED = {
     "steps": 3000, "batch_size": 16, "lr": 1.5e-3, "init": 0.06, "extra_questions": 6,
     "objects_until": 400, "background_from": 300, "background_until": 1500,
     "dense_weight": 0.5, "ground_weight": 0.5, "ground_layer": 1, "ground_floor": 1.0, "order_weight": 0.0,
-    "ground_counting": 1,
+    "ground_counting": 1, "position_questions": 0,
 }
 PRESETS = {
     "llava": {**_SHARED, "steps": 2700, "aux_weight": 0.5, "position_weight": 0.2},
@@ -492,10 +492,36 @@ def primary_targets(sample) -> tuple[int, ...]:
     return tuple(sample.targets)
 
 
-def extra_turns(sample, rng: np.random.Generator, count: int) -> list[tuple[str, str, tuple[int, ...]]]:
+def position_questions(sample, margin: float = 16.0) -> list[tuple[str, str, tuple[int, ...]]]:
+    """Training-only questions about where one object lies in the image ("Is the red circle on the left or the
+    right?" -> left / right; "... on the top or the bottom?" -> top / bottom), for objects whose colour x shape
+    is unique and whose centre is at least ``margin`` px from the middle line asked about: reading one object's
+    position is the step a spatial comparison of two objects builds on."""
+    shapes = [(i, o) for i, o in enumerate(sample.objects) if o.kind == "shape"]
+    combos = [(o.color, o.shape) for _, o in shapes]
+    middle = IMAGE_SIZE / 2
+    questions = []
+    for i, o in shapes:
+        if combos.count((o.color, o.shape)) != 1:
+            continue
+        x, y = o.center
+        if abs(x - middle) >= margin:
+            questions.append((f"Is the {o.color} {o.shape} on the left or the right?", "left" if x < middle else "right",
+                              (i,)))
+        if abs(y - middle) >= margin:
+            questions.append((f"Is the {o.color} {o.shape} on the top or the bottom?", "top" if y < middle else "bottom",
+                              (i,)))
+    return questions
+
+
+def extra_turns(sample, rng: np.random.Generator, count: int, positions: bool = False
+                ) -> list[tuple[str, str, tuple[int, ...]]]:
     """``count`` more (question, answer, targets) about the same scene: a skill with a well-posed question (or
-    the warm-up set) is drawn uniformly, then a question of it (existence: yes or no with equal probability)."""
+    the warm-up set, or with ``positions`` the position set) is drawn uniformly, then a question of it
+    (existence: yes or no with equal probability)."""
     pool = {**scene_questions(sample.objects, with_targets=True), "warmup": warmup_questions(sample)}
+    if positions:
+        pool["position"] = position_questions(sample)
     skills = [skill for skill, questions in pool.items() if questions]
     turns: list[tuple[str, str, tuple[int, ...]]] = []
     for _ in range(count):
@@ -554,14 +580,14 @@ def order_focus(sample, question: str, objects: tuple[int, ...]) -> tuple[int, i
     return None
 
 
-def make_batch(processor, family: str, samples, rng: np.random.Generator, extra: int):
+def make_batch(processor, family: str, samples, rng: np.random.Generator, extra: int, positions: bool = False):
     """Processor inputs for one conversation per sample (its question + ``extra`` more about the same image),
     with labels on the answers and their eos tokens only; also returns, per sample and turn (in conversation
     order): (indices of the objects the turn asks about, its order_focus, its question)."""
     tokenizer = processor.tokenizer
     texts, targets = [], []
     for s in samples:
-        turns = extra_turns(s, rng, extra)
+        turns = extra_turns(s, rng, extra, positions)
         texts.append(processor.apply_chat_template(conversation(s, turns), tokenize=False))
         asked = [(s.question, tuple(primary_targets(s))), *((t[0], tuple(t[2])) for t in turns)]
         targets.append([(objects, order_focus(s, question, objects), question) for question, objects in asked])
@@ -741,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
         samples = [generate_sample("train", step * batch_size + i, seed=args.seed) for i in range(batch_size)]
         share_objects, share_background, extra = curriculum(step, preset)
         batch, targets = make_batch(processor, args.family, samples, np.random.default_rng([args.seed, 1, step]),
-                                    extra)
+                                    extra, bool(preset["position_questions"]))
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps, preset["lr"], warmup)
         turn_cells = turn_cell_masks(samples, targets, dense_cell)

@@ -72,3 +72,17 @@ def test_order_focus_is_the_first_object_along_the_asked_axis(train):
     assert train.order_focus(Scene, "Is the red circle left or right of the blue square?", (0, 1)) == (0, 1)
     assert train.order_focus(Scene, "Is the red circle above or below the blue square?", (0, 1)) == (1, 0)
     assert train.order_focus(Scene, "What color is the circle?", (0,)) is None
+
+
+def test_position_questions_name_one_object_and_its_half(train):
+    class Scene:
+        objects = (SceneObject("shape", (8, 8, 24, 24), color="red", shape="circle"),       # top left
+                   SceneObject("shape", (56, 96, 72, 112), color="blue", shape="square"),   # bottom, centred in x
+                   SceneObject("shape", (96, 16, 112, 32), color="red", shape="circle"))    # duplicate kind: skipped
+
+    questions = train.position_questions(Scene)
+    assert ("Is the blue square on the top or the bottom?", "bottom", (1,)) in questions
+    assert not any("blue square on the left" in q for q, _, _ in questions)  # too close to the middle line
+    assert not any("red circle" in q for q, _, _ in questions)
+    tokenizer = train.build_tokenizer("qwen2vl")
+    assert tokenizer.unk_token not in tokenizer.tokenize(questions[0][0])
