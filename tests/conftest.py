@@ -39,6 +39,18 @@ def tiny_models() -> TinyModels:
     return TinyModels()
 
 
+@pytest.fixture(scope="session")
+def saved_tiny_llava(tmp_path_factory) -> str:
+    """A tiny random LLaVA saved as an HF directory (stands in for a bundled micro-VLM)."""
+    from vtprune.testing import tiny_vlm
+
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model, processor = tiny_vlm("llava")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(autouse=True)
 def _unprune_shared_models(request):
     """A failing test must not leave pruning installed on a shared model (later tests would cascade)."""

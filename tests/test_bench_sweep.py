@@ -30,18 +30,6 @@ REPO = Path(__file__).resolve().parents[1]
 FAST = SweepOptions(limit=6, batch_size=6, repeats=1, warmup=0, new_tokens=2, threads=1)
 
 
-@pytest.fixture(scope="module")
-def saved_tiny_llava(tmp_path_factory):
-    """A tiny random LLaVA saved as an HF directory (stands in for the bundled micro-VLM)."""
-    from vtprune.testing import tiny_vlm
-
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model, processor = tiny_vlm("llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
-
-
 def test_parse_budget():
     assert parse_budget("full") is None and parse_budget("64") == 64 and parse_budget("0.25") == 0.25
     with pytest.raises(VTPruneError):

@@ -23,18 +23,12 @@ LIMIT = 12
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
+def model_dir(request) -> str:
     """The bundled micro-llava when present, else a tiny random LLaVA saved as an HF directory."""
     bundled = bundled_model_dir("micro-llava")
     if bundled is not None:
         return str(bundled)
-    from vtprune.testing import tiny_vlm
-
-    path = tmp_path_factory.mktemp("tiny-llava")
-    model, processor = tiny_vlm("llava")
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return str(path)
+    return request.getfixturevalue("saved_tiny_llava")
 
 
 def test_manifest_registers_the_vtprune_model():

@@ -103,7 +103,7 @@ def summaries(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, r in enumerate(records):
         first_seen.setdefault((r["model"], r["task"]), i)
     return sorted(records, key=lambda r: (first_seen[(r["model"], r["task"])], r["method"] != "none", r["method"],
-                                          -_budget_order(r["budget"]) if r["budget"] != "full" else 0.0))
+                                          -_budget_order(r["budget"])))
 
 
 def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[str, str, str]]:
@@ -223,7 +223,7 @@ def accuracy_spread(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _budget_order(budget: Any) -> float:
-    """Sort key of a budget within one model: fractions and token counts both sort by size."""
+    """Sort key of a budget within one model: fractions and token counts by size, "full" above all."""
     try:
         return float(budget)
     except (TypeError, ValueError):
