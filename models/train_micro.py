@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(REPO))
 
+from vtprune import compat  # noqa: E402
 from vtprune.bench.accuracy import evaluate_vqa  # noqa: E402
 from vtprune.synth import (  # noqa: E402
     ANSWERS,
@@ -214,8 +215,7 @@ def build_llava(tokenizer, p: dict):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = transformers.LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa",
-                                                                    dtype=torch.float32)
+    model = compat.model_from_config(transformers.LlavaForConditionalGeneration, config, dtype=torch.float32)
     image_processor = transformers.LlavaImageProcessorPil(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
     )
@@ -253,8 +253,7 @@ def build_qwen2vl(tokenizer, p: dict):
         video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
         vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False, **special,
     )
-    model = transformers.Qwen2VLForConditionalGeneration._from_config(config, attn_implementation="sdpa",
-                                                                      dtype=torch.float32)
+    model = compat.model_from_config(transformers.Qwen2VLForConditionalGeneration, config, dtype=torch.float32)
     pixels = IMAGE_SIZE * IMAGE_SIZE
     common = {"patch_size": PATCH, "temporal_patch_size": 2, "merge_size": 2,
               "size": {"shortest_edge": pixels, "longest_edge": pixels}}
@@ -331,12 +330,13 @@ def forward_visual_subset(model, family: str, batch, keep: list[torch.Tensor], c
     input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     rows, length = input_ids.shape
     inner = model.model
+    image_features = getattr(inner, compat.IMAGE_FEATURES)
     if family == "llava":
-        features = torch.cat(list(inner.get_image_features(pixel_values=batch["pixel_values"]).pooler_output))
+        features = torch.cat(list(image_features(pixel_values=batch["pixel_values"]).pooler_output))
         positions = torch.arange(length).expand(rows, length)  # right padding: 0..L-1
     else:
-        features = torch.cat(inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
-        positions, _ = inner.get_rope_index(input_ids, mm_token_type_ids=batch["mm_token_type_ids"],
+        features = torch.cat(image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
+        positions, _ = compat.rope_index(inner, input_ids, mm_token_type_ids=batch["mm_token_type_ids"],
                                             image_grid_thw=batch["image_grid_thw"], attention_mask=mask)  # [3, B, L]
     embeds = model.get_input_embeddings()(input_ids)
     is_image = input_ids == model.config.image_token_id

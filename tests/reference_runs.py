@@ -17,6 +17,7 @@ import torch
 import vtprune
 import vtprune.engine.layer_stage as layer_stage
 import vtprune.engine.session as session_module
+from vtprune import compat
 from vtprune.registry import method_class
 from vtprune.testing import FAMILIES
 
@@ -94,11 +95,10 @@ def reference_greedy(model, embeds, position_ids, side: SideRows | None = None, 
     """Greedy decoding of the bare language model with a DynamicCache: prefill ``embeds`` at ``position_ids``,
     then feed each argmax token's embedding one position after the last one (every M-RoPE row + 1).
     Returns (tokens, logits [steps, V])."""
-    from transformers import DynamicCache
 
     lm = model.model.language_model
-    cache = DynamicCache(config=lm.config)
-    out = lm(inputs_embeds=embeds[None], position_ids=_batched(position_ids), past_key_values=cache, use_cache=True,
+    cache = compat.new_dynamic_cache(lm.config)
+    out = lm(inputs_embeds=embeds[None], position_ids=_batched(position_ids), **compat.cache_kwargs(cache), use_cache=True,
              **_side_kwargs(side))
     following = position_ids[..., -1] + 1  # scalar or [3]
     tokens, logits = [], []
@@ -110,7 +110,7 @@ def reference_greedy(model, embeds, position_ids, side: SideRows | None = None, 
             break
         step_positions = (following + t).reshape(-1, 1, 1) if following.dim() else (following + t).view(1, 1)
         out = lm(inputs_embeds=model.get_input_embeddings()(token[:, None]), position_ids=step_positions,
-                 past_key_values=cache, use_cache=True)
+                 **compat.cache_kwargs(cache), use_cache=True)
     return tokens, torch.stack(logits)
 
 
@@ -354,10 +354,9 @@ def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dic
     pruning layer, with a per-layer DynamicCache; then decode greedily (each layer continues one position after
     its own last position). ``placeholders``: positions of the image tokens (all others are text).
     Returns (prefill logits [n, V], per-layer lengths, tokens, step logits [steps, V])."""
-    from transformers import DynamicCache
 
     lm = model.model.language_model
-    cache = DynamicCache(config=lm.config)
+    cache = compat.new_dynamic_cache(lm.config)
     hidden = embeds[None]
     source = torch.arange(embeds.shape[0])  # original position of each current column
     visual = torch.nonzero(side.mask).flatten().tolist() if side is not None else []
@@ -376,7 +375,7 @@ def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dic
         lengths.append(hidden.shape[1])
         last_positions.append(positions[..., -1])
         hidden = layer(hidden, attention_mask=None, position_embeddings=rotary(lm, hidden, positions),
-                       past_key_values=cache, use_cache=True)
+                       **compat.cache_kwargs(cache), use_cache=True)
         if side is not None and index < len(side.rows):  # deepstack: add the rows of the visual tokens present
             columns = [c for c, p in enumerate(source.tolist()) if p in visual]
             rows = side.rows[index][[visual.index(int(source[c])) for c in columns]]
@@ -396,6 +395,6 @@ def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dic
             position = last_positions[index] + 1 + t  # scalar or [3]
             position = position.reshape(1) if position.dim() == 0 else position.reshape(3, 1)
             x = layer(x, attention_mask=None, position_embeddings=rotary(lm, x, position),
-                      past_key_values=cache, use_cache=True)
+                      **compat.cache_kwargs(cache), use_cache=True)
         out = model.lm_head(lm.norm(x))[0]
     return logits, lengths, tokens, torch.stack(step_logits)

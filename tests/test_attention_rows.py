@@ -24,6 +24,7 @@ from transformers.models.qwen2_5_vl import Qwen2_5_VLTextConfig, Qwen2_5_VLTextM
 from transformers.models.qwen2_vl import Qwen2VLTextConfig, Qwen2VLTextModel
 from transformers.models.qwen2_vl import modeling_qwen2_vl as qwen2_vl_modeling
 
+from vtprune import compat
 from vtprune.engine.attention_rows import attention_rows, key_states, last_token_index, rope_only_rows
 
 TOL = 1e-5
@@ -397,7 +398,6 @@ def test_gqa_head_mapping_matches_repeat_kv():
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "qwen2_vl"])
 def test_key_states_equal_the_cached_keys(family):
-    from transformers import DynamicCache
 
     builders = {
         "llama": (LlamaModel, LlamaConfig, {}),
@@ -410,8 +410,8 @@ def test_key_states_equal_the_cached_keys(family):
     model.layers[1].register_forward_pre_hook(
         lambda m, a, k: captured.update(hidden=a[0] if a else k["hidden_states"], pe=k["position_embeddings"]),
         with_kwargs=True)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=_ids(2, 9), past_key_values=cache, use_cache=True)
+    cache = compat.new_dynamic_cache(model.config)
+    model(input_ids=_ids(2, 9), **compat.cache_kwargs(cache), use_cache=True)
     keys = key_states(model.layers[1], captured["hidden"], captured["pe"])
     torch.testing.assert_close(keys, cache.layers[1].keys, atol=1e-5, rtol=1e-5)
 

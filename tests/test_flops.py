@@ -33,10 +33,8 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from vtprune import compat
 from vtprune.bench import flops as F
 
 REL_TOL = 0.01
@@ -157,9 +155,7 @@ def test_math_backend_agrees(llava):
 
 def _run_layers(lm, layers, h, pos, past=None):
     """What LlamaModel.forward does per layer: causal mask + rotary from the model, then the layers."""
-    mask = create_causal_mask(
-        config=lm.config, inputs_embeds=h, attention_mask=None, past_key_values=None, position_ids=pos
-    )
+    mask = compat.create_causal_mask(lm.config, h, None, None, pos)
     pe = lm.rotary_emb(h, position_ids=pos)
     for layer in layers:
         h = layer(
@@ -167,7 +163,7 @@ def _run_layers(lm, layers, h, pos, past=None):
             attention_mask=mask,
             position_embeddings=pe,
             position_ids=pos,
-            past_key_values=past,
+            **compat.cache_kwargs(past),
             use_cache=past is not None,
         )
     return h
@@ -196,13 +192,13 @@ def test_decode_step_with_cache(llava, n):
     cfg, model = llava
     lm = model.model.language_model
     with torch.no_grad():
-        past = lm(inputs_embeds=torch.randn(1, n, 64), use_cache=True).past_key_values
-    measured = counted(lambda: lm(inputs_embeds=torch.randn(1, 1, 64), past_key_values=past, use_cache=True))
+        past = compat.output_cache(lm(inputs_embeds=torch.randn(1, n, 64), use_cache=True))
+    measured = counted(lambda: lm(inputs_embeds=torch.randn(1, 1, 64), **compat.cache_kwargs(past), use_cache=True))
     assert_close(F.llm_decode_flops(cfg.text_config, [n] * 4, 1), measured)
     # two more tokens (cache now n+1)
     measured2 = counted(
         lambda: [
-            lm(inputs_embeds=torch.randn(1, 1, 64), past_key_values=past, use_cache=True) for _ in range(2)
+            lm(inputs_embeds=torch.randn(1, 1, 64), **compat.cache_kwargs(past), use_cache=True) for _ in range(2)
         ]
     )
     assert_close(F.llm_decode_flops(cfg.text_config, [n + 1] * 4, 2), measured2)
@@ -215,7 +211,7 @@ def test_decode_with_pruned_cache(llava):
     cfg, model = llava
     lm = model.model.language_model
     n1, n2, k = 48, 12, 2
-    cache = DynamicCache(config=lm.config)
+    cache = compat.new_dynamic_cache(lm.config)
     with torch.no_grad():
         h, pos = torch.randn(1, n1, 64), torch.arange(n1)[None]
         h = _run_layers(lm, lm.layers[:k], h, pos, past=cache)
@@ -233,7 +229,7 @@ def test_decode_with_pruned_cache(llava):
                     attention_mask=None,
                     position_embeddings=pe,
                     position_ids=p,
-                    past_key_values=cache,
+                    **compat.cache_kwargs(cache),
                     use_cache=True,
                 )
 
@@ -252,7 +248,7 @@ def test_llava_next_base_plus_crops():
     )
     model = _build(LlavaNextForConditionalGeneration, cfg)
     image_sizes = torch.tensor([[50, 60]])
-    num_patches = image_size_to_num_patches([50, 60], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    num_patches = compat.image_size_to_num_patches("llava_next")([50, 60], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
     assert num_patches == 5  # base + 2x2 crops
     pv = torch.randn(1, num_patches, 3, 32, 32)
     per_input = F.vision_tokens_per_input(cfg)
@@ -287,7 +283,7 @@ def test_llava_onevision_full_forward():
     assert cfg.vision_feature_layer == -1 and cfg.vision_feature_select_strategy == "full"
     model = _build(LlavaOnevisionForConditionalGeneration, cfg)
     image_sizes = torch.tensor([[30, 62]])
-    num_patches = image_size_to_num_patches([30, 62], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+    num_patches = compat.image_size_to_num_patches("llava_next")([30, 62], cfg.image_grid_pinpoints, cfg.vision_config.image_size)
     pv = torch.randn(1, num_patches, 3, 32, 32)
     per_input = F.vision_tokens_per_input(cfg)
     assert per_input == 64  # SigLIP: no CLS, "full" keeps every patch

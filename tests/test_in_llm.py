@@ -20,6 +20,7 @@ from reference_runs import (
 )
 
 import vtprune
+from vtprune import compat
 from vtprune.testing import tiny_image, tiny_inputs
 
 FAMILIES = ["llava", "llava_next"]
@@ -119,9 +120,8 @@ def _reference_run(model, single, stats, positions, max_new_tokens=0):
                 cols = cols[sel]
                 pos = pos[sel] if positions == "original" else torch.arange(len(sel))
             segments[index] = (cols.clone(), pos.clone())
-        from transformers import DynamicCache
 
-        cache = DynamicCache(config=lm.config)
+        cache = compat.new_dynamic_cache(lm.config)
         hidden_all = embeds
         tokens = []
         logits = None
@@ -140,7 +140,7 @@ def _reference_run(model, single, stats, positions, max_new_tokens=0):
                 pe = lm.rotary_emb(hidden, position_ids=p[None])
                 mask = None if hidden.shape[1] > 1 else None
                 hidden = layer(hidden, attention_mask=_causal(hidden, cache, index) if step == 0 else mask,
-                               position_embeddings=pe, position_ids=p[None], past_key_values=cache)
+                               position_embeddings=pe, position_ids=p[None], **compat.cache_kwargs(cache))
             step_logits = model.lm_head(lm.norm(hidden))[0]
             if step == 0:
                 logits = step_logits
@@ -219,7 +219,7 @@ def _assert_cache_holds_only_kept_tokens(model, single_input, method, **options)
     with torch.no_grad(), vtprune.pruned(model, method, **options):
         out = model(**single_input, use_cache=True)
         stats = vtprune.stats(model).samples[0]
-    cache = out.past_key_values
+    cache = compat.output_cache(out)
     lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
     assert lengths == stats.layer_lengths
     assert lengths[-1] < lengths[0]

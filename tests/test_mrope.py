@@ -35,6 +35,7 @@ from reference_runs import (
 )
 
 import vtprune
+from vtprune import compat
 from vtprune.adapters.base import adapter_for
 from vtprune.engine.positions import pruned_positions
 from vtprune.registry import method_class
@@ -201,12 +202,12 @@ def test_decoding_by_hand_without_attention_mask(qwen, method, positions):
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
         step = model(**inputs, use_cache=True)
-        cache = step.past_key_values
+        cache = compat.output_cache(step)
         for t, expected in enumerate(out.logits):
             torch.testing.assert_close(step.logits[:, -1], expected, rtol=0, atol=1e-5)
             token = expected.argmax(-1, keepdim=True)
             if t + 1 < len(out.logits):
-                step = model(input_ids=token, past_key_values=cache, use_cache=True)
+                step = model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True)
 
 
 def test_video_inputs_raise_an_explicit_error(tiny_models):

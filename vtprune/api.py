@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from . import compat
 from .adapters.base import adapter_for
 from .budget import Budget, split_composed_budget, validate_budget
 from .engine.session import SESSION_ATTRIBUTE, PruneSession
@@ -39,6 +40,7 @@ def apply(
     Everything else about the model is unchanged: call ``model(...)`` / ``model.generate(...)`` as usual.
     """
     validate_budget(budget)
+    compat.warn_if_untested()
     adapter = adapter_for(model)
     names = [method] if isinstance(method, str | Method) else list(method)
     if not names:

@@ -19,3 +19,9 @@ class UnsupportedModelError(VTPruneError):
 
 class MethodOptionError(VTPruneError):
     pass
+
+
+class SilentlyUnprunedError(RuntimeError):
+    """A pruned model got visual inputs but no pruning stage ran: it would have run unpruned without a word.
+    Almost always a transformers internal that vtprune hooks into has changed. Not a bad-input error (not a
+    VTPruneError): sweeps stop on it instead of recording a row."""

@@ -41,6 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import compat
+
 __all__ = ["FAMILIES", "tiny_image", "tiny_inputs", "tiny_vlm"]
 
 # Family name -> (transformers.models submodule, model class, config class), in priority order.
@@ -414,13 +416,7 @@ def _deep_merge(base: dict, overrides: dict) -> dict:
 
 def _image_processor(name: str, **kwargs):
     """The PIL backend of the family's image processor (needs no torchvision; deterministic)."""
-    import transformers
-
-    try:
-        cls = getattr(transformers, name + "Pil")  # transformers >= 5.x split backends: PIL class
-    except AttributeError:
-        cls = getattr(transformers, name)  # older 5.x: the slow (PIL/numpy) class
-    return cls(**kwargs)
+    return compat.image_processor_class(name)(**kwargs)
 
 
 class _NoVideoProcessorError(NotImplementedError):
@@ -429,15 +425,27 @@ class _NoVideoProcessorError(NotImplementedError):
 
 @functools.cache
 def _stub_video_processor_class():
-    from transformers.video_processing_utils import VideoProcessorMixin
+    class TinyNoVideoProcessor(compat.video_processor_mixin()):
+        """Stand-in for a video processor that cannot be built (no torchvision): carries the real class's
+        attributes, refuses videos, and saves itself as the real class (``stands_for``), so that a saved
+        processor never names this stub and loads with plain transformers where torchvision is installed."""
 
-    class TinyNoVideoProcessor(VideoProcessorMixin):
-        """Stand-in video processor used when the real one cannot be built (no torchvision)."""
+        stands_for: str = ""
 
         def preprocess(self, videos, **kwargs):
             raise _NoVideoProcessorError(
-                "vtprune.testing: video inputs need torchvision; the real video processor could not be built"
+                f"video inputs need torchvision (the real {self.stands_for or 'video processor'} could not be built)"
+                "; pip install torchvision"
             )
+
+        def to_dict(self):
+            if not self.stands_for:
+                raise ValueError("this stand-in video processor does not know which class it replaces; "
+                                 "build it with vtprune.testing._video_processor(class_name, ...)")
+            out = super().to_dict()
+            out.pop("stands_for", None)
+            out["video_processor_type"] = self.stands_for
+            return out
 
     TinyNoVideoProcessor.__qualname__ = "TinyNoVideoProcessor"  # picklable via module __getattr__
     return TinyNoVideoProcessor
@@ -450,11 +458,11 @@ def __getattr__(name: str):
 
 
 def _video_processor(class_name: str, **attrs):
-    """The family's real video processor when it can be built (it needs torchvision), else a stub.
+    """The family's real video processor when it can be built (it needs torchvision), else a stand-in.
 
-    Qwen and OneVision processors require a ``video_processor``. Without torchvision the real
-    classes are import placeholders, so a minimal ``VideoProcessorMixin`` carrying the same
-    attributes (``merge_size``, ``patch_size``, ...) is used; it raises if videos are passed.
+    Qwen and OneVision processors require a ``video_processor``. Without torchvision the real classes are
+    import placeholders, so a minimal ``VideoProcessorMixin`` carrying the same attributes (``merge_size``,
+    ``patch_size``, ...) is used; it raises if videos are passed and saves itself under ``class_name``.
     """
     import transformers
 
@@ -464,6 +472,7 @@ def _video_processor(class_name: str, **attrs):
         proc = _stub_video_processor_class()()
         for key, value in attrs.items():
             setattr(proc, key, value)
+        proc.stands_for = class_name
         return proc
 
 
@@ -478,19 +487,7 @@ def _make_processor(processor_cls, **kwargs):
     if not isinstance(kwargs.get("video_processor"), stub_cls):
         return processor_cls(**kwargs)
 
-    processor = processor_cls.__new__(processor_cls)
-
-    def check_argument_for_proper_class(argument_name, argument):
-        if argument_name == "video_processor" and isinstance(argument, stub_cls):
-            return stub_cls
-        return processor_cls.check_argument_for_proper_class(processor, argument_name, argument)
-
-    processor.check_argument_for_proper_class = check_argument_for_proper_class
-    try:
-        processor_cls.__init__(processor, **kwargs)
-    finally:
-        del processor.check_argument_for_proper_class
-    return processor
+    return compat.processor_accepting(processor_cls, "video_processor", stub_cls, **kwargs)
 
 
 def _build_processor(family: str, tokenizer, config):
@@ -622,9 +619,7 @@ def tiny_vlm(family: str, seed: int = 0, **config_overrides):
 
     config = getattr(transformers, config_cls_name)(**cfg)
     torch.manual_seed(seed)
-    model = getattr(transformers, model_cls_name)._from_config(
-        config, attn_implementation="sdpa", dtype=torch.float32
-    )
+    model = compat.model_from_config(getattr(transformers, model_cls_name), config, dtype=torch.float32)
     model.eval()
 
     generation_config = model.generation_config

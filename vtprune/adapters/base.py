@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import compat
 from ..engine.layout import SampleLayout
 from ..errors import UnsupportedModelError
 
@@ -63,13 +64,19 @@ class Adapter:
     #: (attribute path from the model, method name) of the functions that run the vision encoder. They are
     #: wrapped per instance so that signals are captured and the encoder's arguments recorded, whether the
     #: encoder runs inside forward() or before it (generate() pre-encodes images in transformers 5).
-    vision_entry_points: ClassVar[tuple[tuple[str, str], ...]] = (("model", "get_image_features"),)
+    vision_entry_points: ClassVar[tuple[tuple[str, str], ...]] = (("model", compat.IMAGE_FEATURES),)
 
     def has_visual_input(self, call: dict[str, Any]) -> bool:
         if call.get("pixel_values") is not None:
             return True
-        encoded = call.get("mm_encoder_outputs") or {}
+        encoded = compat.encoder_outputs(call)
         return any(value is not None for value in encoded.values())
+
+    def placeholder_token_ids(self) -> list[int]:
+        """Token ids the processor expands into visual placeholders (images and videos)."""
+        names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+        ids = {getattr(self.config, name, None) for name in names}
+        return sorted(int(i) for i in ids if i is not None)
 
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         raise NotImplementedError(f"{type(self).__name__} must implement build_layouts")

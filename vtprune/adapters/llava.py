@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .. import compat
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
 from ..selectors.cls_attention import cls_attention_scores
@@ -144,8 +145,7 @@ class LlavaNextAdapter(_ClipLlavaAdapter):
     model_class_names = ("LlavaNextForConditionalGeneration",)
 
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
-        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
+        image_size_to_num_patches = compat.image_size_to_num_patches("llava_next")
         strategy = self._feature_strategy(call)
         if strategy != "default":
             raise UnsupportedModelError(
@@ -163,8 +163,8 @@ class LlavaNextAdapter(_ClipLlavaAdapter):
         ]
         index_features = crop_index_features(crops_per_image, num_patches)
         newline_marker = torch.tensor([-1.0, -1.0, 0.0])
-        packed, _ = self.model.model.pack_image_features(
-            index_features, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes,
+        packed, _ = compat.pack_image_features(
+            self.model.model, index_features, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes,
             vision_feature_select_strategy=strategy, image_newline=newline_marker,
         )
         spans = [self._image_span(p, crops > 1, num_patches, side) for p, crops in zip(packed, crops_per_image, strict=True)]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .. import compat
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
 from ..selectors.cls_attention import mean_received_attention
@@ -46,7 +47,7 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     model_class_names = ("LlavaOnevisionForConditionalGeneration",)
 
     def has_visual_input(self, call: dict[str, Any]) -> bool:
-        encoded = call.get("mm_encoder_outputs") or {}
+        encoded = compat.encoder_outputs(call)
         if call.get("pixel_values_videos") is not None or encoded.get("video") is not None:
             raise UnsupportedModelError(
                 "vtprune prunes LLaVA-OneVision images only; video inputs are not supported yet. Remove the "
@@ -66,8 +67,7 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
 
     # -- the model's own image bookkeeping ---------------------------------------------------------------
     def _crops_per_image(self, call: dict[str, Any]) -> list[int]:
-        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
-
+        image_size_to_num_patches = compat.image_size_to_num_patches("llava_onevision")
         image_sizes = call["image_sizes"]
         batch_num_images = call.get("batch_num_images")
         if batch_num_images is None:
@@ -84,8 +84,8 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
         """``pack_image_features`` of the model: per image [crops, P, C] -> [n, C]."""
         image_sizes = call["image_sizes"]
         ratio = call.get("vision_aspect_ratio") or self.config.vision_aspect_ratio
-        packed, _ = self.model.model.pack_image_features(
-            features, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes,
+        packed, _ = compat.pack_image_features(
+            self.model.model, features, image_sizes.cpu() if torch.is_tensor(image_sizes) else image_sizes,
             image_newline=newline, vision_aspect_ratio=ratio,
         )
         return packed

@@ -29,11 +29,11 @@ Videos are not pruned yet: a forward with video inputs raises :class:`~vtprune.e
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 
+from .. import compat
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
 from ..selectors.cls_attention import mean_received_attention
@@ -89,7 +89,7 @@ class _QwenVLAdapter(Adapter):
         return int(self.config.vision_config.spatial_merge_size)
 
     def has_visual_input(self, call: dict[str, Any]) -> bool:
-        encoded = call.get("mm_encoder_outputs") or {}
+        encoded = compat.encoder_outputs(call)
         if call.get("pixel_values_videos") is not None or encoded.get("video") is not None:
             raise UnsupportedModelError(
                 f"vtprune prunes {type(self.model).__name__} images only; video inputs are not supported yet. "
@@ -135,11 +135,9 @@ class _QwenVLAdapter(Adapter):
         """Permutation putting the last block's patch sequence back in raster (merger-group) order, or None."""
         if not self.windowed:
             return None
-        from transformers.vision_utils import get_vision_window_index
-
         vc = self.config.vision_config
         grid = store.vision_call["image_grid_thw"]
-        window_index, _ = get_vision_window_index(grid.cpu(), vc.spatial_merge_size, vc.window_size, vc.patch_size)
+        window_index, _ = compat.vision_window_index(grid.cpu(), vc.spatial_merge_size, vc.window_size, vc.patch_size)
         units = torch.argsort(window_index)  # raster unit u sits at window position units[u]
         group = self.merge_size**2
         order = (units[:, None] * group + torch.arange(group)[None, :]).reshape(-1)
@@ -188,7 +186,7 @@ class _QwenVLAdapter(Adapter):
             keys = self._grouped(k.mean(dim=1), store).mean(dim=1)  # [M, dh]: head mean, then 2x2 group mean
             store["vit_keys"] = _per_image(keys, lengths)
         if "cls_attention" in store.wanted:
-            rotary = sys.modules[type(module).__module__].apply_rotary_pos_emb_vision
+            rotary = compat.modeling_function(module, "apply_rotary_pos_emb_vision")
             q, k = rotary(q, k, cos, sin)
             scores = torch.empty(n, dtype=torch.float32, device=hidden.device)
             bounds = cu_seqlens.tolist()
@@ -207,7 +205,7 @@ class _QwenVLAdapter(Adapter):
     def unpruned_decode_positions(self, call: dict[str, Any], seen_len: int) -> torch.Tensor | None:
         """Without an attention mask the model derives decode positions from the cache length, which is the
         pruned length here: give it the unpruned ones (``seen_len + step + rope_deltas``)."""
-        deltas = self.model.model.rope_deltas
+        deltas = compat.rope_deltas(self.model.model)
         if call.get("position_ids") is not None or call.get("attention_mask") is not None or deltas is None:
             return None
         tokens = call.get("input_ids") if call.get("input_ids") is not None else call.get("inputs_embeds")
@@ -243,4 +241,4 @@ class Qwen3VLAdapter(_QwenVLAdapter):
     family = "qwen3_vl"
     model_class_names = ("Qwen3VLForConditionalGeneration",)
     visual_side_inputs = ("visual_pos_masks", "deepstack_visual_embeds")
-    side_input_injector = ("", "_deepstack_process")
+    side_input_injector = ("", compat.DEEPSTACK_INJECTOR)

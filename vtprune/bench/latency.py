@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import compat
+
 __all__ = [
     "Timing",
     "Clock",
@@ -218,30 +220,13 @@ def time_call(fn: Callable[[], Any], *, device: torch.device | str = "cpu", warm
 
 def cache_bytes(cache: Any) -> int:
     """Bytes held by the key and value tensors of a transformers ``Cache`` (every layer)."""
-    if cache is None:
-        return 0
-    total = 0
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        for layer in layers:
-            for name in ("keys", "values"):
-                tensor = getattr(layer, name, None)
-                if isinstance(tensor, torch.Tensor):
-                    total += tensor.numel() * tensor.element_size()
-        return total
-    for name in ("key_cache", "value_cache"):  # older DynamicCache layout
-        for tensor in getattr(cache, name, []) or []:
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for keys, values in compat.cache_layer_tensors(cache)
+               for t in (keys, values) if t is not None)
 
 
 def cache_lengths(cache: Any) -> list[int]:
     """Tokens cached per decoder layer."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [int(layer.keys.shape[-2]) if getattr(layer, "keys", None) is not None else 0 for layer in layers]
-    return [int(t.shape[-2]) for t in getattr(cache, "key_cache", [])]
+    return [int(keys.shape[-2]) if keys is not None else 0 for keys, _ in compat.cache_layer_tensors(cache)]
 
 
 def expected_cache_bytes(text_config: Any, layer_lengths: list[int], dtype: torch.dtype, batch: int = 1) -> int:
@@ -387,7 +372,7 @@ class _Collector:
         times, out = sample
         for name, pair in times.items():
             self._add(name, pair)
-        cache = getattr(out, "past_key_values", None)
+        cache = compat.output_cache(out)
         self.kv_cache_bytes = cache_bytes(cache)
         self.kv_cache_lengths = cache_lengths(cache) if cache is not None else []
 
@@ -587,7 +572,7 @@ def native_k_prefill(model: nn.Module, inputs: dict[str, Any], k: int) -> Callab
     """
     lm, lm_head, embed = _language_parts(model)
     core = getattr(model, "model", model)
-    get_features = getattr(core, "get_image_features", None) or model.get_image_features
+    get_features = getattr(core, compat.IMAGE_FEATURES, None) or getattr(model, compat.IMAGE_FEATURES)
     accepted = set(inspect.signature(get_features).parameters)
     vision_kwargs = {name: value for name, value in inputs.items()
                      if name in accepted and name not in ("input_ids", "attention_mask")}

@@ -31,9 +31,11 @@ in every process, so the same command under ``accelerate launch`` runs data-para
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -206,4 +208,31 @@ def run_lmms_eval(*, model: str | None, method: str | None, budget, tasks: str =
     command += extra
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     print(" ".join(command))
-    return subprocess.call(command, cwd=TASKS_DIR.parents[1], env=env)
+    started = time.time()
+    code = subprocess.call(command, cwd=TASKS_DIR.parents[1], env=env)
+    if code != 0:
+        print(f"vtprune: error: lmms-eval failed (exit code {code}); see its output above", file=sys.stderr)
+        return code
+    problem = _results_problem(Path(output_path), started)
+    if problem:
+        print(f"vtprune: error: lmms-eval exited 0 but {problem}; see its output above", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _results_problem(output_path: Path, started: float) -> str | None:
+    """Why the lmms-eval run that started at ``started`` did not produce results, or None when it did.
+
+    lmms-eval logs a failing task and still exits 0, so success is judged by what it wrote: a results file
+    newer than the start of this run (an older one is a stale result of an earlier run) with task results."""
+    fresh = [p for p in output_path.rglob("*_results.json") if p.stat().st_mtime >= started]
+    if not fresh:
+        return f"wrote no results file under {output_path}"
+    for path in fresh:
+        try:
+            results = json.loads(path.read_text()).get("results") or {}
+        except (OSError, ValueError) as error:
+            return f"wrote an unreadable results file {path} ({error})"
+        if not results:
+            return f"wrote no task results in {path}"
+    return None

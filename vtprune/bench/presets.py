@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import compat
 from ..errors import VTPruneError
 
 __all__ = ["Preset", "preset_dir", "list_presets", "load_preset", "build_preset", "preset_inputs"]
@@ -158,7 +159,7 @@ def build_preset(preset: str | Preset, *, dtype: str | torch.dtype | None = None
     try:
         torch.set_default_dtype(torch_dtype)
         with torch.device(device):
-            model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch_dtype)
+            model = compat.model_from_config(model_cls, config, dtype=torch_dtype)
     finally:
         torch.set_default_dtype(previous)
     model.eval()

@@ -13,12 +13,12 @@ tensor. The attention module's ``forward`` is never called.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .. import compat
 
 __all__ = ["attention_rows", "key_states", "last_token_index", "rope_only_rows"]
 
@@ -205,10 +205,6 @@ def _project(proj: nn.Module, norm: nn.Module | None, x: Tensor, head_dim: int) 
     return out.transpose(1, 2)
 
 
-def _family_module(attn: nn.Module) -> Any:
-    return sys.modules.get(type(attn).__module__)
-
-
 def _mrope_section(attn: nn.Module) -> list[int]:
     for owner in (attn, getattr(attn, "config", None)):
         for name in ("rope_parameters", "rope_scaling"):
@@ -238,10 +234,9 @@ def _apply_rope(
     cos, sin = position_embeddings
     cos, sin = cos.to(q.device), sin.to(q.device)
     bsz, length = q.shape[0], k.shape[2]
-    module = _family_module(attn)
 
     if cos.dim() == 4:  # transformers 4.x M-RoPE: [3, B|1, L, dh], recombined inside the apply function
-        fn: Callable | None = getattr(module, "apply_multimodal_rotary_pos_emb", None)
+        fn: Callable | None = compat.modeling_function(attn, "apply_multimodal_rotary_pos_emb")
         if fn is None:
             raise ValueError(
                 f"4-D position embeddings {tuple(cos.shape)} but {type(attn).__module__} has no "
@@ -259,7 +254,7 @@ def _apply_rope(
         cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
     if cos.dim() != 3:
         raise ValueError(f"unsupported position embedding shape {tuple(cos.shape)}")
-    fn = getattr(module, "apply_rotary_pos_emb", None) or _apply_rotary_pos_emb
+    fn = compat.modeling_function(attn, "apply_rotary_pos_emb") or _apply_rotary_pos_emb
     cos = cos.expand(bsz, length, cos.shape[-1])
     sin = sin.expand(bsz, length, sin.shape[-1])
     cos_q, sin_q = _gather_rows(cos, query_index, 0), _gather_rows(sin, query_index, 0)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import compat
 from ..catalog.in_llm import LayerContext, LayerMethod, LayerSelection
 from ..stats import StageStats
 from .attention_rows import last_token_index
@@ -75,8 +76,6 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
     [3|4, B, L]) / ``position_embeddings`` of the current segment and the 2-D ``mask2d`` [B, L]. Returns None
     when no sample drops anything here.
     """
-    from transformers.masking_utils import create_causal_mask
-
     batch, length, _ = hidden.shape
     wanted: list[int | None] = []
     for b in range(batch):
@@ -138,9 +137,8 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         position_embeddings=lm.rotary_emb(pruned.inputs_embeds, position_ids=rope_rows(new_pos)),
         hidden=pruned.inputs_embeds,
     )
-    segment.attention_mask = create_causal_mask(
-        config=lm.config, inputs_embeds=pruned.inputs_embeds, attention_mask=pruned.attention_mask,
-        past_key_values=cache, position_ids=layer_rows(new_pos), layer_idx=layer_idx,
+    segment.attention_mask = compat.create_causal_mask(
+        lm.config, pruned.inputs_embeds, pruned.attention_mask, cache, layer_rows(new_pos), layer_idx=layer_idx,
     )
     run.segments.append(segment)
     return segment
@@ -170,8 +168,6 @@ def _check_layer_selection(name: str, selection: LayerSelection, visual: torch.T
 def decode_segment_inputs(segment: Segment, lm: nn.Module, hidden: torch.Tensor, tail_mask: torch.Tensor | None,
                           decoded: int, position_ids: torch.Tensor, position_embeddings, cache) -> None:
     """Mask and positions of one decode step for the layers of ``segment`` (their cache is shorter)."""
-    from transformers.masking_utils import create_causal_mask
-
     batch, steps, _ = hidden.shape
     if tail_mask is None:
         tail_mask = segment.prompt_mask.new_ones(batch, decoded + steps)
@@ -182,7 +178,6 @@ def decode_segment_inputs(segment: Segment, lm: nn.Module, hidden: torch.Tensor,
         position_embeddings = lm.rotary_emb(hidden, position_ids=rope_rows(positions))
     segment.position_ids = positions
     segment.position_embeddings = position_embeddings
-    segment.attention_mask = create_causal_mask(
-        config=lm.config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=cache,
-        position_ids=layer_rows(positions), layer_idx=segment.layer,
+    segment.attention_mask = compat.create_causal_mask(
+        lm.config, hidden, mask2d, cache, layer_rows(positions), layer_idx=segment.layer,
     )

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import compat
 from ..adapters.base import ENGINE_SIGNALS, Adapter, SignalStore
 from ..budget import split_proportional, tokens_for
 from ..engine.layer_stage import LayerRun, Segment, decode_segment_inputs, prune_at_layer, real_columns
@@ -28,7 +29,7 @@ from ..engine.positions import layer_rows
 from ..engine.sequence import PrunedBatch, SamplePlan, assemble
 from ..engine.side_inputs import MergedRows, gather_side_rows, merged_side_rows, visual_row_index
 from ..engine.timing import section
-from ..errors import UnsupportedModelError, VTPruneError
+from ..errors import SilentlyUnprunedError, UnsupportedModelError, VTPruneError
 from ..registry import IN_LLM, PRE_LLM, Method, Selection, VisualGroup
 from ..stats import PruneStats, SampleStats, StageStats
 
@@ -75,6 +76,14 @@ def _mix_seed(seed: int, *parts: int) -> int:
     for part in parts:
         value = (value * 1_000_003 + part + 1) & 0x7FFFFFFF
     return value
+
+
+def _bound_call(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of a call by parameter name, with the ``**kwargs`` catch-all flattened in (callers may use
+    a deprecated keyword, e.g. ``past_key_values``, that the forward renames inside)."""
+    call = signature.bind_partial(*args, **kwargs).arguments
+    extra = call.pop("kwargs", None)
+    return {**call, **extra} if isinstance(extra, dict) else call
 
 
 class PruneSession:
@@ -129,36 +138,52 @@ class PruneSession:
     def install(self) -> None:
         if hasattr(self.model, SESSION_ATTRIBUTE):
             raise VTPruneError("this model is already pruned; call vtprune.remove(model) before applying again.")
-        lm = self.adapter.language_model
-        self._wrap_vision_entry_points()
-        self._wrap_side_input_injector()
-        self._handles = [
-            self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
-            self.model.register_forward_hook(self._on_model_return, with_kwargs=True),
-            lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True),
-            *self.adapter.install_signal_hooks(self.store),
-        ]
-        if self.layer_method is not None:
-            self._handles.append(lm.register_forward_hook(self._on_language_model_return))
-            for index, layer in enumerate(self.adapter.decoder_layers):
-                hook = functools.partial(self._on_decoder_layer, index)
-                self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        self._wrapped, self._handles = [], []
+        try:
+            lm = self.adapter.language_model
+            self._wrap_vision_entry_points()
+            self._wrap_side_input_injector()
+            self._handles += [
+                self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
+                self.model.register_forward_hook(self._on_model_return, with_kwargs=True),
+                lm.register_forward_pre_hook(self._on_language_model_call, with_kwargs=True),
+            ]
+            self._handles += self.adapter.install_signal_hooks(self.store)
+            if self.layer_method is not None:
+                self._handles.append(lm.register_forward_hook(self._on_language_model_return))
+                for index, layer in enumerate(self.adapter.decoder_layers):
+                    hook = functools.partial(self._on_decoder_layer, index)
+                    self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+        except BaseException:
+            self.remove()  # nothing half-installed stays behind
+            raise
         setattr(self.model, SESSION_ATTRIBUTE, self)
+
+    def _internal(self, root: nn.Module, path: str, name: str):
+        """(owner, function) of the transformers internal ``root.<path>.<name>`` the engine wraps; a clear error
+        when this transformers release has no such function."""
+        owner = root
+        try:
+            for part in path.split(".") if path else []:
+                owner = getattr(owner, part)
+            return owner, getattr(owner, name)
+        except AttributeError:
+            dotted = ".".join(p for p in (type(root).__name__, path, name) if p)
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__}: vtprune hooks into {dotted}, which this transformers release does "
+                f"not have: {compat.version_text()}. Install a tested release (pip install "
+                f"'{compat.supported_range_text()}')."
+            ) from None
 
     def _wrap_vision_entry_points(self) -> None:
         """Per-instance wrappers (instance attributes shadowing the class methods; deleted on remove)."""
-        self._wrapped = []
         for path, name in self.adapter.vision_entry_points:
-            owner = self.model
-            for part in path.split(".") if path else []:
-                owner = getattr(owner, part)
-            original = getattr(owner, name)
+            owner, original = self._internal(self.model, path, name)
             signature = inspect.signature(original)
 
             @functools.wraps(original)
             def run_vision(*args, __original=original, __signature=signature, **kwargs):
-                call = __signature.bind_partial(*args, **kwargs).arguments
-                self.adapter.begin_capture({**call, **call.get("kwargs", {})}, self.store)
+                self.adapter.begin_capture(_bound_call(__signature, args, kwargs), self.store)
                 try:
                     output = __original(*args, **kwargs)
                 finally:
@@ -175,10 +200,7 @@ class PruneSession:
         if self.adapter.side_input_injector is None:
             return
         path, name = self.adapter.side_input_injector
-        owner = self.adapter.language_model
-        for part in path.split(".") if path else []:
-            owner = getattr(owner, part)
-        original = getattr(owner, name)
+        owner, original = self._internal(self.adapter.language_model, path, name)
 
         @functools.wraps(original)
         def inject(hidden, mask, rows, __original=original):
@@ -221,11 +243,12 @@ class PruneSession:
 
     # -- hooks ---------------------------------------------------------------------------------------
     def _on_model_call(self, module, args, kwargs):
-        call = self._signature.bind_partial(*args, **kwargs).arguments
+        call = _bound_call(self._signature, args, kwargs)
         self._pending = None
         self._batch = None
         self._labels = None
         if not self.adapter.has_visual_input(call):
+            self._refuse_unrecognised_visual_input(call)
             return self._unpruned_decode_positions(call, args, kwargs)
         if call.get("input_ids") is None:
             raise VTPruneError(
@@ -244,11 +267,34 @@ class PruneSession:
             raise VTPruneError("pass labels as a keyword argument to a pruned model.")
         return None
 
+    def _refuse_unrecognised_visual_input(self, call: dict[str, Any]) -> None:
+        """A prefill whose input_ids hold image/video placeholder tokens although no visual input was found in
+        the call: the inputs arrived under a name vtprune does not know, and the forward would run unpruned."""
+        input_ids = call.get("input_ids")
+        if input_ids is None or compat.get_cache(call) is not None and compat.get_cache(call).get_seq_length():
+            return
+        placeholders = self.adapter.placeholder_token_ids()
+        found = int(torch.isin(input_ids, torch.tensor(placeholders, device=input_ids.device)).sum()) \
+            if placeholders else 0
+        if found:
+            raise self._unpruned_error(
+                f"input_ids hold {found} image/video placeholder tokens but no visual input was found among the "
+                f"call's arguments ({', '.join(sorted(call))})"
+            )
+
+    def _unpruned_error(self, what: str) -> SilentlyUnprunedError:
+        return SilentlyUnprunedError(
+            f"{type(self.model).__name__} pruned with {self.name!r}: {what}, so this forward would run unpruned. "
+            f"A transformers internal vtprune hooks into has probably changed: {compat.version_text()}. "
+            f"Install a tested release (pip install '{compat.supported_range_text()}') or call "
+            "vtprune.remove(model) to run without pruning."
+        )
+
     def _unpruned_decode_positions(self, call: dict[str, Any], args: tuple, kwargs: dict[str, Any]):
         """A decode step on the pruned cache whose positions the model would derive from the cache length:
         pass the unpruned ones explicitly (the language-model hook then maps them to the pruned cache)."""
         state = self._decode
-        cache = call.get("past_key_values")
+        cache = compat.get_cache(call)
         if state is None or cache is not state.cache or cache.get_seq_length() != state.cache_len:
             return None
         positions = self.adapter.unpruned_decode_positions(call, state.seen_len)
@@ -262,7 +308,7 @@ class PruneSession:
         self.store.capturing = False
         self._side = None
         pending, self._pending = self._pending, None
-        cache = kwargs.get("past_key_values")
+        cache = compat.get_cache(kwargs)
         cached = 0 if cache is None else cache.get_seq_length()
         if pending is not None:
             if cached:
@@ -279,7 +325,12 @@ class PruneSession:
         return None
 
     def _on_model_return(self, module, args, kwargs, output):
-        self._pending = None
+        unconsumed, self._pending = self._pending, None
+        if unconsumed is not None:
+            self._labels = None
+            raise self._unpruned_error(
+                "the call carried visual inputs but the engine's language-model hook never ran the pruning prefill"
+            )
         labels, self._labels = self._labels, None
         self.store.capturing = False
         if labels is None or output is None or getattr(output, "logits", None) is None:
@@ -304,6 +355,8 @@ class PruneSession:
                 "passed?); pass pixel_values so the visual tokens can be located and scored."
             )
         layouts = self.adapter.build_layouts({**pending.call, **self.store.vision_call})
+        if not any(layout.num_visual for layout in layouts):
+            raise self._unpruned_error("the call carried visual inputs but no visual token was found in input_ids")
         self.store.vision_call = None
         plans, samples = [], []
         self._merge_records = []
@@ -342,8 +395,8 @@ class PruneSession:
             inputs_embeds=pruned.inputs_embeds,
             attention_mask=pruned_mask if needs_mask else None,
             position_ids=pruned.position_ids,
-            past_key_values=cache,
         )
+        new_kwargs = compat.with_cache(new_kwargs, cache)
         self._decode = None if cache is None else _DecodeState(
             cache=cache, cache_len=pruned.inputs_embeds.shape[1], prompt_len=length, seen_len=length,
             prompt_mask=pruned_mask, position_shift=pruned.position_shift,
@@ -387,14 +440,12 @@ class PruneSession:
     def _cache_for(lm: nn.Module, kwargs: dict[str, Any]):
         """The caller's cache, or the DynamicCache the decoder would create itself (created here so that the
         engine can recognise it in later decode steps)."""
-        cache = kwargs.get("past_key_values")
+        cache = compat.get_cache(kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(lm.config, "use_cache", False)
         if cache is None and use_cache:
-            from transformers import DynamicCache
-
-            cache = DynamicCache(config=lm.config)
+            cache = compat.new_dynamic_cache(lm.config)
         return cache
 
     # -- in-LLM stage --------------------------------------------------------------------------------
@@ -415,7 +466,7 @@ class PruneSession:
             sources = [torch.nonzero(real[b]).flatten() for b in range(batch)]
             merged = [torch.zeros_like(src, dtype=torch.bool) for src in sources]
             new_kwargs.update(position_ids=position_ids)
-        new_kwargs["past_key_values"] = cache
+        new_kwargs = compat.with_cache(new_kwargs, cache)
         visual, text, schedules, structural = [], [], [], []
         num_layers = len(self.adapter.decoder_layers)
         for b, layout in enumerate(layouts):
@@ -467,7 +518,7 @@ class PruneSession:
                 position_embeddings = current.position_embeddings if current else kwargs["position_embeddings"]
                 with section(self.timer, "engine"):
                     segment = prune_at_layer(run, self.adapter.language_model, index, hidden, position_ids,
-                                             position_embeddings, self._run_mask, kwargs.get("past_key_values"))
+                                             position_embeddings, self._run_mask, compat.get_cache(kwargs))
                 if segment is not None:
                     hidden = segment.hidden
                     self._run_mask = segment.prompt_mask
@@ -505,10 +556,14 @@ class PruneSession:
         self._step = None
         if run is None:
             return None
+        num_layers = len(self.adapter.decoder_layers)
+        if len(run.history) != num_layers:
+            raise self._unpruned_error(
+                f"the in-LLM stage saw {len(run.history)} of the decoder's {num_layers} layers run"
+            )
         self._segments = run.segments
         for segment in self._segments:
             segment.hidden = None  # the prefill's pruned hidden states are not needed any more
-        num_layers = len(self.adapter.decoder_layers)
         for b, sample in enumerate(self._run_samples):
             sample.layer_lengths = [run.history[i][b][0] for i in range(num_layers)]
             sample.visual_lengths = [run.history[i][b][1] for i in range(num_layers)]
