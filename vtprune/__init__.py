@@ -8,7 +8,14 @@
 """
 
 from .api import apply, is_pruned, methods, pruned, remove, stats
-from .errors import BudgetError, MethodOptionError, UnknownMethodError, UnsupportedModelError, VTPruneError
+from .errors import (
+    BudgetError,
+    MethodOptionError,
+    SilentlyUnprunedError,
+    UnknownMethodError,
+    UnsupportedModelError,
+    VTPruneError,
+)
 from .registry import Method, MethodInfo, Selection, VisualGroup, register_method
 from .stats import PruneStats, SampleStats, StageStats
 
@@ -17,5 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "apply", "remove", "pruned", "methods", "stats", "is_pruned", "register_method", "Method", "MethodInfo",
     "Selection", "VisualGroup", "PruneStats", "SampleStats", "StageStats", "VTPruneError", "BudgetError",
-    "UnknownMethodError", "UnsupportedModelError", "MethodOptionError", "__version__",
+    "UnknownMethodError", "UnsupportedModelError", "MethodOptionError", "SilentlyUnprunedError", "__version__",
 ]
