@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, ClassVar
 
 import torch
@@ -16,20 +17,69 @@ from ..errors import UnsupportedModelError
 ENGINE_SIGNALS = frozenset({"grid", "decoder_attention", "decoder_states"})
 
 
-class SignalStore(dict):
-    """Per-forward vision signals, keyed by name, each indexed [vision_row, patch_index, ...].
+class _CaptureState(threading.local):
+    def __init__(self) -> None:
+        self.tables: dict[str, Any] = {}
+        self.capturing = False
+        self.patch_offset = 0
+        self.vision_call: dict[str, Any] | None = None
+        self.vision_output: Any = None
+        self.consumed = False
+
+
+class SignalStore:
+    """Per-forward vision signals, keyed by name, each indexed [vision_row, patch_index, ...] (a mapping).
 
     Capture hooks write only while ``capturing`` is set (between the model call and the decoder call), so the
-    projector can be reused afterwards to project merged tokens without overwriting anything.
+    projector can be reused afterwards to project merged tokens without overwriting anything. Everything but
+    ``wanted`` is kept per thread (a pruned model may serve several threads; each forward sees its own capture).
+
+    Per thread: ``patch_offset`` (index of the first patch token among the vision tower's tokens),
+    ``vision_call`` (arguments of the last vision-encoder call: pixel_values, image_sizes, ..., read by
+    build_layouts), ``vision_output`` (what that call returned: generate() hands it to later forwards as
+    mm_encoder_outputs) and ``consumed`` (whether a pruning prefill has used that run already).
     """
 
+    _PER_THREAD = ("capturing", "patch_offset", "vision_call", "vision_output", "consumed")
+
     def __init__(self) -> None:
-        super().__init__()
-        self.capturing = False
-        self.wanted: set[str] = set()
-        self.patch_offset = 0  # index of the first patch token among the vision tower's tokens
-        #: arguments of the last vision-encoder call (pixel_values, image_sizes, ...), read by build_layouts
-        self.vision_call: dict[str, Any] | None = None
+        object.__setattr__(self, "_local", _CaptureState())
+        object.__setattr__(self, "wanted", set())
+
+    def __getattr__(self, name: str):
+        if name in SignalStore._PER_THREAD:
+            return getattr(self._local, name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in SignalStore._PER_THREAD:
+            setattr(self._local, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def __deepcopy__(self, memo: dict) -> SignalStore:
+        clone = SignalStore()
+        clone.wanted = set(self.wanted)
+        return clone
+
+    # -- mapping of signal tables -------------------------------------------------------------------------
+    def __getitem__(self, name: str):
+        return self._local.tables[name]
+
+    def __setitem__(self, name: str, value) -> None:
+        self._local.tables[name] = value
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._local.tables
+
+    def get(self, name: str, default=None):
+        return self._local.tables.get(name, default)
+
+    def keys(self):
+        return self._local.tables.keys()
+
+    def clear(self) -> None:
+        self._local.tables.clear()
 
 
 class Adapter:
@@ -78,13 +128,23 @@ class Adapter:
         ids = {getattr(self.config, name, None) for name in names}
         return sorted(int(i) for i in ids if i is not None)
 
+    def placeholder_ids_from_embeds(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Token ids standing in for ``input_ids`` when only ``inputs_embeds`` were given (as transformers locates
+        the placeholders then): a placeholder token's id where a row equals that token's input embedding, -1
+        elsewhere. [B, L, D] -> LongTensor[B, L]."""
+        ids = torch.tensor(self.placeholder_token_ids(), device=inputs_embeds.device)
+        table = self.model.get_input_embeddings()(ids).to(inputs_embeds.dtype)  # [P, D]
+        match = (inputs_embeds[:, :, None, :] == table[None, None]).all(-1)  # [B, L, P]
+        found = match.any(-1)
+        return torch.where(found, ids[match.float().argmax(-1)], torch.full_like(found, -1, dtype=torch.long))
+
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         raise NotImplementedError(f"{type(self).__name__} must implement build_layouts")
 
     def begin_capture(self, call: dict[str, Any], store: SignalStore) -> None:
         """Called when the vision encoder starts (``call``: its arguments): reset ``store``, start capturing."""
         store.clear()
-        store.vision_call = call
+        store.vision_call, store.vision_output, store.consumed = call, None, False
         store.capturing = bool(store.wanted)
 
     def end_capture(self, store: SignalStore) -> None:
@@ -150,27 +210,41 @@ def split_image_spans(input_ids: torch.Tensor, image_token_id: int, image_length
                       span_builder) -> list[SampleLayout]:
     """Per-sample layouts from the image placeholder tokens of a padded batch.
 
-    Images fill the placeholders in row-major order (as the models' ``masked_scatter`` does): image ``i``
-    takes the next ``image_lengths[i]`` placeholders; ``span_builder(i, positions)`` makes its span.
+    Images fill the placeholders in row-major order (as the models' ``masked_scatter`` does): each sample
+    takes the next images whose ``image_lengths`` add up to its placeholder count; ``span_builder(i, positions)``
+    makes the span of image ``i``. ``generate()`` with ``num_beams`` / ``num_return_sequences`` encodes the images
+    once and then repeats every sample ``r`` times (rows ``b*r .. b*r+r-1``) with its own images: such a batch
+    holds ``r`` times the placeholders of the encoded images, and each copy gets the spans of its sample's images.
     """
     batch_index, positions = (input_ids == image_token_id).nonzero(as_tuple=True)
     batch_index, positions = batch_index.cpu(), positions.cpu()
-    if sum(image_lengths) != positions.numel():
+    batch = input_ids.shape[0]
+    per_row = torch.bincount(batch_index, minlength=batch).tolist()
+    total, encoded = sum(per_row), sum(image_lengths)
+    repeats = total // encoded if encoded and total % encoded == 0 and total > encoded else 1
+    if total != encoded * repeats or batch % repeats:
         raise UnsupportedModelError(
-            f"found {positions.numel()} image tokens in input_ids but the images produce "
-            f"{sum(image_lengths)} features; build the inputs with the model's processor."
+            f"found {total} image tokens in input_ids but the images produce {encoded} features; build the "
+            "inputs with the model's processor."
         )
-    layouts = [SampleLayout() for _ in range(input_ids.shape[0])]
-    start = 0
-    for image_idx, length in enumerate(image_lengths):
-        rows = batch_index[start:start + length]
-        if rows.numel() and bool((rows != rows[0]).any()):
+    layouts = [SampleLayout() for _ in range(batch)]
+    next_image = 0
+    for first in range(0, batch, repeats):
+        images, count = [], 0
+        while count < per_row[first] and next_image < len(image_lengths):
+            images.append(next_image)
+            count += image_lengths[next_image]
+            next_image += 1
+        if count != per_row[first] or any(per_row[row] != count for row in range(first, first + repeats)):
             raise UnsupportedModelError("an image's tokens span two samples; the inputs are malformed.")
-        span = span_builder(image_idx, positions[start:start + length])
-        layout = layouts[int(rows[0])]
-        layout.images.append(span)
-        layout.vision_inputs += span.num_vision_inputs
-        start += length
+        for row in range(first, first + repeats):
+            row_positions, start = positions[batch_index == row], 0
+            for image_idx in images:
+                span = span_builder(image_idx, row_positions[start:start + image_lengths[image_idx]])
+                start += image_lengths[image_idx]
+                layouts[row].images.append(span)
+                layouts[row].image_ids.append(image_idx)
+                layouts[row].vision_inputs += span.num_vision_inputs
     return layouts
 
 

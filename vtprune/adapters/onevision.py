@@ -119,10 +119,8 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
                                     lambda i, positions: ImageSpan(positions, spans[i].structural, spans[i].row,
                                                                    spans[i].groups))
         # vision-encoder inputs per sample (FLOPs): the crops of its images, in order
-        image_idx = 0
         for layout in layouts:
-            layout.vision_inputs = sum(crops[image_idx:image_idx + len(layout.images)])
-            image_idx += len(layout.images)
+            layout.vision_inputs = sum(crops[i] for i in layout.image_ids)
         return layouts
 
     @staticmethod

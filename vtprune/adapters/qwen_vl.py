@@ -121,10 +121,8 @@ class _QwenVLAdapter(Adapter):
                              row=index // width, groups=[group])
 
         layouts = split_image_spans(call["input_ids"], self.config.image_token_id, lengths, span)
-        image_idx = 0
         for layout in layouts:
-            layout.vision_grids = grids[image_idx:image_idx + len(layout.images)]
-            image_idx += len(layout.images)
+            layout.vision_grids = [grids[i] for i in layout.image_ids]
         return layouts
 
     # -- signals ---------------------------------------------------------------------------------------

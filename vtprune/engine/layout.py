@@ -82,6 +82,9 @@ class SampleLayout:
     vision_inputs: int = 0
     #: Qwen-VL families: (t, h, w) patch grid of each image, in order (the vision encoder's cost depends on it)
     vision_grids: list[tuple[int, int, int]] = field(default_factory=list)
+    #: index of each image among the vision encoder's inputs of this forward (in ``images`` order); generate()'s
+    #: beam / return-sequence copies of a sample share their sample's images
+    image_ids: list[int] = field(default_factory=list)
 
     def image_index(self, length: int) -> torch.Tensor:
         """LongTensor[length]: index of the image each sequence position belongs to, -1 for text."""

@@ -12,8 +12,10 @@ Hooks (all per instance, all removed by :meth:`PruneSession.remove`):
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,19 @@ from ..registry import IN_LLM, PRE_LLM, Method, Selection, VisualGroup
 from ..stats import PruneStats, SampleStats, StageStats
 
 SESSION_ATTRIBUTE = "_vtprune_session"
+
+
+#: loss keyword arguments of the HF causal-LM loss passed through to it as given
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
+
+
+@dataclass
+class _Targets:
+    """The caller's training targets, held back from the model and applied to the pruned sequence."""
+
+    labels: torch.Tensor | None
+    shift_labels: torch.Tensor | None
+    loss_kwargs: dict[str, Any]
 
 
 @dataclass
@@ -86,7 +101,69 @@ def _bound_call(signature: inspect.Signature, args: tuple, kwargs: dict[str, Any
     return {**call, **extra} if isinstance(extra, dict) else call
 
 
+class _CallState(threading.local):
+    """What the engine keeps between the hooks of one forward (and between the forwards of one ``generate``),
+    one per thread: one pruned model can serve several threads at once, each call seeing only its own state."""
+
+    def __init__(self) -> None:
+        self.pending: _Prefill | None = None
+        self.labels: _Targets | None = None        # targets of the current call, for the loss on kept positions
+        self.final_columns: list | None = None     # in-LLM pruning: the columns the last layer ran on
+        self.decode: _DecodeState | None = None
+        self.batch: PrunedBatch | None = None
+        self.side: _SideInputs | None = None
+        self.merge_records: list[list[_MergeRecord]] = []
+        self.run: LayerRun | None = None
+        self.run_mask: torch.Tensor | None = None
+        self.run_layouts: list[SampleLayout] = []
+        self.run_samples: list[SampleStats] = []
+        self.segments: list[Segment] = []
+        self.step: tuple | None = None
+
+
+class _PerThread:
+    """A session attribute stored in the session's :class:`_CallState` (``self._x`` -> ``self._local.x``)."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.field = name.lstrip("_")
+
+    def __get__(self, session, owner=None):
+        return self if session is None else getattr(session._local, self.field)
+
+    def __set__(self, session, value) -> None:
+        setattr(session._local, self.field, value)
+
+
+class _Wrapper:
+    """A per-instance stand-in for a transformers function (instance attribute shadowing the class method,
+    deleted on remove): ``session.<handler>(original, args, kwargs)``. An object rather than a closure, so that
+    ``copy.deepcopy`` of a pruned model gives the copy a wrapper bound to the copy's session and module."""
+
+    def __init__(self, session: PruneSession, handler: str, original) -> None:
+        self.session, self.handler, self.original = session, handler, original
+        self.__wrapped__ = original  # inspect.signature (used by generate to filter arguments) sees the original
+        self.__name__ = getattr(original, "__name__", handler)
+        self.__doc__ = getattr(original, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        return getattr(self.session, self.handler)(self.original, args, kwargs)
+
+
 class PruneSession:
+    _pending = _PerThread()
+    _labels = _PerThread()
+    _final_columns = _PerThread()
+    _decode = _PerThread()
+    _batch = _PerThread()
+    _side = _PerThread()
+    _merge_records = _PerThread()
+    _run = _PerThread()
+    _run_mask = _PerThread()
+    _run_layouts = _PerThread()
+    _run_samples = _PerThread()
+    _segments = _PerThread()
+    _step = _PerThread()
+
     def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method]):
         self.model = model
         self.adapter = adapter
@@ -107,24 +184,13 @@ class PruneSession:
             raise VTPruneError("list the pre-LLM method before the in-LLM method when composing.")
         self.pre_method = pre[0] if pre else None
         self.layer_method = layer[0] if layer else None
-        self._run: LayerRun | None = None
-        self._run_mask: torch.Tensor | None = None
-        self._run_layouts: list[SampleLayout] = []
-        self._run_samples: list[SampleStats] = []
-        self._segments: list[Segment] = []
-        self._step: tuple | None = None
+        self._local = _CallState()
         self.store = SignalStore()
         self.store.wanted = {s for m in methods for s in m.signals} - ENGINE_SIGNALS
         for m in methods:
             adapter.check_signals(set(m.signals), m.name)
         self._handles: list[Any] = []
         self._signature = inspect.signature(model.forward)
-        self._pending: _Prefill | None = None
-        self._labels: torch.Tensor | None = None  # labels of the current call, for the loss on kept positions
-        self._decode: _DecodeState | None = None
-        self._batch: PrunedBatch | None = None
-        self._side: _SideInputs | None = None
-        self._merge_records: list[list[_MergeRecord]] = []
         self.last_stats: PruneStats | None = None
         #: None, or a timer with ``section(name)`` set by vtprune.bench to time the engine's and the method's
         #: own work separately (see engine/timing.py)
@@ -179,20 +245,19 @@ class PruneSession:
         """Per-instance wrappers (instance attributes shadowing the class methods; deleted on remove)."""
         for path, name in self.adapter.vision_entry_points:
             owner, original = self._internal(self.model, path, name)
-            signature = inspect.signature(original)
-
-            @functools.wraps(original)
-            def run_vision(*args, __original=original, __signature=signature, **kwargs):
-                self.adapter.begin_capture(_bound_call(__signature, args, kwargs), self.store)
-                try:
-                    output = __original(*args, **kwargs)
-                finally:
-                    self.store.capturing = False
-                self.adapter.end_capture(self.store)
-                return output
-
-            setattr(owner, name, run_vision)
+            setattr(owner, name, _Wrapper(self, "_run_vision", original))
             self._wrapped.append((owner, name))
+
+    def _run_vision(self, original, args: tuple, kwargs: dict[str, Any]):
+        """The vision encoder, with the adapter capturing the signals the methods asked for."""
+        self.adapter.begin_capture(_bound_call(inspect.signature(original), args, kwargs), self.store)
+        try:
+            output = original(*args, **kwargs)
+        finally:
+            self.store.capturing = False
+        self.adapter.end_capture(self.store)
+        self.store.vision_output = output
+        return output
 
     def _wrap_side_input_injector(self) -> None:
         """Per-instance wrapper of the function that adds per-visual-token rows (Qwen3-VL deepstack) to the
@@ -201,21 +266,20 @@ class PruneSession:
             return
         path, name = self.adapter.side_input_injector
         owner, original = self._internal(self.adapter.language_model, path, name)
-
-        @functools.wraps(original)
-        def inject(hidden, mask, rows, __original=original):
-            side = self._side
-            columns = self._current_columns(hidden.shape[0], hidden.shape[1]) if side is not None else None
-            if columns is None:
-                return __original(hidden, mask, rows)
-            point = next((i for i, r in enumerate(side.rows) if r is rows), None)
-            if point is None or mask is not side.mask:
-                raise VTPruneError("the decoder's side inputs changed during the forward; cannot align them.")
-            mask, rows = gather_side_rows(side.mask, rows, point, columns, side.merged, hidden.shape[1])
-            return __original(hidden, mask, rows)
-
-        setattr(owner, name, inject)
+        setattr(owner, name, _Wrapper(self, "_inject_side_inputs", original))
         self._wrapped.append((owner, name))
+
+    def _inject_side_inputs(self, original, args: tuple, kwargs: dict[str, Any]):
+        hidden, mask, rows = _bound_call(inspect.signature(original), args, kwargs).values()
+        side = self._side
+        columns = self._current_columns(hidden.shape[0], hidden.shape[1]) if side is not None else None
+        if columns is None:
+            return original(hidden, mask, rows)
+        point = next((i for i, r in enumerate(side.rows) if r is rows), None)
+        if point is None or mask is not side.mask:
+            raise VTPruneError("the decoder's side inputs changed during the forward; cannot align them.")
+        mask, rows = gather_side_rows(side.mask, rows, point, columns, side.merged, hidden.shape[1])
+        return original(hidden, mask, rows)
 
     def _current_columns(self, batch: int, width: int):
         """Per sample (slots, source, merged) of the hidden states now in the decoder, or None if unpruned."""
@@ -226,6 +290,15 @@ class PruneSession:
         if self._batch is not None:
             return list(zip(self._batch.slots, self._batch.source, self._batch.merged, strict=True))
         return None
+
+    def __deepcopy__(self, memo: dict) -> PruneSession:
+        """A session for the copied model (``copy.deepcopy(pruned_model)``): hooks, wrappers and adapter follow
+        the copy through ``memo``; the per-call state starts empty."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        for key, value in vars(self).items():
+            setattr(clone, key, _CallState() if key == "_local" else copy.deepcopy(value, memo))
+        return clone
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -247,24 +320,26 @@ class PruneSession:
         self._pending = None
         self._batch = None
         self._labels = None
+        self._final_columns = None
         if not self.adapter.has_visual_input(call):
             self._refuse_unrecognised_visual_input(call)
             return self._unpruned_decode_positions(call, args, kwargs)
         if call.get("input_ids") is None:
-            raise VTPruneError(
-                "vtprune needs input_ids on a forward with images (it locates the image tokens there); pass "
-                "input_ids instead of inputs_embeds."
-            )
+            if call.get("inputs_embeds") is None:
+                raise VTPruneError("a forward with images needs input_ids or inputs_embeds.")
+            call["input_ids"] = self.adapter.placeholder_ids_from_embeds(call["inputs_embeds"])
         self._pending = _Prefill(call=call)
-        if call.get("labels") is not None:
+        if call.get("labels") is not None or call.get("shift_labels") is not None:
             # the loss is computed on the kept positions in _on_model_return (the language-model hook consumes
-            # _pending before the model returns, so the labels are kept apart)
-            self._labels = call["labels"]
-            kwargs = dict(kwargs)
+            # _pending before the model returns, so the targets are kept apart)
+            if any(name in call and name not in kwargs for name in ("labels", "shift_labels")):
+                raise VTPruneError("pass labels as a keyword argument to a pruned model.")
+            self._labels = _Targets(labels=call.get("labels"), shift_labels=call.get("shift_labels"),
+                                    loss_kwargs={k: call[k] for k in _LOSS_KWARGS if call.get(k) is not None})
+            kwargs = {k: v for k, v in kwargs.items() if k != "shift_labels"}
             if "labels" in kwargs:
                 kwargs["labels"] = None
-                return args, kwargs
-            raise VTPruneError("pass labels as a keyword argument to a pruned model.")
+            return args, kwargs
         return None
 
     def _refuse_unrecognised_visual_input(self, call: dict[str, Any]) -> None:
@@ -331,11 +406,14 @@ class PruneSession:
             raise self._unpruned_error(
                 "the call carried visual inputs but the engine's language-model hook never ran the pruning prefill"
             )
-        labels, self._labels = self._labels, None
+        targets, self._labels = self._labels, None
         self.store.capturing = False
-        if labels is None or output is None or getattr(output, "logits", None) is None:
+        if targets is None or output is None or getattr(output, "logits", None) is None:
             return None
-        output.loss = self._loss(module, output.logits, labels, self._batch)
+        columns = self._final_columns
+        if columns is None and self._batch is not None:
+            columns = list(zip(self._batch.slots, self._batch.source, self._batch.merged, strict=True))
+        output.loss = self._loss(module, output.logits, targets, columns)
         return output
 
     # -- prefill -------------------------------------------------------------------------------------
@@ -343,13 +421,11 @@ class PruneSession:
         embeds = kwargs["inputs_embeds"]  # [B, L, D]
         batch, length, _ = embeds.shape
         mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            raise VTPruneError("vtprune needs a 2-D attention mask (batch, sequence) or None.")
-        real = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        real = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # what the decoder itself would use
             position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
-        if self.store.vision_call is None:
+        if not self._vision_run_matches(pending.call):
             raise VTPruneError(
                 "vtprune did not see the vision encoder run for this forward (were pre-computed image features "
                 "passed?); pass pixel_values so the visual tokens can be located and scored."
@@ -357,7 +433,9 @@ class PruneSession:
         layouts = self.adapter.build_layouts({**pending.call, **self.store.vision_call})
         if not any(layout.num_visual for layout in layouts):
             raise self._unpruned_error("the call carried visual inputs but no visual token was found in input_ids")
-        self.store.vision_call = None
+        self.store.consumed = True
+        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+            return self._prefill_with_prebuilt_mask(pending, kwargs, layouts)
         plans, samples = [], []
         self._merge_records = []
         for b, layout in enumerate(layouts):
@@ -405,6 +483,53 @@ class PruneSession:
             self._finish_sample_stats(sample, plans[b].length, num_layers, layouts[b], kwargs)
         self.last_stats = PruneStats(self.name, samples)
         return new_kwargs
+
+    def _prefill_with_prebuilt_mask(self, pending: _Prefill, kwargs: dict[str, Any], layouts) -> dict[str, Any]:
+        """The caller built the decoder's mask itself (4-D, or one per layer type as a dict: what ``generate``
+        does for a static cache). With nothing to prune the call passes unchanged; pruning it is refused."""
+        if self._prunes_anything(layouts):
+            raise VTPruneError(
+                "vtprune prunes with a 2-D attention mask (batch, sequence), but this forward got a pre-built "
+                f"{'per-layer dict' if isinstance(kwargs.get('attention_mask'), dict) else '4-D'} mask (e.g. "
+                "generate(cache_implementation='static')). Use the default dynamic cache (drop "
+                "cache_implementation) or pass a 2-D attention_mask."
+            )
+        top_mask = pending.call.get("attention_mask")
+        batch, length = kwargs["inputs_embeds"].shape[:2]
+        lengths = top_mask.sum(-1).tolist() if torch.is_tensor(top_mask) and top_mask.dim() == 2 else [length] * batch
+        samples = []
+        for layout, sample_length in zip(layouts, lengths, strict=True):
+            sample = SampleStats(visual_in=layout.num_visual)
+            self._finish_sample_stats(sample, int(sample_length), len(self.adapter.decoder_layers), layout, kwargs)
+            samples.append(sample)
+        self.last_stats = PruneStats(self.name, samples)
+        self._decode = None
+        return dict(kwargs)
+
+    def _prunes_anything(self, layouts: list[SampleLayout]) -> bool:
+        """Whether the methods' budgets drop any visual token of these samples."""
+        num_layers = len(self.adapter.decoder_layers)
+        for layout in layouts:
+            contents = [image.num_content for image in layout.images]
+            if self.pre_method is not None and any(tokens_for(self.pre_method.budget, n) < n for n in contents):
+                return True
+            if self.layer_method is not None and contents:
+                schedule = self.layer_method.schedule(num_layers, sum(contents), len(contents))
+                if any(keep < sum(contents) for _, keep in schedule):
+                    return True
+        return False
+
+    def _vision_run_matches(self, call: dict[str, Any]) -> bool:
+        """Whether the captured vision run belongs to this forward: a run not used by any forward yet, or the
+        run whose outputs this forward carries again (``generate(use_cache=False)`` re-sends the pre-encoded
+        images at every step; the vision encoder ran once, before the first step)."""
+        store = self.store
+        if store.vision_call is None:
+            return False
+        if not store.consumed:
+            return True
+        carried = [v for v in compat.encoder_outputs(call).values() if v is not None]
+        return store.vision_output is not None and any(v is store.vision_output for v in carried)
 
     def _record_side_inputs(self, kwargs: dict[str, Any]) -> _SideInputs | None:
         """The prefill's per-visual-token side inputs, with the rows of the pre-LLM merged tokens."""
@@ -556,6 +681,10 @@ class PruneSession:
         self._step = None
         if run is None:
             return None
+        if run.segments:  # the loss reads the logits of the sequence the last segment left
+            mask = run.segments[-1].prompt_mask
+            slots = real_columns(mask, mask.shape[0], mask.shape[1], mask.device)
+            self._final_columns = list(zip(slots, run.source, run.merged, strict=True))
         num_layers = len(self.adapter.decoder_layers)
         if len(run.history) != num_layers:
             raise self._unpruned_error(
@@ -722,14 +851,28 @@ class PruneSession:
         self.last_stats = PruneStats(self.name, samples)
 
     # -- loss ----------------------------------------------------------------------------------------
-    def _loss(self, model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, batch: PrunedBatch | None):
-        """Causal-LM loss of the pruned sequence: labels of kept positions, -100 on merged and padding."""
+    def _loss(self, model: nn.Module, logits: torch.Tensor, targets: _Targets, columns) -> torch.Tensor:
+        """Causal-LM loss of the sequence the decoder ran, with each column's target taken from the caller's
+        (unpruned) targets: a column predicts the next column that is still in the sequence, i.e. the token at
+        its original position p_next, whose target sits in ``shift_labels[p_next - 1]`` (= ``labels[p_next]``).
+        Merged tokens have no target; the last real column keeps its own (what followed it in the input).
+
+        ``columns``: per sample (slots in the logits, original position of each slot, merged flags), or None
+        when nothing was pruned (the caller's targets apply unchanged)."""
         vocab = self.adapter.text_config.vocab_size
-        if batch is None:  # nothing was pruned
-            return model.loss_function(logits=logits, labels=labels, vocab_size=vocab)
-        pruned_labels = torch.full(logits.shape[:2], -100, dtype=labels.dtype, device=logits.device)
-        for b, (src, merged, slot) in enumerate(zip(batch.source, batch.merged, batch.slots, strict=True)):
-            values = labels[b, src.to(labels.device)].to(logits.device)
-            values[merged.to(logits.device)] = -100
-            pruned_labels[b, slot] = values
-        return model.loss_function(logits=logits, labels=pruned_labels, vocab_size=vocab)
+        labels, shift = targets.labels, targets.shift_labels
+        if columns is None:
+            return model.loss_function(logits=logits, labels=labels, shift_labels=shift, vocab_size=vocab,
+                                       **targets.loss_kwargs)
+        if shift is None:  # shift_labels[t] = labels[t + 1]
+            shift = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+        pruned = torch.full(logits.shape[:2], -100, dtype=shift.dtype, device=logits.device)
+        for b, (slot, src, merged) in enumerate(columns):
+            src, merged = src.to(shift.device), merged.to(shift.device)
+            if not src.numel():
+                continue
+            values = torch.cat([shift[b, src[1:] - 1], shift[b, src[-1:]]])
+            values[:-1][merged[1:]] = -100  # the next column is a merged token: nothing to predict
+            pruned[b, slot.to(logits.device)] = values.to(logits.device)
+        return model.loss_function(logits=logits, labels=None, shift_labels=pruned, vocab_size=vocab,
+                                   **targets.loss_kwargs)

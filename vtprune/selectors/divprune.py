@@ -46,7 +46,8 @@ def divprune_select(features: torch.Tensor, k: int) -> torch.Tensor:
     rows every step -- O(k^2 N) -- and handles batch size 1 only; up to floating-point ties it picks
     the same tokens, except that it can re-pick a selected token when the rest are exact duplicates.)
 
-    ``features [N, D]`` -> ``[k]`` long, ascending.
+    ``features [N, D]`` -> ``[k]`` long, ascending. Runs on detached features, so it works with autograd on
+    (training through a pruned model): the kept tokens carry their gradients, the choice itself has none.
     """
     _check_features(features)
     n = features.shape[0]
@@ -58,7 +59,7 @@ def divprune_select(features: torch.Tensor, k: int) -> torch.Tensor:
     if k == n:
         return torch.arange(n, dtype=torch.long, device=device)
 
-    dist = pairwise_cosine_distance(features)  # [N, N] float32
+    dist = pairwise_cosine_distance(features.detach())  # [N, N] float32; a selection has no gradient
     # first pick: largest nearest-other distance (self excluded via +inf on the diagonal)
     nearest_other = dist.clone().fill_diagonal_(float("inf")).min(dim=1).values  # [N]
     idx = torch.argmax(nearest_other).view(1)  # [1]; argmax returns the first max -> lowest index
