@@ -16,6 +16,7 @@ import copy
 import functools
 import inspect
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +192,7 @@ class PruneSession:
             adapter.check_signals(set(m.signals), m.name)
         self._handles: list[Any] = []
         self._signature = inspect.signature(model.forward)
+        self._flops_warned = False
         self.last_stats: PruneStats | None = None
         #: None, or a timer with ``section(name)`` set by vtprune.bench to time the engine's and the method's
         #: own work separately (see engine/timing.py)
@@ -388,11 +390,26 @@ class PruneSession:
         if pending is not None:
             if cached:
                 raise VTPruneError("a forward with images on a non-empty KV cache is not supported by vtprune.")
+            if self.layer_method is not None and torch.is_grad_enabled() and self.model.training and getattr(
+                    self.model, "is_gradient_checkpointing", False):
+                raise VTPruneError(
+                    f"{self.layer_method.name!r} prunes inside the decoder, and gradient checkpointing re-runs decoder "
+                    "layers in the backward pass without vtprune's per-layer inputs. Disable gradient "
+                    "checkpointing (model.gradient_checkpointing_disable()) or train with a pre-LLM method."
+                )
             with section(self.timer, "engine"):
                 new_kwargs = self._prefill(module, pending, kwargs)
             return args, new_kwargs
         state = self._decode
-        if state is not None and cache is state.cache and cached == state.cache_len:
+        if state is not None and cache is state.cache and cached != state.cache_len:
+            self._decode = None
+            raise VTPruneError(
+                f"the pruned KV cache holds {cached} tokens where vtprune expected {state.cache_len}: it was changed "
+                "outside vtprune (cropped by assisted / speculative decoding, or reused by another call), so "
+                "positions and masks can no longer be mapped. Assisted decoding is not supported on a pruned "
+                "model; start a new generate() for a new prompt."
+            )
+        if state is not None and cache is state.cache:
             return args, self._continue(state, kwargs)
         self._decode = None
         if not cached:  # a new forward without images
@@ -685,6 +702,8 @@ class PruneSession:
             mask = run.segments[-1].prompt_mask
             slots = real_columns(mask, mask.shape[0], mask.shape[1], mask.device)
             self._final_columns = list(zip(slots, run.source, run.merged, strict=True))
+        elif self._batch is None:  # nothing was pruned: decoding is the plain model's
+            self._decode = None
         num_layers = len(self.adapter.decoder_layers)
         if len(run.history) != num_layers:
             raise self._unpruned_error(
@@ -826,14 +845,24 @@ class PruneSession:
         sample.flops, sample.flops_unpruned = self._flops(layout, sample.layer_lengths, unpruned_length)
 
     def _flops(self, layout: SampleLayout, layer_lengths: list[int], unpruned_length: int):
+        """Analytic prefill FLOPs (pruned, unpruned) of one sample, or (None, None) with one warning when the
+        FLOPs model does not know this configuration: statistics never break inference."""
         from ..bench.flops import model_prefill_flops
 
         num_layers = len(layer_lengths)
-        vision = self.adapter.flops_inputs(layout)
-        pruned = model_prefill_flops(self.model.config, layer_lengths, logits_positions=layer_lengths[-1]
-                                     if layer_lengths else 0, **vision)
-        full = model_prefill_flops(self.model.config, [unpruned_length] * num_layers,
-                                   logits_positions=unpruned_length, **vision)
+        try:
+            vision = self.adapter.flops_inputs(layout)
+            pruned = model_prefill_flops(self.model.config, layer_lengths, logits_positions=layer_lengths[-1]
+                                         if layer_lengths else 0, **vision)
+            full = model_prefill_flops(self.model.config, [unpruned_length] * num_layers,
+                                       logits_positions=unpruned_length, **vision)
+        except Exception as error:  # noqa: BLE001  (any failure of the statistics must not abort the forward)
+            if not self._flops_warned:
+                self._flops_warned = True
+                warnings.warn(f"vtprune: prefill FLOPs are not available for {type(self.model).__name__} "
+                              f"({type(error).__name__}: {error}); stats().flops is None. Pruning is unaffected.",
+                              UserWarning, stacklevel=2)
+            return None, None
         return pruned.total, full.total
 
     def _record_text_only(self, kwargs: dict[str, Any]) -> None:
