@@ -368,3 +368,16 @@ def test_statistics_never_break_inference(tiny_models, monkeypatch):
             model(**inputs)
         stats = vtprune.stats(model)
     assert stats.flops is None and stats.samples[0].stages[0].kept_positions.numel() == 4
+
+
+@pytest.mark.slow
+def test_torch_compile_is_refused_not_silently_unpruned(tiny_models):
+    """Compiled code skips vtprune's per-call hooks; the guard stops the forward instead of returning the
+    unpruned model's output as a pruned one."""
+    model, processor = tiny_models["llava"]
+    inputs = batch(processor)
+    with torch.no_grad(), maybe_pruned(model, "pre"):
+        compiled = torch.compile(model, backend="eager")
+        with pytest.raises(vtprune.SilentlyUnprunedError, match="torch.compile"):
+            compiled(**inputs)
+    torch._dynamo.reset()

@@ -364,7 +364,8 @@ class PruneSession:
             f"{type(self.model).__name__} pruned with {self.name!r}: {what}, so this forward would run unpruned. "
             f"A transformers internal vtprune hooks into has probably changed: {compat.version_text()}. "
             f"Install a tested release (pip install '{compat.supported_range_text()}') or call "
-            "vtprune.remove(model) to run without pruning."
+            "vtprune.remove(model) to run without pruning. (torch.compile also bypasses vtprune's hooks: a "
+            "pruned model runs uncompiled.)"
         )
 
     def _unpruned_decode_positions(self, call: dict[str, Any], args: tuple, kwargs: dict[str, Any]):
