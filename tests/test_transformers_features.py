@@ -1,8 +1,8 @@
 """Every transformers feature on a pruned model (design.md invariant 10), for every family.
 
 Modes: ``keep-all`` (a pre-LLM and an in-LLM method whose budget keeps every token: results must equal the
-unwrapped model's exactly), ``pre`` (divprune, 4 tokens per image) and ``in`` (fastv at layer 1, half the
-tokens). A feature that cannot work pruned is refused with a clear VTPruneError, never a raw traceback.
+unwrapped model's exactly), ``pre`` (divprune, 4 tokens per image), ``in`` (fastv at layer 1, half the
+tokens) and ``pre+in`` (their composition at 8 equivalent tokens). A feature that cannot work pruned is refused with a clear VTPruneError, never a raw traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ MODES = {
     "keep-all": (["divprune", "fastv"], {"stage_budgets": [1.0, 1.0]}),
     "pre": ("divprune", {"budget": 4}),
     "in": ("fastv", {"budget": 0.5, "layer": 1}),
+    "pre+in": (["divprune", "fastv"], {"budget": 8}),
 }
 NEW = 3
 
@@ -128,7 +129,7 @@ def test_without_kv_cache(tiny_models, family, mode):
     elif mode == "pre":
         with torch.no_grad(), maybe_pruned(model, mode):
             assert torch.equal(pruned, greedy(model, inputs))
-    else:  # in-LLM: every step is a new prefill, scored by its own last token
+    else:  # an in-LLM stage: every step is a new prefill, scored by its own last token
         assert pruned.shape == reference.shape
 
 
@@ -237,7 +238,7 @@ def test_inputs_embeds_with_pixel_values(tiny_models, family, mode):
     if mode == "keep-all":
         assert torch.equal(got, unwrapped)
     elif mode == "pre" or not family.startswith("qwen"):
-        assert kept == kept_by_ids and all(kept)
+        assert kept == kept_by_ids and all(kept)  # (M-RoPE in-LLM: positions differ, so may the scores)
     if not family.startswith("qwen"):  # transformers builds M-RoPE positions from input_ids only
         torch.testing.assert_close(got, by_ids, atol=1e-5, rtol=0)
 
