@@ -44,14 +44,18 @@ def test_plan_cells_unpruned_first_no_duplicates():
         plan_cells(["m"], ["a"], ["64"], ["mmmu"])
 
 
-def test_results_file_cuts_a_torn_last_line(tmp_path):
+def test_results_file_reads_past_a_torn_last_line_and_only_repair_cuts_it(tmp_path):
     path = tmp_path / "r.jsonl"
     results = ResultsFile(path)
     results.append({"model": "m", "method": "a", "budget": 1, "task": "latency"})
     with open(path, "a") as handle:
         handle.write('{"model": "m", "method": "b", "bud')  # killed mid-write
+    before = path.read_bytes()
     assert [r["method"] for r in results.load()] == ["a"]
-    assert path.read_text().endswith("}\n")  # the torn tail is gone, appends start on a fresh line
+    assert path.read_bytes() == before and results.torn_bytes == len('{"model": "m", "method": "b", "bud')
+    torn = results.torn_bytes
+    assert results.repair() == torn and results.torn_bytes == 0
+    assert path.read_text().endswith("}\n")  # the writer cut the torn tail: appends start on a fresh line
     results.append({"model": "m", "method": "b", "budget": 1, "task": "latency"})
     assert [r["method"] for r in results.load()] == ["a", "b"]
 
