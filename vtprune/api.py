@@ -12,7 +12,7 @@ from . import compat
 from .adapters.base import adapter_for
 from .budget import Budget, split_composed_budget, validate_budget
 from .engine.session import SESSION_ATTRIBUTE, PruneSession
-from .errors import MethodOptionError, VTPruneError
+from .errors import MethodOptionError, UnknownMethodError, VTPruneError
 from .registry import Method, MethodInfo, build_method, method_class, registered_methods
 from .stats import PruneStats
 
@@ -49,6 +49,11 @@ def apply(
     validate_budget(budget)
     compat.warn_if_untested()
     adapter = adapter_for(model)
+    if not isinstance(method, str | Method | list | tuple):
+        raise UnknownMethodError(
+            f"method must be a registered name, a Method object or a list of them; got {type(method).__name__}. "
+            "See vtprune.methods() for the names."
+        )
     names = [method] if isinstance(method, str | Method) else list(method)
     if not names:
         raise VTPruneError("method list is empty; pass a method name such as 'divprune'.")

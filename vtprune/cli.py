@@ -369,15 +369,9 @@ def _check_writable_dir(path: str, flag: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .bench.lmms import run_lmms_eval
     from .errors import VTPruneError
     from .loading import check_device, check_model_spec
 
-    try:
-        import lmms_eval  # noqa: F401
-    except ImportError:
-        raise VTPruneError("vtprune eval needs lmms-eval: pip install -e '.[eval]' && pip install --no-deps "
-                           "lmms-eval==0.7.3") from None
     if args.model is not None and args.model.startswith("tiny:"):
         raise VTPruneError("vtprune eval needs a model directory (lmms-eval loads it with from_pretrained); "
                            "tiny: models are not supported here, save one with save_pretrained first.")
@@ -388,6 +382,13 @@ def cmd_eval(args) -> int:
     elif args.budget is not None:
         raise VTPruneError("--budget without --method: pass --method NAME (the default runs the unpruned model).")
     _check_writable_dir(args.output_path, "--output-path")
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError:
+        raise VTPruneError("vtprune eval needs lmms-eval: pip install -e '.[eval]' && pip install --no-deps "
+                           "lmms-eval==0.7.3") from None
+    from .bench.lmms import run_lmms_eval
+
     return run_lmms_eval(model=args.model, method=args.method, budget=args.budget, tasks=args.tasks,
                          limit=args.limit, output_path=args.output_path, device=args.device, dtype=args.dtype,
                          batch_size=args.batch_size, extra=args.lmms_args)

@@ -143,7 +143,7 @@ def load_image(path: str):
         raise VTPruneError(f"--image {path!r} is too large ({error}); downscale it first.") from None
     except UnidentifiedImageError:
         raise VTPruneError(f"--image {path!r} is not an image PIL can read; pass a PNG, JPEG, ... file.") from None
-    except OSError as error:
+    except (OSError, SyntaxError) as error:  # PIL reports some damaged files as SyntaxError
         raise VTPruneError(f"--image {path!r} cannot be read ({error}); the file may be truncated or "
                            "damaged.") from None
 
