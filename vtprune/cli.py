@@ -267,6 +267,7 @@ def cmd_bench(args) -> int:
         limit=None if args.limit == 0 else args.limit, batch_size=args.batch_size, repeats=args.repeats,
         warmup=args.warmup, new_tokens=args.new_tokens, threads=args.threads, device=args.device, dtype=args.dtype,
         native=not args.no_native, paired=not args.no_paired, seed=args.seed, method_options=method_options,
+        trust_remote_code=args.trust_remote_code,
     )
     options.validate()
     cells = []

@@ -106,6 +106,7 @@ class SweepOptions:
     paired: bool = True                # latency: interleave the unpruned reference in every cell
     seed: int = 0
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options
+    trust_remote_code: bool = False    # passed to from_pretrained for model directories (never prompts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -386,7 +387,8 @@ def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
                              preset=preset, bench_inputs=inputs)
     else:
         dtype = options.dtype or "float32"
-        model, processor, description = load_model(spec, dtype=dtype, device=options.device)
+        model, processor, description = load_model(spec, dtype=dtype, device=options.device,
+                                                   trust_remote_code=options.trust_remote_code)
         if spec.startswith("tiny:"):
             model = model.to(getattr(torch, dtype))
         loaded = LoadedModel(spec, model, processor, description, spec.startswith("tiny:"), dtype)
