@@ -336,7 +336,7 @@ def _half_pixel_limit(monkeypatch, files):
 
 
 RUN = ["run", "--model", "tiny:llava"]
-BENCH = ["bench", "--model", "tiny:llava", "--no-progress"]
+BENCH = ["bench", "--model", "tiny:llava", "--tasks", "latency", "--no-progress"]
 
 CLI_ERRORS = [
     # run: the model
@@ -398,6 +398,8 @@ CLI_ERRORS = [
     Row("bench: budget not a number", lambda f: [*BENCH, "--budgets", "lots"], 2, "is not 'full'"),
     Row("bench: unknown task", lambda f: [*BENCH, "--tasks", "mmmu", "--out", str(f.tmp / "r.jsonl")], 2,
         "unknown task"),
+    Row("bench: accuracy of a random-weight model", lambda f: ["bench", "--model", "tiny:llava"], 2,
+        "pass --tasks latency"),
     Row("bench: unknown preset", lambda f: ["bench", "--preset", "bogus"], 2, "is not a preset"),
     Row("bench: nonexistent model", lambda f: ["bench", "--model", f.missing], 2, "no such directory"),
     Row("bench: tiny:bogus", lambda f: ["bench", "--model", "tiny:bogus"], 2, "no tiny model family"),

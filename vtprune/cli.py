@@ -236,6 +236,10 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
     unknown = [m for m in chosen if m not in registered]
     if unknown:
         raise VTPruneError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
+    tiny = [m for m in models if m.startswith("tiny:")]
+    if tiny and "synth" in _split(args.tasks or "synth"):
+        raise VTPruneError(f"{tiny[0]} has random weights: accuracy (task synth, the default for --model) is not "
+                           "reported for it; pass --tasks latency, or a trained model directory.")
     for text in _split(args.budgets):
         parse_budget(text)
     if args.budgets is not None and not _split(args.budgets):
