@@ -54,8 +54,8 @@ def shallow():
 def ctx(tiny_models, shallow):
     model, processor = tiny_models["llava"]  # 4 decoder layers, 64 visual tokens per image
     inputs = tiny_inputs(processor, [tiny_image()], ["What is it?"])
-    yield SimpleNamespace(model=model, shallow=shallow, inputs=inputs)
-    for net in (model, shallow):
+    yield SimpleNamespace(model=model, shallow=shallow, inputs=inputs, models=tiny_models)
+    for net in (model, shallow, *tiny_models.models()):
         if vtprune.is_pruned(net):
             vtprune.remove(net)
 
@@ -65,6 +65,16 @@ def forward(ctx, *args, **kwargs):
     with vtprune.pruned(ctx.model, *args, **kwargs), torch.no_grad():
         ctx.model(**ctx.inputs)
         return vtprune.stats(ctx.model)
+
+
+def forward_family(ctx, family: str, *args, **kwargs):
+    """One pruned forward of another family's tiny model (families whose visual counts depend on the input, so
+    some checks can only run at the forward)."""
+    model, processor = ctx.models[family]
+    inputs = tiny_inputs(processor, [tiny_image()], ["What is it?"])
+    with vtprune.pruned(model, *args, **kwargs), torch.no_grad():
+        model(**inputs)
+        return vtprune.stats(model)
 
 
 def apply_twice(ctx):
@@ -166,7 +176,14 @@ API_ERRORS = [
     Row("pdrop lambda_ 0", lambda c: apply(c, "pdrop", lambda_=0), MethodOptionError, "must be in (0, 1]"),
     Row("sparsevlm version 3", lambda c: apply(c, "sparsevlm", version=3), MethodOptionError, "must be 1 or 2"),
     Row("dart pivots 0", lambda c: apply(c, "dart", pivots=0), MethodOptionError, "positive int"),
-    Row("fastv budget below what layer 2 can reach", lambda c: forward(c, "fastv", 8), BudgetError,
+    Row("fastv budget below what layer 2 can reach (refused at apply on LLaVA-1.5)",
+        lambda c: apply(c, "fastv", 8), BudgetError, "smallest reachable budget"),
+    Row("fastv budget below what layer 2 can reach (Qwen2-VL: at the forward)",
+        lambda c: forward_family(c, "qwen2_vl", "fastv", 8), BudgetError, "smallest reachable budget"),
+    Row("visionzip counts above a LLaVA-NeXT crop's share",
+        lambda c: forward_family(c, "llava_next", "visionzip", 32, dominant=20, contextual=4), BudgetError,
+        "do not fit the"),
+    Row("pdrop budget below its reachable minimum", lambda c: apply(c, "pdrop", 4), BudgetError,
         "smallest reachable budget"),
     Row("apply twice", apply_twice, VTPruneError, "already pruned"),
     Row("remove an unpruned model", lambda c: vtprune.remove(c.model), VTPruneError, "nothing to remove"),
@@ -192,6 +209,10 @@ API_WARNINGS = [
         WARNING, "divprune prunes nothing"),
     Row("in-LLM budget above the visual tokens", lambda c: forward(c, "fastv", 1000), WARNING,
         "nothing is pruned"),
+    Row("pre-LLM budget above LLaVA-1.5's tokens per image", lambda c: forward(c, "random", 1000), WARNING,
+        "keeps all 64 visual tokens of every image"),
+    Row("pre-LLM fraction that keeps 2 tokens", lambda c: forward(c, "divprune", 0.03), WARNING,
+        "keeps 2 of the 64 visual tokens"),
 ]
 
 

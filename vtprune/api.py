@@ -77,14 +77,43 @@ def apply(
         stage_budgets = split_composed_budget(budget, stages)
     built = [build_method(m, budget=share, positions=positions, seed=0 if seed is None else seed, **options)
              if isinstance(m, str) else build_method(m) for m, share in zip(names, stage_budgets, strict=True)]
+    session = PruneSession(model, adapter, built)  # checks the composition; installs nothing yet
     num_layers = len(adapter.decoder_layers)
     for m in built:
         m.check_model(num_layers)
+    tokens = _fixed_visual_tokens(model)
+    if tokens is not None:
+        _check_fixed_images(built, num_layers, tokens)
     if split:
         _warn_about_split(names, built, budget, stage_budgets)
-    session = PruneSession(model, adapter, built)
     session.install()
     return model
+
+
+def _fixed_visual_tokens(model: nn.Module) -> int | None:
+    """Visual tokens of every image when the model fixes them before any input is seen: LLaVA-1.5-style models
+    (``model_type`` "llava" with a CLIP/SigLIP tower) resize every image to one resolution, so each image is
+    (image_size / patch_size)² patch tokens (+1 with the "full" feature strategy, which keeps the CLS token).
+    None for the families whose counts depend on the input (AnyRes crops, dynamic resolution)."""
+    config = model.config
+    vision = getattr(config, "vision_config", None)
+    if getattr(config, "model_type", None) != "llava" or getattr(vision, "model_type", None) not in (
+            "clip_vision_model", "siglip_vision_model"):
+        return None
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return patches + 1 if getattr(config, "vision_feature_select_strategy", "default") == "full" else patches
+
+
+def _check_fixed_images(built: list[Method], num_layers: int, tokens: int) -> None:
+    """With a known count of visual tokens per image, run every stage's plan once before installing: an
+    unreachable in-LLM budget or visionzip counts that do not fit raise here instead of on every forward, and
+    degenerate plans warn at apply(). The per-image plan is the plan of any sample: budgets scale with images."""
+    count, exact = tokens, True
+    for m in built:
+        if m.stage == "pre-llm":
+            count, exact = m.check_image_tokens(count), m.exact_count
+        elif count and exact:  # after a stage that may keep fewer than its budget, the forward decides
+            m.schedule(num_layers, count, 1)
 
 
 def _refuse_settings_for_objects(names: list, budget: Budget, positions, seed, options: dict,

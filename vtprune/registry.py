@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .budget import Budget, validate_budget
+from .budget import Budget, tokens_for, validate_budget
 from .errors import DegeneratePruningWarning, MethodOptionError, UnknownMethodError
 
 PRE_LLM = "pre-llm"
@@ -88,6 +88,8 @@ class Method:
     budget_policy: ClassVar[str] = "per_crop"
     #: the paper's position convention
     default_positions: ClassVar[str] = "original"
+    #: whether a pre-LLM stage leaves exactly its budget of tokens (False: at most that many, e.g. pooling)
+    exact_count: ClassVar[bool] = True
 
     def __init__(self, budget: Budget = None, positions: str | None = None, seed: int = 0, **options: Any):
         unknown = sorted(set(options) - set(self.options))
@@ -125,6 +127,20 @@ class Method:
     def check_model(self, num_layers: int) -> None:
         """Hook called by ``vtprune.apply`` with the model's decoder depth, before anything is installed: refuse
         (MethodOptionError) options the model cannot honour, such as a pruning layer beyond the last layer."""
+
+    def check_image_tokens(self, num_tokens: int) -> int:
+        """Called by ``vtprune.apply`` when every image of the model has ``num_tokens`` visual tokens (a
+        fixed-resolution model such as LLaVA-1.5), before anything is installed: warn once when this pre-LLM
+        stage would keep all of them or fewer than :data:`FEW_TOKENS`, and return how many it keeps (kept plus
+        merged). Subclasses refuse options that cannot fit (raise BudgetError / MethodOptionError)."""
+        kept = tokens_for(self.budget, num_tokens)
+        if kept >= num_tokens and self.budget != 1.0:
+            self.warn_once(f"budget={self.budget!r} keeps all {num_tokens} visual tokens of every image of this "
+                           "model: nothing is pruned; lower the budget.")
+        elif kept < FEW_TOKENS <= num_tokens and not isinstance(self.budget, int):  # ints: warned when built
+            self.warn_once(f"budget={self.budget!r} keeps {kept} of the {num_tokens} visual tokens of each image "
+                           f"(fewer than {FEW_TOKENS}): the model barely sees the image; raise the budget.")
+        return kept
 
     def warn_once(self, message: str) -> None:
         """A :class:`~vtprune.errors.DegeneratePruningWarning` naming the method, at most once per instance and

@@ -71,6 +71,7 @@ class AveragePool(Method):
     paper = "baseline"
     signals = ("grid",)
     default_positions = "compact"
+    exact_count = False  # the pooled grid holds at most k tokens
 
     def select(self, group: VisualGroup, k: int) -> Selection:
         h, w = _require_grid(self.name, group)
@@ -167,6 +168,12 @@ class VisionZip(Method):
         if isinstance(self.budget, int) and dominant + contextual == self.budget:
             return []
         return ["dominant", "contextual"]
+
+    def check_image_tokens(self, num_tokens: int) -> int:
+        kept = super().check_image_tokens(num_tokens)
+        if kept >= num_tokens:
+            return num_tokens
+        return sum(self._counts(kept, num_tokens))  # dominant + contextual must fit: refused here, at apply()
 
     def _counts(self, k: int, size: int) -> tuple[int, int]:
         """(dominant, contextual) for a group of ``size`` tokens with ``k`` kept tokens (its share of the
