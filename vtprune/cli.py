@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -76,6 +77,7 @@ def _check_methods(names: list[str], budget=None, positions=None, seed: int = 0,
     """Build the methods as ``vtprune.apply`` will (unknown name, bad option or value -> VTPruneError), without
     touching a model, so that a typo fails before any model is loaded."""
     from .budget import split_composed_budget
+    from .errors import DegeneratePruningWarning
     from .registry import build_method, method_class
 
     options = dict(options or {})
@@ -85,8 +87,10 @@ def _check_methods(names: list[str], budget=None, positions=None, seed: int = 0,
 
         raise MethodOptionError("--option cannot be used when composing methods (name+name); run one method, "
                                 "or use the Python API with vtprune.registry.build_method.")
-    for name, share in zip(names, split_composed_budget(budget, stages), strict=True):
-        build_method(name, budget=share, positions=positions, seed=seed, **options)
+    with warnings.catch_warnings():  # errors only: apply() warns about degenerate settings itself
+        warnings.simplefilter("ignore", DegeneratePruningWarning)
+        for name, share in zip(names, split_composed_budget(budget, stages), strict=True):
+            build_method(name, budget=share, positions=positions, seed=seed, **options)
 
 
 def cmd_methods(args) -> int:
@@ -355,9 +359,12 @@ def cmd_plot(args) -> int:
         raise VTPruneError(f"no finished rows in {', '.join(args.results)}; nothing to plot (run vtprune bench "
                            "first).")
     paths = plot_rows(rows, args.out)
+    if not paths:
+        raise VTPruneError(f"the rows of {', '.join(args.results)} have nothing to plot (neither accuracy nor "
+                           "latency); pass results of vtprune bench.")
     for path in paths:
         print(path)
-    return 0 if paths else 1
+    return 0
 
 
 def _check_writable_dir(path: str, flag: str) -> None:

@@ -142,8 +142,9 @@ def model_spec(model: str) -> str:
     return os.path.abspath(model)
 
 
+@functools.lru_cache(maxsize=64)
 def _default_dtype(model: str) -> str:
-    """The dtype a cell runs in when none is given: the preset's, else float32."""
+    """The dtype a cell runs in when none is given: the preset's, else float32 (cached: called per row)."""
     if model.startswith("preset:"):
         from .presets import load_preset
 
