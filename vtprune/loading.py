@@ -202,8 +202,8 @@ def load_processor(path: str | Path, trust_remote_code: bool = False):
         raise FileNotFoundError(f"{config_file} not found; cannot build the processor without torchvision")
     config = json.loads(config_file.read_text())
     processor_cls = getattr(transformers, config["processor_class"])
-    image_processor = AutoImageProcessor.from_pretrained(path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     video_attrs = {k: v for k, v in config.get("video_processor", {}).items()
                    if k in ("patch_size", "temporal_patch_size", "merge_size", "size")}
     video_processor = _video_processor(config.get("video_processor", {}).get("video_processor_type", ""),
