@@ -8,6 +8,8 @@ one ``vtprune.apply`` call and turn tensors into selections via the pure functio
 from __future__ import annotations
 
 import difflib
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,6 +24,7 @@ IN_LLM = "in-llm"
 POSITION_CONVENTIONS = ("original", "compact")
 #: a stage that leaves fewer visual tokens than this per image gets a DegeneratePruningWarning
 FEW_TOKENS = 4
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 @dataclass
@@ -148,7 +151,7 @@ class Method:
         if message in self._warned:
             return
         self._warned.add(message)
-        warnings.warn(f"vtprune {self.name}: {message}", DegeneratePruningWarning, stacklevel=3)
+        warnings.warn(f"vtprune {self.name}: {message}", DegeneratePruningWarning, stacklevel=_caller_level())
 
     def _warn_about_budget(self, explicit: bool) -> None:
         """Settings known to be degenerate before any forward: an option that overrides an explicit budget, a
@@ -172,6 +175,19 @@ class Method:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "method")
         return f"{type(self).__name__}({opts})"
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for a warning issued in :meth:`Method.warn_once`: the first frame outside vtprune, torch
+    and transformers -- the user's line that called ``apply()``, the model or ``generate()``."""
+    import transformers
+
+    skipped = (_PACKAGE_DIR, os.path.dirname(torch.__file__) + os.sep,
+               os.path.dirname(transformers.__file__) + os.sep)
+    frame, level = sys._getframe(1), 1  # warn_once: level 1 of warnings.warn
+    while frame is not None and frame.f_back is not None and frame.f_code.co_filename.startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass(frozen=True)
