@@ -96,13 +96,14 @@ class LayerMethod(Method):
         return planned
 
     def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
-        """The method's schedule for one sample (see :meth:`schedule`)."""
-        raise NotImplementedError
+        """The method's schedule for one sample (see :meth:`schedule`); subclasses implement this one."""
+        raise NotImplementedError(f"{type(self).__name__} must implement plan_schedule()")
 
     def pruning_layers(self, num_layers: int) -> list[int]:
         """The decoder layers this method prunes before on a model with ``num_layers`` layers; raises
-        MethodOptionError when its options do not fit that depth."""
-        raise NotImplementedError
+        MethodOptionError when its options do not fit that depth. The default (for methods that do not
+        declare their layers) checks nothing."""
+        return []
 
     def check_model(self, num_layers: int) -> None:
         """Refuse at ``apply()`` a schedule the model's depth cannot hold (it would fail on every forward)."""
