@@ -44,14 +44,18 @@ def test_plan_cells_unpruned_first_no_duplicates():
         plan_cells(["m"], ["a"], ["64"], ["mmmu"])
 
 
-def test_results_file_cuts_a_torn_last_line(tmp_path):
+def test_results_file_reads_past_a_torn_last_line_and_only_repair_cuts_it(tmp_path):
     path = tmp_path / "r.jsonl"
     results = ResultsFile(path)
     results.append({"model": "m", "method": "a", "budget": 1, "task": "latency"})
     with open(path, "a") as handle:
         handle.write('{"model": "m", "method": "b", "bud')  # killed mid-write
+    before = path.read_bytes()
     assert [r["method"] for r in results.load()] == ["a"]
-    assert path.read_text().endswith("}\n")  # the torn tail is gone, appends start on a fresh line
+    assert path.read_bytes() == before and results.torn_bytes == len('{"model": "m", "method": "b", "bud')
+    torn = results.torn_bytes
+    assert results.repair() == torn and results.torn_bytes == 0
+    assert path.read_text().endswith("}\n")  # the writer cut the torn tail: appends start on a fresh line
     results.append({"model": "m", "method": "b", "budget": 1, "task": "latency"})
     assert [r["method"] for r in results.load()] == ["a", "b"]
 
@@ -198,10 +202,14 @@ def test_bench_resumes_after_kill_without_loss_or_duplication(tmp_path, saved_ti
     done = subprocess.run(_bench_command(saved_tiny_llava, out), cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    from vtprune.bench.sweep import latest_rows
+
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    keys = [Cell(r["model"], r["method"], r["budget"], r["task"]).key for r in rows]
+    finished = [Cell(r["model"], r["method"], r["budget"], r["task"]).key for r in rows if r["status"] == "ok"]
+    assert len(finished) == len(set(finished))  # a finished cell is never measured twice
+    keys = [Cell(r["model"], r["method"], r["budget"], r["task"]).key for r in latest_rows(rows)]
     expected = plan_cells([saved_tiny_llava], list(vtprune.methods()), ["full", "0.5", "0.25", "0.125"], ["synth"])
-    assert len(keys) == len(set(keys)) == len(expected)
+    assert len(keys) == len(set(keys)) == len(expected)  # errored cells were retried: the newest row counts
     assert set(keys) == {c.key for c in expected}
     assert (out.with_suffix(".md")).read_text().count("\n") > len(expected)
     assert "acc %" in done.stdout and "counting" in done.stdout
@@ -234,3 +242,96 @@ def test_cli_bench_without_any_model_says_what_to_pass(monkeypatch, tmp_path):
 
     monkeypatch.setattr(sweep, "default_models", lambda: [])
     assert main(["bench", "--out", str(tmp_path / "r.jsonl")]) == 2
+
+
+# -- resume keys: every setting that changes a cell's result ---------------------------------------------------
+
+
+def _fake_cells(monkeypatch, failing: set[str] = frozenset()) -> list[tuple]:
+    """Replace run_cell by a recorder that writes a minimal row at once (no model): resume logic only.
+    Cells of the methods in ``failing`` get an error row."""
+    import vtprune.bench.sweep as sweep
+
+    ran: list[tuple] = []
+
+    def run_cell(cell, options):
+        ran.append((cell.model, cell.method, cell.budget, options.limit))
+        status = "error" if cell.method in failing else "ok"
+        return {"model": cell.model, "method": cell.method, "budget": cell.budget, "task": cell.task,
+                "status": status, "error": "BudgetError: x" if status == "error" else None,
+                "bench": options.to_dict(), "env": {}}
+
+    monkeypatch.setattr(sweep, "run_cell", run_cell)
+    return ran
+
+
+def test_resume_keys_on_every_setting_that_changes_a_result(tmp_path, monkeypatch, capsys):
+    ran = _fake_cells(monkeypatch)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "r.jsonl"
+    base = SweepOptions(limit=6, batch_size=6, repeats=1, warmup=0, new_tokens=2, threads=1)
+
+    def sweep(model="models/m", **changes):
+        ran.clear()
+        options = SweepOptions(**{**base.to_dict(), **changes})
+        rows = run_sweep(plan_cells([model], ["fastv", "divprune"], ["full", "0.5"], ["synth"]), out, options,
+                         progress=False)
+        return len(ran), rows
+
+    count, rows = sweep()
+    assert count == 3 and {r["model"] for r in rows} == {str(tmp_path / "models" / "m")}  # stored absolute
+    capsys.readouterr()
+    assert sweep(model=str(tmp_path / "models" / "m"))[0] == 0  # absolute vs relative: the same cells
+    assert "3 of 3 cells already in" in capsys.readouterr().out
+    assert sweep(dtype="float32", device="cpu")[0] == 0  # the defaults spelt out: the same settings
+    assert sweep(repeats=3)[0] == 0  # not a setting of accuracy cells
+    assert sweep(limit=12)[0] == 3
+    assert sweep(batch_size=3)[0] == 3
+    assert sweep(seed=1)[0] == 3
+    count, rows = sweep(method_options={"fastv": {"layer": 1}})
+    assert count == 1 and ran[0][1] == "fastv"  # only the cell whose options changed
+    assert len(rows) == 3 and out.read_text().count("\n") == 3 + 3 + 3 + 3 + 1
+
+
+def test_errored_cells_are_retried_and_replace_the_error_row(tmp_path, monkeypatch):
+    from vtprune.bench.sweep import latest_rows
+
+    out = tmp_path / "r.jsonl"
+    cells = plan_cells(["tiny:llava"], ["fastv", "divprune"], ["0.5"], ["latency"])
+    ran = _fake_cells(monkeypatch, failing={"fastv"})
+    run_sweep(cells, out, FAST, progress=False)
+    ran = _fake_cells(monkeypatch)  # the cause is fixed
+    rows = run_sweep(cells, out, FAST, progress=False)
+    assert [cell[1] for cell in ran] == ["fastv"]  # only the errored cell ran again
+    assert [(r["method"], r["status"]) for r in rows] == [("divprune", "ok"), ("fastv", "ok")]
+    assert out.read_text().count("\n") == 3  # append-only: the error row stays in the file ...
+    assert len(latest_rows(ResultsFile(out).load())) == 2  # ... and readers take the newest row per cell
+
+
+def test_unwritable_out_is_found_before_the_first_cell(tmp_path, monkeypatch):
+    ran = _fake_cells(monkeypatch)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(VTPruneError, match="cannot write the results file"):
+        run_sweep(plan_cells(["tiny:llava"], ["fastv"], ["0.5"], ["latency"]), blocker / "r.jsonl", FAST,
+                  progress=False)
+    assert ran == []
+    with pytest.raises(VTPruneError, match="limit=-5"):
+        run_sweep([], tmp_path / "r.jsonl", SweepOptions(limit=-5), progress=False)
+
+
+def test_cli_bench_tables_hold_every_row_of_the_file(tmp_path, monkeypatch):
+    """A second run into the same file with other budgets: the tables list the rows of both runs."""
+    from vtprune.cli import main
+
+    _fake_cells(monkeypatch)
+    out = tmp_path / "r.jsonl"
+    common = ["bench", "--model", "tiny:llava", "--tasks", "latency", "--methods", "fastv", "--repeats", "1",
+              "--warmup", "0", "--new-tokens", "2", "--threads", "1", "--no-progress", "--out", str(out)]
+    assert main([*common, "--budgets", "full,0.5"]) == 0
+    assert main([*common, "--budgets", "0.25"]) == 0
+    csv_lines = (tmp_path / "r.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 3 and out.read_text().count("\n") == 3
+    markdown = (tmp_path / "r.md").read_text()
+    assert "| 0.5 |" in markdown and "| 0.25 |" in markdown and "| full |" in markdown

@@ -204,10 +204,11 @@ def test_composition_and_budget_errors(tiny_models):
             sample = vtprune.stats(model).samples[0]
             assert [s.name for s in sample.stages] == ["divprune", "fastv"]
             assert sample.layer_lengths[0] > sample.layer_lengths[-1]
-        vtprune.apply(model, "fastv", budget=8)  # 4 layers, K=2: at least half of 64 tokens on average
+        # 4 layers, K=2: at least half of 64 tokens on average; LLaVA-1.5 fixes the tokens per image, so apply()
+        # already knows (families whose counts depend on the input raise at the forward: test_bad_inputs.py)
         with pytest.raises(vtprune.BudgetError, match="smallest reachable budget"):
-            model(**inputs)
-        vtprune.remove(model)
+            vtprune.apply(model, "fastv", budget=8)
+        assert not vtprune.is_pruned(model)
     with pytest.raises(vtprune.VTPruneError, match="at most one in-LLM"):
         vtprune.apply(model, ["fastv", "pdrop"])
     with pytest.raises(vtprune.MethodOptionError):

@@ -10,6 +10,7 @@
 from .api import apply, is_pruned, methods, pruned, remove, stats
 from .errors import (
     BudgetError,
+    DegeneratePruningWarning,
     MethodOptionError,
     SilentlyUnprunedError,
     UnknownMethodError,
@@ -24,5 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "apply", "remove", "pruned", "methods", "stats", "is_pruned", "register_method", "Method", "MethodInfo",
     "Selection", "VisualGroup", "PruneStats", "SampleStats", "StageStats", "VTPruneError", "BudgetError",
-    "UnknownMethodError", "UnsupportedModelError", "MethodOptionError", "SilentlyUnprunedError", "__version__",
+    "UnknownMethodError", "UnsupportedModelError", "MethodOptionError", "SilentlyUnprunedError",
+    "DegeneratePruningWarning", "__version__",
 ]

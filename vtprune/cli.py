@@ -9,34 +9,88 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line ``vtprune: error: ...`` (the problem and the fix) on stderr and
+    exit code 2, like every other failure of the command; ``--help`` still prints the usage."""
+
+    def error(self, message: str):
+        hint = f" (see: {self.prog} --help)"
+        self.exit(2, f"vtprune: error: {message}{hint}\n")
+
+
 def _parse_budget(text: str):
+    """``--budget``: an int (tokens per image), a float in (0, 1] (fraction) or 'none' (the paper default)."""
+    from .budget import validate_budget
+    from .errors import BudgetError
+
     if text.lower() in ("none", "default"):
         return None
     try:
-        return int(text)
+        value: int | float = int(text)
     except ValueError:
-        pass
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"budget {text!r} is not an int (tokens per image), a float in (0, 1] or 'none'"
+            ) from None
     try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"budget {text!r} is not an int (tokens per image), a float in (0, 1] or 'none'"
-        ) from None
+        return validate_budget(value)
+    except BudgetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _int_at_least(lowest: int, meaning: str = ""):
+    """argparse type: an int >= ``lowest``; the message says what the value means."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an int") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"{value} is below {lowest}; pass an int >= {lowest}"
+                                             + (f" ({meaning})" if meaning else ""))
+        return value
+    parse.__name__ = "int"
+    return parse
 
 
 def _parse_option(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"option {text!r} must look like name=value, e.g. dominant=54")
     key, value = text.split("=", 1)
+    if not key.strip():
+        raise argparse.ArgumentTypeError(f"option {text!r} has no name; use name=value, e.g. dominant=54")
     try:
         parsed = ast.literal_eval(value)
     except (ValueError, SyntaxError):
         parsed = value
     return key.strip(), parsed
+
+
+def _check_methods(names: list[str], budget=None, positions=None, seed: int = 0, options=None) -> None:
+    """Build the methods as ``vtprune.apply`` will (unknown name, bad option or value -> VTPruneError), without
+    touching a model, so that a typo fails before any model is loaded."""
+    from .budget import split_composed_budget
+    from .errors import DegeneratePruningWarning
+    from .registry import build_method, method_class
+
+    options = dict(options or {})
+    stages = [method_class(name).stage for name in names]
+    if len(names) > 1 and options:
+        from .errors import MethodOptionError
+
+        raise MethodOptionError("--option cannot be used when composing methods (name+name); run one method, "
+                                "or use the Python API with vtprune.registry.build_method.")
+    with warnings.catch_warnings():  # errors only: apply() warns about degenerate settings itself
+        warnings.simplefilter("ignore", DegeneratePruningWarning)
+        for name, share in zip(names, split_composed_budget(budget, stages), strict=True):
+            build_method(name, budget=share, positions=positions, seed=seed, **options)
 
 
 def cmd_methods(args) -> int:
@@ -62,17 +116,64 @@ def _default_image():
     return load_test_split(limit=6)[5]  # fine_detail: "What color is the small object?"
 
 
+def _method_names(text: str) -> list[str]:
+    """``--method``: one registered name, or several joined by ``+`` to compose (``divprune+fastv``)."""
+    from .errors import UnknownMethodError
+
+    names = [part.strip() for part in text.split("+")]
+    if not all(names):
+        raise UnknownMethodError(f"--method {text!r} has an empty name; use e.g. divprune or divprune+fastv.")
+    return names
+
+
+def _check_run_args(args):
+    """Everything about ``vtprune run``'s arguments that can be checked without a model; returns the image
+    (loaded, or None for the default test image)."""
+    from .loading import check_device, check_model_spec, load_image
+
+    check_model_spec(args.model, trust_remote_code=args.trust_remote_code)
+    args.device = check_device(args.device)
+    names = _method_names(args.method)
+    _check_methods(names, budget=args.budget, positions=args.positions, seed=args.seed,
+                   options=dict(args.option or []))
+    if args.show:
+        _check_writable_file(args.show, "--show")
+    return load_image(args.image) if args.image else None
+
+
+def _check_writable_file(path: str, flag: str) -> None:
+    from pathlib import Path
+
+    from .errors import VTPruneError
+
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise VTPruneError(f"{flag} {path!r} is a directory; pass a file name such as kept.png.")
+    parent = target.parent
+    if parent.exists() and not parent.is_dir():
+        raise VTPruneError(f"{flag} {path!r}: {parent} is a file, not a directory; pass a writable path.")
+
+
+def _model_inputs(processor, image, prompt: str, device: str, dtype: torch.dtype):
+    """Processor inputs for one image + prompt, on ``device``; floating tensors (pixels) in the model's dtype."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = processor(images=[image], text=[text], return_tensors="pt").to(device)
+    for key, value in inputs.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            inputs[key] = value.to(dtype)
+    return inputs
+
+
 def cmd_run(args) -> int:
     import vtprune
 
     from .loading import load_model
 
-    model, processor, description = load_model(args.model, dtype=args.dtype, device=args.device)
-    if args.image:
-        from PIL import Image
-
-        image = Image.open(args.image).convert("RGB")
-    else:
+    image = _check_run_args(args)
+    model, processor, description = load_model(args.model, dtype=args.dtype, device=args.device,
+                                               trust_remote_code=args.trust_remote_code)
+    if image is None:
         sample = _default_image()
         image = sample.image
         if args.prompt is None:
@@ -80,18 +181,18 @@ def cmd_run(args) -> int:
             print(f"image:  synthetic test sample {sample.id} (reference answer: {sample.answer})")
     if args.prompt is None:
         args.prompt = "What is in the image?"
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=[image], text=[text], return_tensors="pt").to(args.device)
+    inputs = _model_inputs(processor, image, args.prompt, args.device, getattr(torch, args.dtype))
     options = dict(args.option or [])
-    vtprune.apply(model, args.method, budget=args.budget, positions=args.positions, seed=args.seed, **options)
+    names = _method_names(args.method)
+    vtprune.apply(model, names[0] if len(names) == 1 else names, budget=args.budget, positions=args.positions,
+                  seed=args.seed, **options)
     with torch.inference_mode():
         start = time.perf_counter()
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
         elapsed = time.perf_counter() - start
     stats = vtprune.stats(model)
     answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
-    print(f"model:  {description}")
+    print(f"model:  {description}  ({next(model.parameters()).dtype})")
     print(f"method: {args.method}  budget: {args.budget}")
     print(f"answer: {answer.strip()}")
     print(stats.summary())
@@ -108,22 +209,24 @@ def _split(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
-def cmd_bench(args) -> int:
-    from pathlib import Path
-
+def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, dict[str, object]]]:
+    """Everything about ``vtprune bench``'s arguments that can be checked without a model: returns (models,
+    presets, methods, per-method options)."""
     from . import methods
-    from .bench import report
-    from .bench.sweep import SweepOptions, default_models, plan_cells, run_sweep
+    from .bench.presets import list_presets
+    from .bench.sweep import default_models, parse_budget
     from .errors import VTPruneError
+    from .loading import check_device, check_model_spec
 
-    if args.list_presets:
-        from .bench.presets import list_presets, load_preset
-
-        for name in list_presets():
-            preset = load_preset(name)
-            print(f"{name:<22} {preset.family:<16} {preset.dtype:<9} {preset.reference or '-':<44} {preset.notes}")
-        return 0
+    args.device = check_device(args.device)
     models = list(args.model or [])
+    for model in models:
+        check_model_spec(model, trust_remote_code=args.trust_remote_code)
+    known_presets = list_presets()
+    for name in args.preset or []:
+        if name not in known_presets:
+            raise VTPruneError(f"--preset {name!r} is not a preset; presets: {', '.join(known_presets)} "
+                               "(vtprune bench --list-presets).")
     presets = [f"preset:{name}" for name in (args.preset or [])]
     if not models and not presets:
         models = default_models()
@@ -132,17 +235,49 @@ def cmd_bench(args) -> int:
                                "DIR or --preset NAME")
     registered = list(methods())
     chosen = registered if args.methods in (None, "all") else _split(args.methods)
+    if not chosen:
+        raise VTPruneError(f"--methods {args.methods!r} names no method; pass e.g. divprune,fastv or all.")
     unknown = [m for m in chosen if m not in registered]
     if unknown:
         raise VTPruneError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
+    tiny = [m for m in models if m.startswith("tiny:")]
+    if tiny and "synth" in _split(args.tasks or "synth"):
+        raise VTPruneError(f"{tiny[0]} has random weights: accuracy (task synth, the default for --model) is not "
+                           "reported for it; pass --tasks latency, or a trained model directory.")
+    for text in _split(args.budgets):
+        parse_budget(text)
+    if args.budgets is not None and not _split(args.budgets):
+        raise VTPruneError(f"--budgets {args.budgets!r} names no budget; pass e.g. full,0.5,64.")
+    options = {m: dict(o) for m, o in _group_options(args.option or []).items()}
+    for method, opts in options.items():
+        if method not in chosen:
+            raise VTPruneError(f"--option {method}.…: method {method!r} is not among --methods "
+                               f"({', '.join(chosen)}); drop the option or add the method.")
+        _check_methods([method], options=opts)
+    return models, presets, chosen, options
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    from .bench import report
+    from .bench.sweep import ResultsFile, SweepOptions, iter_rows, plan_cells, run_sweep
+
+    if args.list_presets:
+        from .bench.presets import list_presets, load_preset
+
+        for name in list_presets():
+            preset = load_preset(name)
+            print(f"{name:<22} {preset.family:<16} {preset.dtype:<9} {preset.reference or '-':<44} {preset.notes}")
+        return 0
+    models, presets, chosen, method_options = _check_bench_args(args)
     options = SweepOptions(
         limit=None if args.limit == 0 else args.limit, batch_size=args.batch_size, repeats=args.repeats,
         warmup=args.warmup, new_tokens=args.new_tokens, threads=args.threads, device=args.device, dtype=args.dtype,
-        native=not args.no_native, paired=not args.no_paired, seed=args.seed,
-        method_options={m: dict(o) for m, o in _group_options(args.option or []).items()},
+        native=not args.no_native, paired=not args.no_paired, seed=args.seed, method_options=method_options,
+        trust_remote_code=args.trust_remote_code,
     )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    options.validate()
     cells = []
     for group, default_tasks, default_budgets in ((models, "synth", "full,0.5,0.25,0.125"),
                                                    (presets, "latency", "full,192,128,64")):
@@ -150,20 +285,27 @@ def cmd_bench(args) -> int:
             cells += plan_cells(group, chosen, _split(args.budgets or default_budgets),
                                 _split(args.tasks or default_tasks))
     out = Path(args.out)
+    stem = out.with_suffix("")
+    ResultsFile(out).check_writable()
+    for table in (Path(f"{stem}.csv"), Path(f"{stem}.md")):
+        _check_writable_file(str(table), "--out (its table)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     jobs = args.jobs
     if jobs is None:  # accuracy sweeps over several models: one process per model on a multi-core machine
         synth_only = all(cell.task == "synth" for cell in cells)
         jobs = min(len({cell.model for cell in cells}), os.cpu_count() or 1) if synth_only else 1
     rows = run_sweep(cells, out, options, progress=not args.no_progress, use_ray=args.ray, jobs=jobs)
-    records = report.summaries(rows)
-    stem = out.with_suffix("")
+    # the tables describe the whole results file (newest row per cell and settings), not only this run's cells
+    every_row = iter_rows([out])
+    records = report.summaries(every_row)
     Path(f"{stem}.csv").write_text(report.to_csv(records))
     markdown = report.to_markdown(records)
     spreads = report.accuracy_spread(records)
     if spreads:
         markdown += "\n### Best vs worst method per budget (accuracy)\n\n" + report.spread_markdown(spreads)
     Path(f"{stem}.md").write_text(markdown)
-    report.print_table(records, title=f"vtprune bench: {len(rows)} cells ({out})")
+    report.print_table(records, title=f"vtprune bench: {len(rows)} cells of this run, {len(every_row)} in {out}")
     for s in spreads:
         print(f"{s['model_name']} @ {s['budget']}: best {s['best']} {100 * s['best_accuracy']:.1f} %, "
               f"worst {s['worst']} {100 * s['worst_accuracy']:.1f} % -> spread {s['spread_points']:.1f} points "
@@ -186,25 +328,77 @@ def _group_options(pairs) -> dict[str, dict[str, object]]:
 
     grouped: dict[str, dict[str, object]] = {}
     for key, value in pairs:
-        if "." not in key:
-            raise VTPruneError(f"bench options are per method: --option METHOD.NAME=VALUE (got {key!r})")
-        method, name = key.split(".", 1)
+        method, _, name = key.partition(".")
+        if not method or not name:
+            raise VTPruneError(f"bench options are per method: --option METHOD.NAME=VALUE, e.g. "
+                               f"--option fastv.layer=3 (got {key!r})")
         grouped.setdefault(method, {})[name] = value
     return grouped
 
 
 def cmd_plot(args) -> int:
-    from .bench.plot import plot_rows
+    """Pareto PNGs from results files. Reads them only: a torn last line (a sweep killed mid-write) is skipped
+    with a note, never cut off (the sweep that owns the file does that when it resumes)."""
     from .bench.sweep import iter_rows
+    from .errors import VTPruneError
 
-    rows = iter_rows(args.results)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise VTPruneError("vtprune plot needs matplotlib: pip install matplotlib") from None
+    from .bench.plot import plot_rows
+
+    _check_writable_dir(args.out, "--out")
+
+    def note(path, size):
+        print(f"vtprune plot: skipped a torn last line of {path} ({size} bytes, an interrupted write); the file "
+              "is left as it is", file=sys.stderr)
+
+    rows = iter_rows(args.results, on_torn=note)
+    if not any(row.get("status", "ok") == "ok" for row in rows):
+        raise VTPruneError(f"no finished rows in {', '.join(args.results)}; nothing to plot (run vtprune bench "
+                           "first).")
     paths = plot_rows(rows, args.out)
+    if not paths:
+        raise VTPruneError(f"the rows of {', '.join(args.results)} have nothing to plot (neither accuracy nor "
+                           "latency); pass results of vtprune bench.")
     for path in paths:
         print(path)
-    return 0 if paths else 1
+    return 0
+
+
+def _check_writable_dir(path: str, flag: str) -> None:
+    from pathlib import Path
+
+    from .errors import VTPruneError
+
+    target = Path(path).expanduser()
+    for parent in (target, *target.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise VTPruneError(f"{flag} {path!r}: {parent} is a file, not a directory; pass a directory.")
+            break
 
 
 def cmd_eval(args) -> int:
+    from .errors import VTPruneError
+    from .loading import check_device, check_model_spec
+
+    if args.model is not None and args.model.startswith("tiny:"):
+        raise VTPruneError("vtprune eval needs a model directory (lmms-eval loads it with from_pretrained); "
+                           "tiny: models are not supported here, save one with save_pretrained first.")
+    check_model_spec(args.model, trust_remote_code=False)
+    args.device = check_device(args.device)
+    if args.method and args.method.lower() != "none":
+        _check_methods(_method_names(args.method), budget=args.budget)
+    elif args.budget is not None:
+        raise VTPruneError("--budget without --method: pass --method NAME (the default runs the unpruned model).")
+    _check_writable_dir(args.output_path, "--output-path")
+    try:
+        import lmms_eval  # noqa: F401
+    except ImportError:
+        raise VTPruneError("vtprune eval needs lmms-eval: pip install -e '.[eval]' && pip install --no-deps "
+                           "lmms-eval==0.7.3") from None
     from .bench.lmms import run_lmms_eval
 
     return run_lmms_eval(model=args.model, method=args.method, budget=args.budget, tasks=args.tasks,
@@ -213,7 +407,7 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vtprune", description="Visual-token pruning for VLMs.")
+    parser = _Parser(prog="vtprune", description="Visual-token pruning for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("methods", help="list the registered pruning methods")
@@ -233,11 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--option", type=_parse_option, action="append", metavar="NAME=VALUE",
                    help="method option, repeatable (e.g. --option dominant=54)")
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=_int_at_least(1, "tokens to generate"), default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--show", default=None, metavar="OUT.png",
                    help="save the image with the kept tokens of each stage highlighted")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own Python code (off: such checkpoints are refused, never prompted)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("bench", help="sweep methods x budgets x models x tasks; JSONL rows (resumable) + tables")
@@ -252,14 +448,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "full,0.5,0.25,0.125 for models and full,192,128,64 for presets")
     p.add_argument("--tasks", default=None, help="synth (accuracy) and/or latency; default synth for models, "
                                                 "latency for presets")
-    p.add_argument("--limit", type=int, default=0,
+    p.add_argument("--limit", type=_int_at_least(0, "0 = all questions"), default=0,
                    help="synth: the first N questions of the test split (skill-balanced prefix); default 0 = all "
                         "600, a binomial standard error of at most 2.0 accuracy points")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=8, help="tokens generated per timed generate")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (recorded in every row)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    p.add_argument("--repeats", type=_int_at_least(1, "timed runs per measurement"), default=5)
+    p.add_argument("--warmup", type=_int_at_least(0), default=1)
+    p.add_argument("--new-tokens", type=_int_at_least(1), default=8, help="tokens generated per timed generate")
+    p.add_argument("--threads", type=_int_at_least(1, "torch threads"), default=None,
+                   help="torch threads (recorded in every row)")
     p.add_argument("--no-native", action="store_true", help="latency: skip the native-K reference")
     p.add_argument("--no-paired", action="store_true", help="latency: skip the interleaved unpruned reference")
     p.add_argument("--option", type=_parse_option, action="append", metavar="METHOD.NAME=VALUE",
@@ -268,13 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_results/results.jsonl",
                    help="JSONL results (re-running with the same file resumes); .md/.csv tables next to it")
     p.add_argument("--ray", action="store_true", help="run the cells as Ray tasks on a local Ray instance")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=_int_at_least(1), default=None,
                    help="worker processes, each running whole models (default: one per model, up to the CPU "
                         "count, when only accuracy is measured; else 1 so timings do not share the machine)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the preset's dtype, float32 for model directories")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own Python code (off: such checkpoints are refused, never prompted)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("plot", help="Pareto plots (PNG) from bench results")
@@ -287,8 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default=None, help="registered method (default: none, the unpruned model)")
     p.add_argument("--budget", type=_parse_budget, default=None)
     p.add_argument("--tasks", default="vtprune_synth", help="lmms-eval tasks (default: the synthetic test split)")
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--limit", type=_int_at_least(1, "the first N documents of each task"), default=None)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=1)
     p.add_argument("--output-path", default="bench_results/lmms_eval")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -298,14 +497,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit code. Every expected failure -- a bad argument, a missing optional
+    package, a model or file that cannot be used -- is one line ``vtprune: error: ...`` on stderr and a
+    non-zero code (2), never a traceback; arguments are checked before any model is loaded."""
     from .errors import VTPruneError
 
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2, already printed as one line)
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         return args.func(args)
     except VTPruneError as error:
-        print(f"vtprune: error: {error}", file=sys.stderr)
+        print(f"vtprune: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:  # disk full, permission denied, ... while writing results
+        print(f"vtprune: error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vtprune: error: interrupted", file=sys.stderr)
+        return 130
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":

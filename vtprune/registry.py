@@ -8,17 +8,23 @@ one ``vtprune.apply`` call and turn tensors into selections via the pure functio
 from __future__ import annotations
 
 import difflib
+import os
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from .budget import Budget, validate_budget
-from .errors import MethodOptionError, UnknownMethodError
+from .budget import Budget, tokens_for, validate_budget
+from .errors import DegeneratePruningWarning, MethodOptionError, UnknownMethodError
 
 PRE_LLM = "pre-llm"
 IN_LLM = "in-llm"
 POSITION_CONVENTIONS = ("original", "compact")
+#: a stage that leaves fewer visual tokens than this per image gets a DegeneratePruningWarning
+FEW_TOKENS = 4
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 
 @dataclass
@@ -85,6 +91,8 @@ class Method:
     budget_policy: ClassVar[str] = "per_crop"
     #: the paper's position convention
     default_positions: ClassVar[str] = "original"
+    #: whether a pre-LLM stage leaves exactly its budget of tokens (False: at most that many, e.g. pooling)
+    exact_count: ClassVar[bool] = True
 
     def __init__(self, budget: Budget = None, positions: str | None = None, seed: int = 0, **options: Any):
         unknown = sorted(set(options) - set(self.options))
@@ -107,10 +115,55 @@ class Method:
         self.positions = positions
         self.seed = seed
         self.config = {**self.options, **options}
+        self._warned: set[str] = set()
         self.validate_options()
+        self._warn_about_budget(explicit=budget is not None)
 
     def validate_options(self) -> None:
         """Hook for subclasses to check option values (raise MethodOptionError)."""
+
+    def budget_overrides(self) -> list[str]:
+        """Names of the options set on this instance that decide the kept count instead of the budget (e.g.
+        FastV's ``ratio``); the user is warned when such an option meets an explicit budget."""
+        return []
+
+    def check_model(self, num_layers: int) -> None:
+        """Hook called by ``vtprune.apply`` with the model's decoder depth, before anything is installed: refuse
+        (MethodOptionError) options the model cannot honour, such as a pruning layer beyond the last layer."""
+
+    def check_image_tokens(self, num_tokens: int) -> int:
+        """Called by ``vtprune.apply`` when every image of the model has ``num_tokens`` visual tokens (a
+        fixed-resolution model such as LLaVA-1.5), before anything is installed: warn once when this pre-LLM
+        stage would keep all of them or fewer than :data:`FEW_TOKENS`, and return how many it keeps (kept plus
+        merged). Subclasses refuse options that cannot fit (raise BudgetError / MethodOptionError)."""
+        kept = tokens_for(self.budget, num_tokens)
+        if kept >= num_tokens and self.budget != 1.0:
+            self.warn_once(f"budget={self.budget!r} keeps all {num_tokens} visual tokens of every image of this "
+                           "model: nothing is pruned; lower the budget.")
+        elif kept < FEW_TOKENS <= num_tokens and not isinstance(self.budget, int):  # ints: warned when built
+            self.warn_once(f"budget={self.budget!r} keeps {kept} of the {num_tokens} visual tokens of each image "
+                           f"(fewer than {FEW_TOKENS}): the model barely sees the image; raise the budget.")
+        return kept
+
+    def warn_once(self, message: str) -> None:
+        """A :class:`~vtprune.errors.DegeneratePruningWarning` naming the method, at most once per instance and
+        message (a degenerate setting is reported, not repeated on every forward)."""
+        if message in self._warned:
+            return
+        self._warned.add(message)
+        warnings.warn(f"vtprune {self.name}: {message}", DegeneratePruningWarning, stacklevel=_caller_level())
+
+    def _warn_about_budget(self, explicit: bool) -> None:
+        """Settings known to be degenerate before any forward: an option that overrides an explicit budget, a
+        pre-LLM token budget below :data:`FEW_TOKENS` per image."""
+        overrides = self.budget_overrides()
+        if explicit and overrides:
+            shown = ", ".join(f"{name}={self.config[name]!r}" for name in overrides)
+            self.warn_once(f"{shown} overrides budget={self.budget!r}: the kept count follows the option, not the "
+                           f"budget; drop {' and '.join(overrides)} to prune to the budget, or drop the budget.")
+        if self.stage == PRE_LLM and isinstance(self.budget, int) and self.budget < FEW_TOKENS:
+            self.warn_once(f"budget={self.budget} keeps at most {self.budget} visual token(s) per image (fewer than "
+                           f"{FEW_TOKENS}): the model barely sees the image; raise the budget.")
 
     def select(self, group: VisualGroup, k: int) -> Selection:
         raise NotImplementedError(f"{type(self).__name__} is an {self.stage} method without a pre-LLM select()")
@@ -122,6 +175,19 @@ class Method:
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.describe().items() if k != "method")
         return f"{type(self).__name__}({opts})"
+
+
+def _caller_level() -> int:
+    """``stacklevel`` for a warning issued in :meth:`Method.warn_once`: the first frame outside vtprune, torch
+    and transformers -- the user's line that called ``apply()``, the model or ``generate()``."""
+    import transformers
+
+    skipped = (_PACKAGE_DIR, os.path.dirname(torch.__file__) + os.sep,
+               os.path.dirname(transformers.__file__) + os.sep)
+    frame, level = sys._getframe(1), 1  # warn_once: level 1 of warnings.warn
+    while frame is not None and frame.f_back is not None and frame.f_code.co_filename.startswith(skipped):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @dataclass(frozen=True)
@@ -165,10 +231,12 @@ def method_class(name: str) -> type[Method]:
 def build_method(method: str | Method, budget: Budget = None, **kwargs: Any) -> Method:
     """A method instance from a registered name (or an instance, returned as is)."""
     if isinstance(method, Method):
-        if kwargs or budget is not None:
+        given = sorted(kwargs) + (["budget"] if budget is not None else [])
+        if given:
             raise MethodOptionError(
-                f"{method!r} is already a configured method object; pass options when constructing it, "
-                "not to vtprune.apply."
+                f"{method!r} is already a configured method object, so {', '.join(given)} would be ignored; "
+                f"pass them when building it (vtprune.registry.build_method({method.name!r}, budget=..., ...)), "
+                "or pass the method's name instead of the object."
             )
         return method
     if not isinstance(method, str):

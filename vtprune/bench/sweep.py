@@ -15,10 +15,14 @@ Models: ``preset:NAME`` (random weights with real shapes, ``models/presets``), `
 model from :mod:`vtprune.testing`), or a local HF directory.
 
 Results file (design.md section 2): each finished cell appends one JSON object and a newline, then
-``flush`` + ``fsync``. A re-run with the same output file reads it first, drops a torn last line (a kill
-during a write), and skips every cell already present, so after a kill nothing is lost and nothing is
-duplicated. Every row records the package version, git commit, torch/transformers versions, device, dtype,
-thread count, machine load and the exact method options.
+``flush`` + ``fsync``. A re-run with the same output file reads it first, cuts a torn last line (a kill
+during a write; only the sweep, the file's writer, does that -- readers never write), and skips every cell
+already finished *with the same settings* (:func:`result_key`: the absolute model path, method, budget,
+task, method options, and every measurement setting that changes the cell's result), so after a kill nothing
+is lost and nothing is duplicated, while a re-run with another ``--option`` or ``--limit`` computes new rows.
+Errored cells are retried; the file stays append-only, so readers take the newest row per key
+(:func:`latest_rows`). Every row records the package version, git commit, torch/transformers versions,
+device, dtype, thread count, machine load and the exact method options.
 """
 
 from __future__ import annotations
@@ -39,26 +43,34 @@ import torch
 from ..errors import VTPruneError
 
 __all__ = ["Cell", "SweepOptions", "ResultsFile", "plan_cells", "run_cell", "run_sweep", "default_models",
-           "parse_budget", "UNPRUNED"]
+           "parse_budget", "UNPRUNED", "result_key", "row_key", "latest_rows", "model_spec"]
 
 UNPRUNED = "none"
 TASKS = ("synth", "latency")
 
 
 def parse_budget(text: str | int | float | None):
-    """``"full"``/``"none"``/None -> None (unpruned); ``"64"`` -> 64; ``"0.25"`` -> 0.25."""
-    if text is None or isinstance(text, (int, float)):
-        return text
+    """``"full"``/``"none"``/None -> None (unpruned); ``"64"`` -> 64; ``"0.25"`` -> 0.25. A budget that keeps
+    nothing or is not a fraction in (0, 1] (``0``, ``-3``, ``1.5``) raises :class:`~vtprune.BudgetError`."""
+    if text is None:
+        return None
+    if isinstance(text, (int, float)):
+        from ..budget import validate_budget
+
+        return validate_budget(text)
     lowered = text.strip().lower()
     if lowered in ("full", "none", ""):
         return None
     try:
-        return int(lowered)
+        value: int | float = int(lowered)
     except ValueError:
         try:
-            return float(lowered)
+            value = float(lowered)
         except ValueError:
             raise VTPruneError(f"budget {text!r} is not 'full', an int (tokens) or a float fraction") from None
+    from ..budget import validate_budget
+
+    return validate_budget(value)
 
 
 @dataclass(frozen=True)
@@ -94,9 +106,89 @@ class SweepOptions:
     paired: bool = True                # latency: interleave the unpruned reference in every cell
     seed: int = 0
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options
+    trust_remote_code: bool = False    # passed to from_pretrained for model directories (never prompts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def validate(self) -> None:
+        """Refuse settings that would measure nothing (e.g. ``limit=-5``: an "ok" row over 0 questions)."""
+        checks = (("limit", self.limit, 1, "the first N questions, or None for all"), ("batch_size", self.batch_size, 1, ""),
+                  ("repeats", self.repeats, 1, ""), ("warmup", self.warmup, 0, ""),
+                  ("new_tokens", self.new_tokens, 1, ""), ("threads", self.threads, 1, "or None for torch's default"))
+        for name, value, lowest, hint in checks:
+            if value is None and name in ("limit", "threads"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise VTPruneError(f"bench setting {name}={value!r} must be an int >= {lowest}"
+                                   + (f" ({hint})" if hint else "") + ".")
+        if not isinstance(self.method_options, dict) or not all(isinstance(v, dict)
+                                                               for v in self.method_options.values()):
+            raise VTPruneError("method_options must map a method name to a dict of its options, e.g. "
+                               "{'fastv': {'layer': 3}}.")
+
+
+#: settings that change the result of every cell / of the cells of one task (see :func:`result_key`)
+_COMMON_SETTINGS = ("device", "dtype", "seed")
+_TASK_SETTINGS = {"synth": ("limit", "batch_size"),
+                  "latency": ("repeats", "warmup", "new_tokens", "threads", "native", "paired")}
+
+
+def model_spec(model: str) -> str:
+    """The canonical spelling of a cell's model: ``tiny:``/``preset:`` specs as they are, a local directory as
+    its absolute path (so ``models/x`` and ``/repo/models/x`` are one model), anything else (a hub id) as is."""
+    if model.startswith(("tiny:", "preset:")) or not os.path.exists(model):
+        return model
+    return os.path.abspath(model)
+
+
+@functools.lru_cache(maxsize=64)
+def _default_dtype(model: str) -> str:
+    """The dtype a cell runs in when none is given: the preset's, else float32 (cached: called per row)."""
+    if model.startswith("preset:"):
+        from .presets import load_preset
+
+        try:
+            return load_preset(model.split(":", 1)[1]).dtype
+        except Exception:  # an unknown preset: its cells fail anyway; keep the key well defined
+            return "float32"
+    return "float32"
+
+
+def result_key(cell: Cell, options: SweepOptions) -> str:
+    """Resume key of a cell: everything that changes its row's result. Two runs with the same key would
+    measure the same thing, so a finished row with this key is not measured again."""
+    settings: dict[str, Any] = {name: getattr(options, name) for name in _COMMON_SETTINGS}
+    settings["dtype"] = settings["dtype"] or _default_dtype(cell.model)
+    settings["device"] = str(torch.device(settings["device"])) if settings["device"] else "cpu"
+    settings.update({name: getattr(options, name) for name in _TASK_SETTINGS.get(cell.task, ())})
+    if cell.method != UNPRUNED:
+        settings["options"] = (options.method_options or {}).get(cell.method, {})
+    return json.dumps([model_spec(cell.model), cell.method, cell.budget, cell.task, settings], sort_keys=True,
+                      default=str)
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """:func:`result_key` of a written row, from the settings it recorded (rows of older versions, which lack
+    some settings, get the defaults)."""
+    recorded = row.get("bench") or {}
+    known = {name: recorded[name] for name in SweepOptions.__dataclass_fields__ if name in recorded}
+    try:
+        options = SweepOptions(**known)
+    except TypeError:
+        options = SweepOptions()
+    return result_key(Cell(row["model"], row["method"], row["budget"], row["task"]), options)
+
+
+def latest_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The newest row of every key, in the order the keys first appear. The results file is append-only, so a
+    retried cell (an errored row measured again) appears twice; the later row replaces the earlier one."""
+    newest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        key = row_key(row)
+        newest.pop(key, None)  # re-insert: the order follows the newest rows
+        newest[key] = row
+    return list(newest.values())
 
 
 def default_models() -> list[str]:
@@ -112,7 +204,7 @@ def plan_cells(models: Sequence[str], methods: Sequence[str], budgets: Sequence,
     every method at every other budget."""
     budgets = [parse_budget(b) for b in budgets]
     cells = []
-    for model in models:
+    for model in dict.fromkeys(model_spec(m) for m in models):
         for task in tasks:
             if task not in TASKS:
                 raise VTPruneError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
@@ -134,15 +226,21 @@ def plan_cells(models: Sequence[str], methods: Sequence[str], budgets: Sequence,
 
 
 class ResultsFile:
-    """Append-only JSONL with crash-safe appends and resume."""
+    """Append-only JSONL with crash-safe appends and resume.
+
+    :meth:`load` only reads (a torn last line -- a kill during a write -- is skipped and counted in
+    :attr:`torn_bytes`); only the writer calls :meth:`repair` to cut it off before appending."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.torn_bytes = 0
 
-    def load(self) -> list[dict[str, Any]]:
-        """Rows already written. A torn last line (no trailing newline or not JSON) is cut off the file."""
+    def _parse(self) -> tuple[list[dict[str, Any]], int, int]:
+        """(rows, end of the last complete line, file size)."""
         if not self.path.exists():
-            return []
+            return [], 0, 0
+        if self.path.is_dir():
+            raise VTPruneError(f"{self.path} is a directory, not a JSONL results file; pass the file's path.")
         data = self.path.read_bytes()
         rows, good_end, start = [], 0, 0
         while start < len(data):
@@ -152,22 +250,50 @@ class ResultsFile:
             line = data[start:newline]
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
+                    row = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
                     if data[newline + 1:].strip():
                         raise VTPruneError(f"{self.path}: line {len(rows) + 1} is not JSON and is not the last "
-                                           "line; the file is corrupted (fix or remove it)") from None
+                                           "line; the file is corrupted (fix or remove that line)") from None
                     break
+                if not isinstance(row, dict) or not {"model", "method", "budget", "task"} <= set(row):
+                    raise VTPruneError(f"{self.path}: line {len(rows) + 1} is not a vtprune bench row (it needs "
+                                       "model, method, budget and task); pass a file written by vtprune bench.")
+                rows.append(row)
             good_end = start = newline + 1
-        if good_end < len(data):
+        return rows, good_end, len(data)
+
+    def load(self) -> list[dict[str, Any]]:
+        """Rows already written, in file order. Never writes: a torn last line is skipped, not removed."""
+        rows, good_end, size = self._parse()
+        self.torn_bytes = size - good_end
+        return rows
+
+    def repair(self) -> int:
+        """Cut a torn last line off the file so that appends start on a fresh line; returns the bytes cut.
+        Only the sweep that owns the file calls this, before it appends."""
+        _, good_end, size = self._parse()
+        if good_end < size:
             with open(self.path, "r+b") as handle:
                 handle.truncate(good_end)
                 handle.flush()
                 os.fsync(handle.fileno())
-        return rows
+        self.torn_bytes = 0
+        return size - good_end
+
+    def check_writable(self) -> None:
+        """Fail now, before any cell runs, when rows could not be appended to the file."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8"):
+                pass
+        except OSError as error:
+            raise VTPruneError(f"cannot write the results file {self.path} ({error.strerror or error}); pass "
+                               "--out with a writable path.") from None
 
     def done_keys(self) -> set[str]:
-        return {Cell(r["model"], r["method"], r["budget"], r["task"]).key for r in self.load()}
+        """Result keys of the rows that finished without error (errored cells are measured again)."""
+        return {row_key(r) for r in self.load() if r.get("status", "ok") == "ok"}
 
     def append(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -262,7 +388,8 @@ def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
                              preset=preset, bench_inputs=inputs)
     else:
         dtype = options.dtype or "float32"
-        model, processor, description = load_model(spec, dtype=dtype, device=options.device)
+        model, processor, description = load_model(spec, dtype=dtype, device=options.device,
+                                                   trust_remote_code=options.trust_remote_code)
         if spec.startswith("tiny:"):
             model = model.to(getattr(torch, dtype))
         loaded = LoadedModel(spec, model, processor, description, spec.startswith("tiny:"), dtype)
@@ -487,10 +614,18 @@ def run_sweep(
     ``jobs`` > 1 runs the models' cells in that many worker processes (one model per process at a time, see
     :func:`run_cells_in_processes`); ``use_ray`` runs every cell as a Ray task."""
     _git_commit()  # pin the commit before any cell runs
+    options.validate()
+    cells = [Cell(model_spec(c.model), c.method, c.budget, c.task) for c in cells]
     results = ResultsFile(out)
+    results.check_writable()
+    results.repair()  # a kill during a write left a torn last line: cut it before appending
     done = results.done_keys()
-    todo = [cell for cell in cells if cell.key not in done]
-    with _Progress(len(cells), len(cells) - len(todo), enabled=progress) as bar:
+    todo = [cell for cell in cells if result_key(cell, options) not in done]
+    skipped = len(cells) - len(todo)
+    if skipped:
+        print(f"bench: {skipped} of {len(cells)} cells already in {out} with the same settings: skipped "
+              "(another --out, or other settings, measures them again)")
+    with _Progress(len(cells), skipped, enabled=progress) as bar:
         def finished(row: dict[str, Any]) -> None:
             results.append(row)
             bar.advance(Cell(row["model"], row["method"], row["budget"], row["task"]).label)
@@ -507,9 +642,8 @@ def run_sweep(
             for cell in todo:
                 bar.describe(cell.label)
                 finished(run_cell(cell, options))
-    wanted = {cell.key for cell in cells}
-    return [row for row in results.load()
-            if Cell(row["model"], row["method"], row["budget"], row["task"]).key in wanted]
+    wanted = {result_key(cell, options) for cell in cells}
+    return [row for row in latest_rows(results.load()) if row_key(row) in wanted]
 
 
 def _model_worker(cells: list[Cell], options: SweepOptions, threads: int, queue) -> None:
@@ -620,8 +754,15 @@ class _Progress:
             self._progress.stop()
 
 
-def iter_rows(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+def iter_rows(paths: Iterable[str | Path], on_torn: Callable[[Path, int], Any] | None = None) -> list[dict[str, Any]]:
+    """Every row of the results files, newest per key (:func:`latest_rows`). Read-only: a torn last line is
+    skipped and reported to ``on_torn(path, bytes)``."""
     rows: list[dict[str, Any]] = []
     for path in paths:
-        rows.extend(ResultsFile(path).load())
-    return rows
+        results = ResultsFile(path)
+        if not results.path.is_file():
+            raise VTPruneError(f"results file {path} not found; pass a JSONL file written by vtprune bench.")
+        rows.extend(results.load())
+        if results.torn_bytes and on_torn is not None:
+            on_torn(results.path, results.torn_bytes)
+    return latest_rows(rows)

@@ -16,7 +16,7 @@ from ..budget import BudgetError
 from ..engine.attention_rows import attention_rows, key_states, rope_only_rows
 from ..engine.positions import rope_rows
 from ..errors import MethodOptionError
-from ..registry import IN_LLM, Method, register_method
+from ..registry import FEW_TOKENS, IN_LLM, Method, register_method
 from ..selectors.dart import dart_select, pick_pivots
 from ..selectors.sparsevlm import cluster_means, dpc_knn, select_raters
 
@@ -89,8 +89,46 @@ class LayerMethod(Method):
     default_positions = "original"
 
     def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
-        """[(layer, visual tokens kept from that layer on), ...] for one sample, layers ascending."""
-        raise NotImplementedError
+        """[(layer, visual tokens kept from that layer on), ...] for one sample, layers ascending
+        (:meth:`plan_schedule`), with a warning when the plan is degenerate."""
+        planned = self.plan_schedule(num_layers, num_visual, num_images)
+        self._warn_about_schedule(planned, num_layers, num_visual, num_images)
+        return planned
+
+    def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        """The method's schedule for one sample (see :meth:`schedule`); subclasses implement this one."""
+        raise NotImplementedError(f"{type(self).__name__} must implement plan_schedule()")
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        """The decoder layers this method prunes before on a model with ``num_layers`` layers; raises
+        MethodOptionError when its options do not fit that depth. The default (for methods that do not
+        declare their layers) checks nothing."""
+        return []
+
+    def check_model(self, num_layers: int) -> None:
+        """Refuse at ``apply()`` a schedule the model's depth cannot hold (it would fail on every forward)."""
+        self.pruning_layers(num_layers)
+
+    def _warn_about_schedule(self, planned: list[tuple[int, int]], num_layers: int, num_visual: int,
+                             num_images: int) -> None:
+        """Warn (once) when a stage leaves fewer than FEW_TOKENS tokens per image, or the first stage keeps every
+        visual token although the budget asked for fewer."""
+        if not planned:
+            return
+        images = max(num_images, 1)
+        layer, kept = planned[-1]
+        if kept < FEW_TOKENS * images <= num_visual:
+            self.warn_once(
+                f"keeps {kept} visual token(s) for {images} image(s) from decoder layer {layer} of {num_layers} on "
+                f"(budget={self.budget!r}): fewer than {FEW_TOKENS} per image, the model barely sees the image; "
+                "raise the budget, or prune fewer layers in (see the method's options)."
+            )
+        first_layer, first = planned[0]
+        if first >= num_visual and self.budget != 1.0 and not self.budget_overrides():
+            self.warn_once(
+                f"budget={self.budget!r} keeps all {num_visual} visual tokens at decoder layer {first_layer}: "
+                "nothing is pruned; lower the budget."
+            )
 
     def prepare(self, inputs_embeds: torch.Tensor, real: torch.Tensor, visual: torch.Tensor,
                 text: torch.Tensor, source: list[torch.Tensor]) -> Any:
@@ -157,6 +195,17 @@ def _single_stage_schedule(method: LayerMethod, num_layers: int, num_visual: int
     return [(k, max(1, min(num_visual, round(keep))))]
 
 
+def _single_layer(method: LayerMethod, num_layers: int) -> list[int]:
+    """The pruning layer K of FastV / DART, which must leave at least one decoder layer after it."""
+    k = method.config["layer"]
+    if k >= num_layers:
+        fix = ("use a pre-LLM method" if num_layers < 2 else "pass layer=1" if num_layers == 2
+               else f"pass layer= between 1 and {num_layers - 1}")
+        raise MethodOptionError(f"{method.name} layer={k} is at or beyond this model's {num_layers} decoder layers, "
+                                f"so it would prune nothing and fail on every forward; {fix}.")
+    return [k]
+
+
 def _validate_layer_ratio(name: str, layer, ratio) -> None:
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
         raise MethodOptionError(f"{name} layer={layer!r} must be an int ≥ 1 (layer K−1's states are used).")
@@ -185,7 +234,13 @@ class FastV(LayerMethod):
     def validate_options(self) -> None:
         _validate_layer_ratio(self.name, self.config["layer"], self.config["ratio"])
 
-    def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+    def budget_overrides(self) -> list[str]:
+        return ["ratio"] if self.config["ratio"] is not None else []
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        return _single_layer(self, num_layers)
+
+    def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
         return _single_stage_schedule(self, num_layers, num_visual, num_images, default_ratio=0.5)
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
@@ -233,7 +288,9 @@ class PyramidDrop(LayerMethod):
             layers = [num_layers // 4, num_layers // 2, 3 * num_layers // 4]
         layers = sorted({max(1, x) for x in layers})
         if layers[-1] >= num_layers:
-            raise MethodOptionError(f"pdrop layers={layers} exceed the model's {num_layers} decoder layers.")
+            raise MethodOptionError(f"pdrop layers={layers} reach beyond this model's {num_layers} decoder layers "
+                                    f"(0..{num_layers - 1}); pass layers= below {num_layers}"
+                                    + ("" if num_layers > 1 else ", or use a pre-LLM method") + ".")
         return layers
 
     @staticmethod
@@ -241,7 +298,13 @@ class PyramidDrop(LayerMethod):
         bounds = [0, *layers, num_layers]
         return sum((bounds[i + 1] - bounds[i]) * num_visual * lam**i for i in range(len(bounds) - 1)) / num_layers
 
-    def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+    def budget_overrides(self) -> list[str]:
+        return ["lambda_"] if self.config["lambda_"] is not None else []
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        return self._layers(num_layers)
+
+    def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
         layers = self._layers(num_layers)
         lam = self.config["lambda_"]
         if lam is None and self.budget is None:
@@ -294,7 +357,13 @@ class DART(LayerMethod):
         if isinstance(pivots, bool) or not isinstance(pivots, int) or pivots < 1:
             raise MethodOptionError(f"dart pivots={pivots!r} must be a positive int (paper: 8).")
 
-    def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+    def budget_overrides(self) -> list[str]:
+        return ["ratio"] if self.config["ratio"] is not None else []
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        return _single_layer(self, num_layers)
+
+    def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
         return _single_stage_schedule(self, num_layers, num_visual, num_images, default_ratio=0.778)
 
     def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
@@ -378,7 +447,8 @@ class SparseVLM(LayerMethod):
         if self.config["layers"] is not None:
             layers = list(self.config["layers"])
             if layers[-1] >= num_layers:
-                raise MethodOptionError(f"sparsevlm layers={layers} exceed the model's {num_layers} layers.")
+                raise MethodOptionError(f"sparsevlm layers={layers} reach beyond this model's {num_layers} decoder "
+                                        f"layers (0..{num_layers - 1}); pass layers= below {num_layers}.")
             return layers
         layers: list[int] = []
         for published in _SPARSEVLM_STAGES:  # scale 2, 6, 15 of 32 to this depth, strictly increasing
@@ -387,8 +457,18 @@ class SparseVLM(LayerMethod):
                 layers.append(layer)
         return layers
 
-    def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+    def budget_overrides(self) -> list[str]:
+        return ["keep"] if self.config["keep"] is not None else []
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
         layers = self._layers(num_layers)
+        if not layers:
+            raise MethodOptionError(f"sparsevlm needs a decoder with at least 2 layers to prune inside it; this "
+                                    f"model has {num_layers}; use a pre-LLM method.")
+        return layers
+
+    def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        layers = self.pruning_layers(num_layers)
         if self.config["keep"] is not None:
             return [(layer, min(num_visual, count * max(num_images, 1)))
                     for layer, count in zip(layers, self.config["keep"], strict=True)]

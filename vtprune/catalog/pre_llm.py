@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import MethodOptionError
+from ..errors import BudgetError, MethodOptionError
 from ..registry import Method, Selection, VisualGroup, register_method
 from ..selectors.baselines import pool_grid, random_select, uniform_grid_select
 from ..selectors.cls_attention import topk_select
@@ -71,6 +71,7 @@ class AveragePool(Method):
     paper = "baseline"
     signals = ("grid",)
     default_positions = "compact"
+    exact_count = False  # the pooled grid holds at most k tokens
 
     def select(self, group: VisualGroup, k: int) -> Selection:
         h, w = _require_grid(self.name, group)
@@ -136,20 +137,65 @@ class VisionZip(Method):
     signals = ("cls_attention", "vit_keys", "vit_hidden")
     options = {"dominant": None, "contextual": None}
 
+    def __init__(self, budget=None, positions=None, seed: int = 0, **options):
+        dominant, contextual = options.get("dominant"), options.get("contextual")
+        if budget is None and isinstance(dominant, int) and isinstance(contextual, int):
+            budget = dominant + contextual or None  # the two counts are the budget (0 + 0 is refused below)
+            self._budget_from_options = True
+        super().__init__(budget=budget, positions=positions, seed=seed, **options)
+
     def validate_options(self) -> None:
         for key in ("dominant", "contextual"):
             value = self.config[key]
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise MethodOptionError(f"visionzip option {key}={value!r} must be a non-negative int.")
+        dominant, contextual = self.config["dominant"], self.config["contextual"]
+        if dominant == 0 and contextual == 0:
+            raise MethodOptionError("visionzip dominant=0, contextual=0 keeps no visual token; give at least one "
+                                    "token (paper: dominant=54, contextual=10 for 64).")
+        requested = (dominant or 0) + (contextual or 0)
+        if isinstance(self.budget, int) and requested > self.budget:
+            raise MethodOptionError(
+                f"visionzip dominant={dominant} + contextual={contextual} = {requested} tokens exceed budget="
+                f"{self.budget} (tokens per image); lower them, raise the budget, or give only the budget (split "
+                "54:10)."
+            )
 
-    def select(self, group: VisualGroup, k: int) -> Selection:
+    def budget_overrides(self) -> list[str]:
+        dominant, contextual = self.config["dominant"], self.config["contextual"]
+        if dominant is None or contextual is None or getattr(self, "_budget_from_options", False):
+            return []
+        if isinstance(self.budget, int) and dominant + contextual == self.budget:
+            return []
+        return ["dominant", "contextual"]
+
+    def check_image_tokens(self, num_tokens: int) -> int:
+        kept = super().check_image_tokens(num_tokens)
+        if kept >= num_tokens:
+            return num_tokens
+        return sum(self._counts(kept, num_tokens))  # dominant + contextual must fit: refused here, at apply()
+
+    def _counts(self, k: int, size: int) -> tuple[int, int]:
+        """(dominant, contextual) for a group of ``size`` tokens with ``k`` kept tokens (its share of the
+        budget); options that do not fit the share are refused here, before the decoder runs."""
         dominant, contextual = self.config["dominant"], self.config["contextual"]
         if dominant is None and contextual is None:
-            dominant, contextual = split_visionzip_budget(k)
-        elif dominant is None:
+            return split_visionzip_budget(k)
+        if dominant is None:
             dominant = max(k - contextual, 0)
         elif contextual is None:
             contextual = max(k - dominant, 0)
+        if dominant + contextual > k:
+            raise BudgetError(
+                f"visionzip dominant={dominant} + contextual={contextual} = {dominant + contextual} tokens do not "
+                f"fit the {k} tokens this crop/image of {size} tokens gets from budget={self.budget!r} (per-crop "
+                "budgets: LLaVA-NeXT splits the budget over the base image and every crop); lower dominant and "
+                "contextual, raise the budget, or give only the budget (split 54:10 per crop)."
+            )
+        return dominant, contextual
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        dominant, contextual = self._counts(k, group.num_tokens)
         if dominant + contextual >= group.num_tokens:
             return _all_kept(group)
         s = group.signals

@@ -757,6 +757,7 @@ class PruneSession:
         span_keep = torch.zeros(image.num_tokens, dtype=torch.bool)
         span_keep[image.structural] = True
         content = image.num_content
+        method.check_image_tokens(content)  # warns once about a degenerate budget (keeps all / very few)
         budget = tokens_for(method.budget, content)
         if budget >= content:
             return torch.ones(image.num_tokens, dtype=torch.bool), None, None
