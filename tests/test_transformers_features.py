@@ -2,7 +2,7 @@
 
 Modes: ``keep-all`` (a pre-LLM and an in-LLM method whose budget keeps every token: results must equal the
 unwrapped model's exactly), ``pre`` (divprune, 4 tokens per image), ``in`` (fastv at layer 1, half the
-tokens) and ``pre+in`` (their composition at 8 equivalent tokens). A feature that cannot work pruned is refused with a clear VTPruneError, never a raw traceback.
+tokens) and ``pre+in`` (their composition: divprune keeps half, fastv half of those from layer 2). A feature that cannot work pruned is refused with a clear VTPruneError, never a raw traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ MODES = {
     "keep-all": (["divprune", "fastv"], {"stage_budgets": [1.0, 1.0]}),
     "pre": ("divprune", {"budget": 4}),
     "in": ("fastv", {"budget": 0.5, "layer": 1}),
-    "pre+in": (["divprune", "fastv"], {"budget": 8}),
+    "pre+in": (["divprune", "fastv"], {"stage_budgets": [0.5, 0.75]}),
 }
 NEW = 3
 
