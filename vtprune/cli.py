@@ -305,12 +305,17 @@ def cmd_bench(args) -> int:
     if spreads:
         markdown += "\n### Best vs worst method per budget (accuracy)\n\n" + report.spread_markdown(spreads)
     Path(f"{stem}.md").write_text(markdown)
-    report.print_table(records, title=f"vtprune bench: {len(rows)} cells of this run, {len(every_row)} in {out}")
+    report.print_table(records, title=f"vtprune bench: {len(rows)} cells of this run, {len(every_row)} in {out}",
+                       full=args.full_table)
+    paper = report.paper_markdown(records)
+    if paper:
+        Path(f"{stem}_paper.md").write_text(paper)
+        print(paper)
     for s in spreads:
         print(f"{s['model_name']} @ {s['budget']}: best {s['best']} {100 * s['best_accuracy']:.1f} %, "
               f"worst {s['worst']} {100 * s['worst_accuracy']:.1f} % -> spread {s['spread_points']:.1f} points "
               f"({s['methods']} methods, {s['n']} questions)")
-    print(f"rows: {out}   tables: {stem}.md, {stem}.csv")
+    print(f"rows: {out}   tables: {stem}.md, {stem}.csv" + (f", {stem}_paper.md" if paper else ""))
     sections = []
     for clock in (("cpu", "wall") if not str(args.device).startswith("cuda") else ("wall",)):
         checked = report.check_targets(records, 64, clock)
@@ -318,7 +323,7 @@ def cmd_bench(args) -> int:
             sections.append(f"### Targets at 64 equivalent tokens ({clock} time)\n\n" + report.targets_markdown(checked))
     if sections:
         Path(f"{stem}_targets.md").write_text("\n".join(sections))
-        print("\n".join(sections))
+        print("\n".join(sections) if args.targets else f"latency targets (pass/fail): {stem}_targets.md (--targets prints them)")
     return 0
 
 
@@ -469,6 +474,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes, each running whole models (default: one per model, up to the CPU "
                         "count, when only accuracy is measured; else 1 so timings do not share the machine)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--full-table", action="store_true",
+                   help="print every column (the markdown/CSV files always have them); default: a compact summary")
+    p.add_argument("--targets", action="store_true",
+                   help="latency runs: print the pass/fail table of the latency protocol's targets (README, "
+                        "'Benchmarks'); it is always written to <out>_targets.md")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: the preset's dtype, float32 for model directories")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

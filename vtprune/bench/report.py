@@ -182,17 +182,74 @@ def to_markdown(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_table(records: Sequence[dict[str, Any]], title: str | None = None) -> None:
+def compact_table(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """The printed summary: model, method, budget, equivalent tokens, accuracy ± s.e., prefill GFLOPs, prefill
+    ms and speedup (measured where latency was timed, else the FLOPs ratio, marked "F"). Fits 100 columns; every
+    other column is in the markdown / CSV files."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    has_acc = any(r.get("accuracy") is not None for r in ok)
+    has_ms = any(r.get("prefill_ms") is not None for r in ok)
+    headers = ["model", "method", "budget", "eq. tok", *(["acc % ± s.e."] if has_acc else []), "GFLOPs",
+               *(["prefill ms"] if has_ms else []), "speedup"]
+    body = []
+    for r in ok:
+        acc = f"{100 * r['accuracy']:.1f} ± {100 * (r.get('accuracy_stderr') or 0):.1f}" \
+            if r.get("accuracy") is not None else ""
+        measured = r.get("speedup")
+        speedup = f"{measured:.2f}" if measured is not None else (
+            f"{r['flops_speedup']:.2f} F" if r.get("flops_speedup") is not None else "")
+        body.append([_short_model(r["model"]), r["method"], str(r["budget"]), _fmt(r.get("equivalent_tokens"), ".1f"),
+                     *([acc] if has_acc else []), _fmt(r.get("gflops"), ".3f"),
+                     *([_fmt(r.get("prefill_ms"), ".1f")] if has_ms else []), speedup])
+    return headers, body
+
+
+def paper_markdown(records: Sequence[dict[str, Any]]) -> str:
+    """Methods x budgets per model, accuracy as % of the unpruned model's (how papers print it); empty when no
+    record has accuracy or a model has no unpruned row."""
+    ok = [r for r in records if r.get("status") == "ok" and r.get("accuracy") is not None]
+    out = []
+    for model in dict.fromkeys(r["model"] for r in ok):
+        rows = [r for r in ok if r["model"] == model]
+        full = next((r["accuracy"] for r in rows if r["method"] == "none"), None)
+        if not full:
+            continue
+        budgets = sorted({r["budget"] for r in rows if r["method"] != "none"}, key=_budget_order, reverse=True)
+        cells = {(r["method"], r["budget"]): r for r in rows}
+        lines = [f"**{_short_model(model)}** (unpruned: {100 * full:.1f} % = 100)", "",
+                 "| method | " + " | ".join(_budget_label(b) for b in budgets) + " |",
+                 "|---|" + "---|" * len(budgets)]
+        for method in sorted({r["method"] for r in rows} - {"none"}):
+            values = [f"{100 * cells[(method, b)]['accuracy'] / full:.1f}" if (method, b) in cells else "–"
+                      for b in budgets]
+            lines.append(f"| {method} | " + " | ".join(values) + " |")
+        out.append("\n".join(lines))
+    if not out:
+        return ""
+    return ("Accuracy as % of the unpruned model's (– : not run, see the reasons under the main table).\n\n"
+            + "\n\n".join(out) + "\n")
+
+
+def _budget_label(budget: Any) -> str:
+    value = _budget_order(budget)
+    return f"{100 * value:g} %" if isinstance(budget, float) or (0 < value < 1) else str(budget)
+
+
+def print_table(records: Sequence[dict[str, Any]], title: str | None = None, full: bool = False) -> None:
+    """The compact summary (:func:`compact_table`), or every column with ``full=True``; then the cells that
+    did not run, with their reasons."""
     from rich.console import Console
     from rich.table import Table
 
-    headers, body = _table(records)
-    table = Table(title=title, show_lines=False)
+    headers, body = _table(records) if full else compact_table(records)
+    caption = None if full else ("speedup: measured prefill speedup vs the unpruned model; 'F': from prefill "
+                                 "FLOPs (no unpruned timing in this run). Every column: the .md/.csv files.")
+    table = Table(title=title, caption=caption, show_lines=False)
     for header in headers:
         table.add_column(header, justify="left" if header in ("model", "method") else "right")
     for line in body:
         table.add_row(*line)
-    console = Console(width=max(160, 12 * len(headers)))
+    console = Console(width=max(160, 12 * len(headers))) if full else Console()
     console.print(table)
     for error in _errors(records):
         console.print(f"[yellow]not run[/]: {error}")
