@@ -1,0 +1,134 @@
+"""The README runs as written: every code block is executed here, on the bundled models.
+
+* ``python`` blocks run as they are (they use ``models/micro-llava``).
+* ``bash`` blocks: ``make X`` must be a target (``make -n X``); each ``vtprune ...`` command runs in-process
+  with ``path/to/...`` placeholders replaced by the bundled or tiny model of the same family and ``cat.jpg``
+  by a real image file; the commands that take minutes (a whole sweep, a 0.5 B preset, lmms-eval) run until
+  the point where they would start that work, which proves their arguments are accepted; ``python -m
+  lmms_eval`` / ``accelerate launch`` lines (checkpoints, GPUs) are checked for what they reference here: the
+  ``vtprune`` lmms-eval model and the task directory (tests/test_lmms_eval.py runs that CLI on a bundled model).
+* Blocks without a language (the file layout) are not code.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"^```(\w+)\n(.*?)^```", README, flags=re.M | re.S)
+PLACEHOLDERS = {
+    "path/to/llava-1.5-7b-hf": str(ROOT / "models" / "micro-llava"),
+    "path/to/llava-1.5": str(ROOT / "models" / "micro-llava"),
+    "path/to/llava-next": "tiny:llava_next",
+}
+
+
+class _WouldStartWork(Exception):
+    """Raised where a long command would start its real work (its arguments were all accepted)."""
+
+
+def _commands(language: str) -> list[str]:
+    """Commands of the README's blocks in ``language`` (continuation lines joined, comments dropped)."""
+    out = []
+    for lang, body in BLOCKS:
+        if lang != language:
+            continue
+        joined = body.replace("\\\n", " ")
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip()
+            if line and not line.startswith("#"):
+                out.append(line)
+    return out
+
+
+def test_readme_has_the_blocks_this_test_runs():
+    assert [lang for lang, _ in BLOCKS].count("python") >= 1
+    assert any(c.startswith("vtprune ") for c in _commands("bash"))
+
+
+@pytest.mark.parametrize("index", range(sum(1 for lang, _ in BLOCKS if lang == "python")))
+def test_python_block_runs(index, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = [body for lang, body in BLOCKS if lang == "python"][index]
+    exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme"})
+    assert capsys.readouterr().out.strip()  # the example prints its answer and stats
+
+
+def _vtprune_commands() -> list[str]:
+    return [c for c in _commands("bash") if c.startswith("vtprune ")]
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    from vtprune.testing import tiny_image
+
+    path = tmp_path / "cat.jpg"
+    tiny_image(3, size=(96, 128)).save(path)
+    return path
+
+
+def _argv(command: str, image: Path, tmp: Path) -> list[str]:
+    for placeholder, replacement in PLACEHOLDERS.items():
+        command = command.replace(placeholder, replacement)
+    argv = shlex.split(command)[1:]
+    argv = [str(image) if a == "cat.jpg" else a for a in argv]
+    if argv[0] == "plot" and not Path(argv[1]).exists():  # the README plots a sweep's output: use the committed one
+        argv[1] = str(ROOT / "eval" / "results" / "micro-bench" / "results.jsonl")
+    if argv[0] in ("plot",) and "--out" not in argv:
+        argv += ["--out", str(tmp / "plots")]
+    return argv
+
+
+def _is_long(argv: list[str]) -> bool:
+    return argv[0] == "eval" or (argv[0] == "bench" and "--list-presets" not in argv)
+
+
+@pytest.mark.parametrize("command", _vtprune_commands())
+def test_vtprune_command_runs(command, image_file, tmp_path, monkeypatch, capsys):
+    import vtprune.bench.lmms as lmms
+    import vtprune.bench.sweep as sweep
+    import vtprune.cli as cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = _argv(command, image_file, tmp_path)
+    if _is_long(argv):
+        def would_start(*args, **kwargs):
+            raise _WouldStartWork
+
+        monkeypatch.setattr(sweep, "run_sweep", would_start)
+        monkeypatch.setattr(cli, "run_sweep", would_start, raising=False)
+        monkeypatch.setattr(lmms.subprocess, "call", would_start)
+        with pytest.raises(_WouldStartWork):
+            cli.main(argv)
+        return
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("target", sorted({c.split()[1] for c in _commands("bash") if c.startswith("make ")}))
+def test_make_targets_exist(target):
+    done = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_lmms_eval_lines_reference_what_exists():
+    lines = [c for c in _commands("bash") if "lmms_eval" in c]
+    assert lines
+    pytest.importorskip("lmms_eval")
+    from lmms_eval.models import get_model
+
+    from vtprune.bench.lmms import VTPruneLMM
+
+    assert get_model("vtprune") is VTPruneLMM
+    for line in lines:
+        include = re.search(r"--include_path (\S+)", line).group(1)
+        task = re.search(r"--tasks (\S+)", line).group(1)
+        assert (ROOT / include / task).is_dir(), (include, task)
