@@ -128,7 +128,13 @@ def test_lmms_eval_lines_reference_what_exists():
     from vtprune.bench.lmms import VTPruneLMM
 
     assert get_model("vtprune") is VTPruneLMM
+    import lmms_eval
+
+    package_tasks = Path(lmms_eval.__file__).parent / "tasks"
     for line in lines:
-        include = re.search(r"--include_path (\S+)", line).group(1)
-        task = re.search(r"--tasks (\S+)", line).group(1)
-        assert (ROOT / include / task).is_dir(), (include, task)
+        include = re.search(r"--include_path (\S+)", line)
+        for task in re.search(r"--tasks (\S+)", line).group(1).split(","):
+            if include:  # the project's own task
+                assert (ROOT / include.group(1) / task).is_dir(), (include.group(1), task)
+            else:  # one of lmms-eval's task configs (a task name, or a yaml file of that name)
+                assert any(package_tasks.glob(f"*/{task}.yaml")) or (package_tasks / task).is_dir(), task
