@@ -236,6 +236,21 @@ def test_cli_bench_without_model_uses_the_bundled_models(tmp_path, saved_tiny_ll
     assert (tmp_path / "r.csv").exists()
 
 
+def test_cli_bench_runs_a_composition(tmp_path, saved_tiny_llava, capsys):
+    """``a+b`` composes in bench as in vtprune.apply / run / the lmms-eval model: the default budget split, each
+    stage in the row's options and stats."""
+    from vtprune.cli import main
+
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--model", saved_tiny_llava, "--methods", "divprune+fastv", "--budgets", "0.5",
+                 "--limit", "4", "--no-progress", "--out", str(out)]) == 0
+    row = next(json.loads(line) for line in out.read_text().splitlines() if "+" in json.loads(line)["method"])
+    assert row["status"] == "ok" and row["stage"] == "pre-llm+in-llm"
+    assert [o["method"] for o in row["options"]] == ["divprune", "fastv"]
+    assert [o["budget"] for o in row["options"]] == [1.0, 0.5]  # the pre-LLM stage keeps 2 x 50 %, capped at all
+    assert "divprune+fastv" in capsys.readouterr().out
+
+
 def test_cli_bench_without_any_model_says_what_to_pass(monkeypatch, tmp_path):
     import vtprune.bench.sweep as sweep
     from vtprune.cli import main

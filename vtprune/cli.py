@@ -237,7 +237,7 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
     chosen = registered if args.methods in (None, "all") else _split(args.methods)
     if not chosen:
         raise VTPruneError(f"--methods {args.methods!r} names no method; pass e.g. divprune,fastv or all.")
-    unknown = [m for m in chosen if m not in registered]
+    unknown = [m for m in chosen if any(part not in registered for part in m.split("+"))]
     if unknown:
         raise VTPruneError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
     tiny = [m for m in models if m.startswith("tiny:")]

@@ -249,7 +249,9 @@ def print_table(records: Sequence[dict[str, Any]], title: str | None = None, ful
         table.add_column(header, justify="left" if header in ("model", "method") else "right")
     for line in body:
         table.add_row(*line)
-    console = Console(width=max(160, 12 * len(headers))) if full else Console()
+    # the compact table is laid out for 100 columns; in a narrower terminal rich wraps it
+    console = Console(width=max(160, 12 * len(headers))) if full else (
+        Console() if Console().is_terminal else Console(width=100))
     console.print(table)
     for error in _errors(records):
         console.print(f"[yellow]not run[/]: {error}")

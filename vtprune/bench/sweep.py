@@ -163,7 +163,9 @@ def result_key(cell: Cell, options: SweepOptions) -> str:
     settings["device"] = str(torch.device(settings["device"])) if settings["device"] else "cpu"
     settings.update({name: getattr(options, name) for name in _TASK_SETTINGS.get(cell.task, ())})
     if cell.method != UNPRUNED:
-        settings["options"] = (options.method_options or {}).get(cell.method, {})
+        given = options.method_options or {}
+        settings["options"] = given.get(cell.method, {}) if "+" not in cell.method else {
+            part: given.get(part, {}) for part in cell.method.split("+")}
     return json.dumps([model_spec(cell.model), cell.method, cell.budget, cell.task, settings], sort_keys=True,
                       default=str)
 
@@ -437,7 +439,7 @@ def _synth_inputs(loaded: LoadedModel, options: SweepOptions):
 def _method_stage(name: str) -> str | None:
     from ..api import methods
 
-    info = methods().get(name)
+    info = methods().get(name)  # None for a composition ("a+b") or the unpruned model
     return None if info is None else info.stage
 
 
@@ -493,10 +495,9 @@ def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
             raise VTPruneError(f"{cell.model} has random weights: accuracy is not reported for it; use "
                                "--tasks latency")
         if cell.method != UNPRUNED:
-            built = vtprune.registry.build_method(cell.method, budget=cell.budget, seed=options.seed,
-                                                  **method_options)
-            row["options"] = built.describe()
-            row["stage"] = built.stage
+            built = _build_methods(cell, options)
+            row["options"] = built[0].describe() if len(built) == 1 else [b.describe() for b in built]
+            row["stage"] = "+".join(b.stage for b in built)
         else:
             row["options"] = {"method": UNPRUNED}
             row["stage"] = None
@@ -516,10 +517,26 @@ def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
     return row
 
 
+def _build_methods(cell: Cell, options: SweepOptions) -> list:
+    """The configured method(s) of a cell: ``a+b`` composes (as in ``vtprune.apply`` and the lmms-eval model),
+    the cell's budget split over the stages by the default rule, each with its own ``--option`` values."""
+    from ..budget import split_composed_budget
+    from ..registry import build_method, method_class
+
+    names = cell.method.split("+")
+    shares = [cell.budget] if len(names) == 1 else split_composed_budget(
+        cell.budget, [method_class(name).stage for name in names])
+    return [build_method(name, budget=share, seed=options.seed, **(options.method_options or {}).get(name, {}))
+            for name, share in zip(names, shares, strict=True)]
+
+
 def _apply(model, cell: Cell, options: SweepOptions, method_options: dict[str, Any]) -> None:
     import vtprune
 
-    vtprune.apply(model, cell.method, budget=cell.budget, seed=options.seed, **method_options)
+    if "+" in cell.method:
+        vtprune.apply(model, _build_methods(cell, options))
+    else:
+        vtprune.apply(model, cell.method, budget=cell.budget, seed=options.seed, **method_options)
 
 
 def _synth_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method_options) -> dict[str, Any]:
