@@ -439,7 +439,13 @@ class PruneSession:
         embeds = kwargs["inputs_embeds"]  # [B, L, D]
         batch, length, _ = embeds.shape
         mask = kwargs.get("attention_mask")
-        real = mask.bool() if torch.is_tensor(mask) and mask.dim() == 2 else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+            mask = self._padding_mask(mask, length)
+            kwargs = {**kwargs, "attention_mask": mask}
+        if mask is not None and mask.shape[0] != batch:  # "no padding" from a pre-built mask
+            mask = mask.expand(batch, length).to(embeds.device)
+            kwargs = {**kwargs, "attention_mask": mask}
+        real = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # what the decoder itself would use
             position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
@@ -452,8 +458,6 @@ class PruneSession:
         if not any(layout.num_visual for layout in layouts):
             raise self._unpruned_error("the call carried visual inputs but no visual token was found in input_ids")
         self.store.consumed = True
-        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
-            return self._prefill_with_prebuilt_mask(pending, kwargs, layouts)
         plans, samples = [], []
         self._merge_records = []
         for b, layout in enumerate(layouts):
@@ -502,40 +506,17 @@ class PruneSession:
         self.last_stats = PruneStats(self.name, samples)
         return new_kwargs
 
-    def _prefill_with_prebuilt_mask(self, pending: _Prefill, kwargs: dict[str, Any], layouts) -> dict[str, Any]:
-        """The caller built the decoder's mask itself (4-D, or one per layer type as a dict: what ``generate``
-        does for a static cache). With nothing to prune the call passes unchanged; pruning it is refused."""
-        if self._prunes_anything(layouts):
+    @staticmethod
+    def _padding_mask(mask, length: int) -> torch.Tensor:
+        """The 2-D padding mask [B, length] the engine works with, recovered from the 4-D / per-layer-type mask
+        ``generate`` pre-builds for a static cache; the language model then builds its own masks from it."""
+        padding = compat.padding_mask_from_prebuilt(mask, length)
+        if padding is None:
             raise VTPruneError(
-                "vtprune prunes with a 2-D attention mask (batch, sequence), but this forward got a pre-built "
-                f"{'per-layer dict' if isinstance(kwargs.get('attention_mask'), dict) else '4-D'} mask (e.g. "
-                "generate(cache_implementation='static')). Use the default dynamic cache (drop "
-                "cache_implementation) or pass a 2-D attention_mask."
+                "vtprune needs the attention mask as a 2-D padding mask (batch, sequence), or the 4-D mask "
+                f"generate() builds; got {type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}."
             )
-        top_mask = pending.call.get("attention_mask")
-        batch, length = kwargs["inputs_embeds"].shape[:2]
-        lengths = top_mask.sum(-1).tolist() if torch.is_tensor(top_mask) and top_mask.dim() == 2 else [length] * batch
-        samples = []
-        for layout, sample_length in zip(layouts, lengths, strict=True):
-            sample = SampleStats(visual_in=layout.num_visual)
-            self._finish_sample_stats(sample, int(sample_length), len(self.adapter.decoder_layers), layout, kwargs)
-            samples.append(sample)
-        self.last_stats = PruneStats(self.name, samples)
-        self._decode = None
-        return dict(kwargs)
-
-    def _prunes_anything(self, layouts: list[SampleLayout]) -> bool:
-        """Whether the methods' budgets drop any visual token of these samples."""
-        num_layers = len(self.adapter.decoder_layers)
-        for layout in layouts:
-            contents = [image.num_content for image in layout.images]
-            if self.pre_method is not None and any(tokens_for(self.pre_method.budget, n) < n for n in contents):
-                return True
-            if self.layer_method is not None and contents:
-                schedule = self.layer_method.schedule(num_layers, sum(contents), len(contents))
-                if any(keep < sum(contents) for _, keep in schedule):
-                    return True
-        return False
+        return padding
 
     def _vision_run_matches(self, call: dict[str, Any]) -> bool:
         """Whether the captured vision run belongs to this forward: a run not used by any forward yet, or the
@@ -815,6 +796,12 @@ class PruneSession:
         embeds = kwargs["inputs_embeds"]
         batch, steps, _ = embeds.shape
         mask = kwargs.get("attention_mask")
+        if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
+            # a decode mask generate() pre-built for a static cache: its causal cut follows the (pruned) cache's
+            # length, not the caller's positions, so it cannot be read back; decoded tokens are always real, so
+            # the pruned prompt's mask followed by ones is the mask (as for a call without one)
+            mask = None
+            kwargs = {**kwargs, "attention_mask": None}
         if mask is not None:
             if mask.dim() != 2 or mask.shape[1] != state.seen_len + steps:
                 raise VTPruneError(
