@@ -394,7 +394,7 @@ class DART(LayerMethod):
     * default (no budget, no option): the official run ``0.778 128``, scaled to the model: T = round(N·(1−0.778))
       (128 on LLaVA-1.5's 576 tokens → 132 kept).
     * an int / float budget: the count whose layer average equals the budget, keep = (budget·L − K·N)/(L − K),
-      is rounded to the nearest reachable official count (TOKEN_TOPK = round((keep − 4)/8)), so the layer
+      is moved to the nearest count the official rule can keep (TOKEN_TOPK = ⌊(keep − 4)/8 + ½⌋), so the layer
       average misses the budget by up to pivots/2 · (L−K)/L tokens; ``stats().samples[i].equivalent_tokens``
       reports what was kept. A keep at or above N keeps every token; below the visual pivots, only the
       top visual pivots are kept.
