@@ -8,7 +8,7 @@ vtprune's selectors. Two kinds of checks:
 
 * random cases: random decoder layers / hidden states / layouts, fed both to vtprune's method (its
   ``select`` on a hand-built ``LayerContext``) and to the transcription (≥ 20 cases per method);
-* real signals: ``tiny_vlm("llava")`` pruned by ``vtprune.pruned``; the hidden states the pruned model
+* real signals: ``tiny_vlm("llava")`` and the bundled micro-llava, pruned by ``vtprune.pruned``; the hidden states the pruned model
   actually computed are captured with hooks and fed to the transcription, whose kept positions must equal
   ``vtprune.stats(model).samples[0].stages[j].kept_positions``.
 """
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +34,8 @@ from transformers.models.llama.modeling_llama import (
 
 import vtprune
 from vtprune.catalog.in_llm import LayerContext
+from vtprune.loading import load_processor
+from vtprune.synth import load_test_split
 from vtprune.testing import tiny_image, tiny_inputs, tiny_vlm
 
 RANDOM_CASES = 24
@@ -281,23 +284,40 @@ def test_dart_visits_pivots_in_the_official_set_order():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Real signals: tiny LLaVA, pruned by vtprune, compared with the transcription on the captured states
+# Real signals: tiny LLaVA and micro-llava, pruned by vtprune, compared with the transcription on the captured states
 # ---------------------------------------------------------------------------------------------------------
 PROMPTS = [
     ("describe the image please", (48, 64), 0),
     ("what color is the square in the middle of this picture", (64, 48), 1),
     ("how many", (64, 64), 2),
+    ("is there a red circle", (32, 80), 3),
+    ("read the text in the top left corner of the image", (80, 32), 4),
+    ("which shape is larger", (56, 56), 5),
 ]
+MICRO_LLAVA = Path(__file__).resolve().parent.parent / "models" / "micro-llava"
+CASES = range(len(PROMPTS))
 
 
-@pytest.fixture(scope="module")
-def tiny_llava():
-    model, processor = tiny_vlm("llava")
-    return model, processor
+@pytest.fixture(scope="module", params=["tiny-llava", "micro-llava"])
+def llava(request):
+    """(model, processor, [(image, prompt), ...]): the tiny random LLaVA (64 visual tokens) and the bundled
+    trained micro-llava (256 visual tokens) on questions of its test split."""
+    if request.param == "tiny-llava":
+        model, processor = tiny_vlm("llava")
+        return model, processor, [(tiny_image(seed, size), prompt) for prompt, size, seed in PROMPTS]
+    if not (MICRO_LLAVA / "config.json").is_file():
+        pytest.skip("models/micro-llava is not in this checkout")
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(MICRO_LLAVA, attn_implementation="sdpa").eval()
+    processor = load_processor(MICRO_LLAVA)
+    return model, processor, [(s.image, s.question) for s in load_test_split(limit=len(PROMPTS))]
 
 
-def _sample(processor, prompt, size, seed):
-    return dict(tiny_inputs(processor, [tiny_image(seed, size)], [prompt]))
+def _sample(llava, case):
+    model, processor, samples = llava
+    image, prompt = samples[case]
+    return model, dict(tiny_inputs(processor, [image], [prompt]))
 
 
 class _Capture:
@@ -346,10 +366,9 @@ def _image_span(model, inputs) -> tuple[int, int]:
     return int(where[0]), where.numel()
 
 
-@pytest.mark.parametrize("prompt,size,seed", PROMPTS)
-def test_fastv_on_tiny_llava_matches_the_official_selection(tiny_llava, prompt, size, seed):
-    model, processor = tiny_llava
-    inputs = _sample(processor, prompt, size, seed)
+@pytest.mark.parametrize("case", CASES)
+def test_fastv_on_llava_matches_the_official_selection(llava, case):
+    model, inputs = _sample(llava, case)
     start, length = _image_span(model, inputs)
     capture, sample, lm = _run_pruned(model, inputs, "fastv")  # defaults: K = 2, R = 0.5
     [stage] = sample.stages
@@ -359,10 +378,9 @@ def test_fastv_on_tiny_llava_matches_the_official_selection(tiny_llava, prompt, 
     assert stage.kept_positions.tolist() == official_fastv(attention, start, length, 0.5)
 
 
-@pytest.mark.parametrize("prompt,size,seed", PROMPTS)
-def test_pdrop_on_tiny_llava_matches_the_official_selection(tiny_llava, prompt, size, seed):
-    model, processor = tiny_llava
-    inputs = _sample(processor, prompt, size, seed)
+@pytest.mark.parametrize("case", CASES)
+def test_pdrop_on_llava_matches_the_official_selection(llava, case):
+    model, inputs = _sample(llava, case)
     start, length = _image_span(model, inputs)
     capture, sample, lm = _run_pruned(model, inputs, "pdrop")  # defaults: λ = 0.5, compact positions
     layers = [stage.layer for stage in sample.stages]
@@ -379,11 +397,10 @@ def test_pdrop_on_tiny_llava_matches_the_official_selection(tiny_llava, prompt, 
         positions = positions[:start] + [positions[c] for c in kept] + positions[start + counts[i]:]
 
 
-@pytest.mark.parametrize("prompt,size,seed", PROMPTS)
+@pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("options", [{}, {"ratio": 0.5}, {"max_num_trunction": 24}])
-def test_dart_on_tiny_llava_matches_the_official_selection(tiny_llava, prompt, size, seed, options):
-    model, processor = tiny_llava
-    inputs = _sample(processor, prompt, size, seed)
+def test_dart_on_llava_matches_the_official_selection(llava, case, options):
+    model, inputs = _sample(llava, case)
     start, length = _image_span(model, inputs)
     ratio, cap = options.get("ratio", 0.778), options.get("max_num_trunction")
     if not options:  # the default: the official run "0.778 128" with 128 scaled to this image's tokens
