@@ -373,7 +373,8 @@ class DART(LayerMethod):
     """DART — keep the visual tokens least duplicated by a few pivots (Wen et al., 2025, arXiv 2502.11494).
     Official code: ZichenWen1/DART @ 5a19452f (``llava/model/language_model/modeling_llama_self.py``:
     ``DART.forward`` L331-359, ``get_retained_image_token`` L397-449; defaults in
-    ``llava/eval/model_vqa_loader.py`` L172-178 and the README's ``bash scripts/v1_5/eval/*.sh 0.778 128``).
+    ``llava/eval/model_vqa_loader.py`` L172-178 and the README's ``bash scripts/v1_5/eval/*.sh 0.778 128``;
+    read from the fork xqy1111111/DART, whose history holds that upstream commit unchanged).
 
     At layer K (default 2): pivots are the ``pivots``/2 visual tokens and ``pivots``/2 text tokens after the
     image with the largest L1 norm of their layer-(K−1) key states (heads concatenated, after RoPE; default 8
@@ -386,7 +387,9 @@ class DART(LayerMethod):
     :func:`vtprune.selectors.dart.set_iteration_order`). Each pivot in turn adds the TOKEN_TOPK least similar
     not-yet-chosen visual tokens; kept = visual pivots ∪ chosen, original positions. No attention weights.
 
-    Kept count — the official ``visual pivots + pivots × TOKEN_TOPK`` (4 + 8·TOKEN_TOPK):
+    ``pivots`` P splits into ⌈P/2⌉ visual and ⌊P/2⌋ text pivots (the official ``pivot_image_token`` /
+    ``pivot_text_token``, 4 and 4). Kept count — the official ``visual pivots + P × TOKEN_TOPK``
+    (4 + 8·TOKEN_TOPK):
 
     * ``max_num_trunction=T`` (the official flag, its spelling): TOKEN_TOPK = T // pivots (T = 128 → 16 → 132).
     * ``ratio=r`` (the official ``reduction_ratio`` without ``max_num_trunction``): TOKEN_TOPK =
@@ -396,14 +399,17 @@ class DART(LayerMethod):
     * an int / float budget: the count whose layer average equals the budget, keep = (budget·L − K·N)/(L − K),
       is moved to the nearest count the official rule can keep (TOKEN_TOPK = ⌊(keep − 4)/8 + ½⌋), so the layer
       average misses the budget by up to pivots/2 · (L−K)/L tokens; ``stats().samples[i].equivalent_tokens``
-      reports what was kept. A keep at or above N keeps every token; below the visual pivots, only the
-      top visual pivots are kept.
+      reports what was kept. A keep at or above N keeps every token; a keep of at most ⌈P/2⌉ keeps that
+      many visual pivots (the highest key norms) and nothing else.
 
-    Fidelity: identical kept sets to a transcription of ``get_retained_image_token``
-    (tests/test_fidelity_in_llm.py). Deviations: where the official count exceeds N (the official would fail
-    in ``topk``) every token is kept; where fewer text tokens than pivots/2 follow the image, the text
-    pivots are those there are; the official text pivots are every token after the image (the same here:
-    the text after the last visual token).
+    The text pivots are chosen, as in the official code, among all tokens after the image (here: after the
+    sample's last visual token). Fidelity: identical kept sets to a transcription of
+    ``get_retained_image_token`` (tests/test_fidelity_in_llm.py). Deviations (the official would fail): where
+    the official count exceeds N every token is kept; where fewer than ⌊P/2⌋ tokens follow the image, the
+    text pivots are those there are and the slots are shared over the pivots there are (the first visited
+    take the remainder). The official LLaVA-NeXT branch (L413-417, ``retain_token_num_for_llava_next``,
+    default 320) is ``max_num_trunction`` capped at N − 4 (``max_num_trunction=320`` reproduces its count); it
+    counts the row newlines among the candidates, which vtprune keeps as structural tokens (HF layout).
     """
 
     name = "dart"
