@@ -292,7 +292,10 @@ def _layer_average(schedule, num_layers, num_visual):
 def test_budget_schedules_reach_the_equivalent_tokens(method, budget):
     """On LLaVA-1.5's shape (576 tokens, 32 layers) every in-LLM method's schedule averages to the budget."""
     schedule = vtprune.registry.method_class(method)(budget=budget).schedule(32, 576, 1)
-    assert abs(_layer_average(schedule, 32, 576) - budget) <= 1.0
+    # DART keeps the official count 4 + 8·TOKEN_TOPK, the nearest to the budget's: up to 4 tokens off after
+    # layer 2, 4·30/32 on the layer average; PDrop truncates each stage's count (int(N·λ^i)): < 1 token
+    tolerance = 4 * 30 / 32 if method == "dart" else 1.0
+    assert abs(_layer_average(schedule, 32, 576) - budget) <= tolerance
     counts = [keep for _, keep in schedule]
     assert counts == sorted(counts, reverse=True) and all(c >= 1 for c in counts)
 
@@ -305,11 +308,19 @@ def test_published_schedules():
     pdrop = vtprune.registry.method_class("pdrop")
     assert [layer for layer, _ in pdrop().schedule(32, 576, 1)] == [8, 16, 24]
     assert [keep for _, keep in pdrop().schedule(32, 576, 1)] == [288, 144, 72]
+    # the official counts truncate: int(576·0.6) = 345, int(576·0.36) = 207, int(576·0.216) = 124
+    assert [keep for _, keep in pdrop(lambda_=0.6).schedule(32, 576, 1)] == [345, 207, 124]
+    assert pdrop().positions == "compact" and pdrop(positions="original").positions == "original"
     # below what stages at 8/16/24 can reach (144), the stages move to 2/8/16
     assert [layer for layer, _ in pdrop(budget=64).schedule(32, 576, 1)] == [2, 8, 16]
     with pytest.raises(vtprune.BudgetError, match="smallest reachable"):
         pdrop(budget=64, layers=[8, 16, 24]).schedule(32, 576, 1)
-    assert vtprune.registry.method_class("dart")().schedule(32, 576, 1) == [(2, 128)]  # 77.8 % reduction
+    dart = vtprune.registry.method_class("dart")
+    assert dart().schedule(32, 576, 1) == [(2, 132)]  # the official run "0.778 128": 4 + 8·16
+    assert dart(max_num_trunction=128).schedule(32, 576, 1) == [(2, 132)]
+    assert dart(ratio=0.778).schedule(32, 576, 1) == [(2, 124)]  # 4 + 8·floor(127.87 / 8)
+    assert dart(ratio=0.0).schedule(32, 576, 1) == [(2, 576)]
+    assert dart(budget=128).schedule(32, 576, 1) == [(2, 100)]  # keep ≈ 98.1 → nearest 4 + 8·12
     assert vtprune.registry.method_class("fastv")().schedule(32, 576, 1) == [(2, 288)]
 
 

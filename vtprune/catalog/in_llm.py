@@ -216,13 +216,21 @@ def _validate_layer_ratio(name: str, layer, ratio) -> None:
 @register_method
 class FastV(LayerMethod):
     """FastV — drop the visual tokens that the last prompt token attends to least (Chen et al., ECCV 2024,
-    arXiv 2403.06764).
+    arXiv 2403.06764). Official code: pkunlp-icler/FastV @ d1659729 (``src/FastV/llava-hf/transformers/src/
+    transformers/models/llama/modeling_llama.py``, ``fastv_forward`` L955-1120: the drop at L1072-1101,
+    layer K−1's attention requested at L1105).
 
     At layer K (default 2) each visual token is scored by the attention it receives from the last prompt
     token in layer K−1 (head average; that single row is recomputed from layer K−1's q/k, no eager
-    attention); the top tokens are kept for all later layers. ``ratio`` R is the fraction dropped (paper
-    default 0.5; 0.75 is common); without ``ratio`` the kept count is derived from the budget so that the
-    visual tokens averaged over all layers equal it: keep = (budget·L − K·N) / (L − K). Original positions.
+    attention); the top tokens are kept for all later layers, at their original positions (the official
+    passes ``keep_indexs`` as position ids). ``ratio`` R is the fraction dropped (paper default 0.5; 0.75
+    is common); the kept count is the official ``round(N·(1−R))`` (Python rounding). Without ``ratio`` the
+    kept count is derived from the budget so that the visual tokens averaged over all layers equal it:
+    keep = round((budget·L − K·N) / (L − K)).
+
+    Fidelity: identical kept sets to a transcription of the official selection (tests/test_fidelity_in_llm.py).
+    Differences, none of them in the selection: the official prunes one sample with fixed image
+    start/length; here every sample of a padded batch is pruned at its own visual positions.
     """
 
     name = "fastv"
@@ -248,19 +256,38 @@ class FastV(LayerMethod):
         return _last_query_scores(layer, ctx.previous_hidden, ctx.previous_position_embeddings, ctx)
 
 
+#: PDrop's kept counts are ``int(N · ratio)`` with the ratio as written in the official scripts (decimal
+#: literals such as 0.125); λ^i computed in floating point can fall a hair below such a literal
+#: (0.6**3 = 0.21599999999999997), so the truncation gets this guard
+_PDROP_EPSILON = 1e-9
+
+
 @register_method
 class PyramidDrop(LayerMethod):
     """PyramidDrop — drop visual tokens in stages with a geometric keep ratio (Xing et al., CVPR 2025,
-    arXiv 2410.17247).
+    arXiv 2410.17247). Official code: Cooperx521/PyramidDrop @ 6444f304 (``llava/model/modeling_llama_pdrop.py``:
+    ``pdrop_forward`` L1106-1290, the drop after layer ``rank_layer − 1`` at L1222-1268; ``pdrop_rank_drop``
+    L1291-1465: counts L1306-1307, query and score L1352-1406, compact positions L1446; defaults in
+    ``scripts/v1_5/pdrop_eval/*.sh``: ``--layer_list [8,16,24] --image_token_ratio_list [0.5,0.25,0.125]``).
 
-    Stages at 1/4, 1/2 and 3/4 of the depth (layers 8, 16, 24 of a 32-layer LLM); each keeps a fraction λ
-    of the previous stage's visual tokens (paper λ = 0.5: 100 → 50 → 25 → 12.5 %). The score is the
-    attention from the last instruction token, recomputed at the stage layer from its input norm + q/k +
-    RoPE for that single query. Without ``lambda_`` the ratio is solved from the budget (equivalent tokens
-    averaged over layers). A budget below what these stages can reach (they keep every token for L/4
-    layers, so at least N/4 equivalent tokens) moves the stages earlier, to 1/16, 1/4 and 1/2 of the depth
-    (2, 8, 16 of 32) — only when ``layers`` is not given; ``stats()`` reports the stages used. The official
-    code re-indexes positions; default here ``original`` (``positions="compact"`` reproduces it).
+    Stages at 1/4, 1/2 and 3/4 of the depth (layers 8, 16, 24 of a 32-layer LLM); stage i keeps
+    ``int(N·λ^i)`` of the N visual tokens (the official truncation of ``image_token_ratio_list``; paper λ = 0.5:
+    100 → 50 → 25 → 12.5 %, 576 → 288 → 144 → 72). The score is the attention from the last instruction
+    token, recomputed at the stage layer from its input norm + q/k + RoPE for that single query, softmax
+    over the causal row, mean over heads. Positions: ``compact`` by default, as the official code (it
+    re-indexes ``position_ids`` to ``arange`` after every stage); ``positions="original"`` keeps each token's
+    original position instead.
+
+    Budget: without ``lambda_`` the ratio is solved from the budget (equivalent tokens averaged over
+    layers); the official truncation then makes each stage keep up to one token less than the exact solution,
+    so the layer average can fall short of the budget by less than one token (``stats().samples[i].
+    equivalent_tokens`` reports what was kept). A budget below what these stages can reach (they keep every
+    token for L/4 layers, so at least N/4 equivalent tokens) moves the stages earlier, to 1/16, 1/4 and 1/2
+    of the depth (2, 8, 16 of 32) — only when ``layers`` is not given; ``stats()`` reports the stages used.
+
+    Fidelity: identical kept sets to a transcription of ``pdrop_rank_drop`` (tests/test_fidelity_in_llm.py).
+    Deviations: λ^i is truncated with a 1e-9 guard (see ``_PDROP_EPSILON``); the official
+    ``image_token_ratio_list`` may be any decreasing list, here it is geometric (``lambda_``).
     """
 
     name = "pdrop"
@@ -268,6 +295,7 @@ class PyramidDrop(LayerMethod):
     signals = ("decoder_attention",)
     options = {"layers": None, "lambda_": None}
     default_budget = None  # paper default: λ = 0.5
+    default_positions = "compact"
 
     def validate_options(self) -> None:
         lam = self.config["lambda_"]
@@ -298,6 +326,11 @@ class PyramidDrop(LayerMethod):
         bounds = [0, *layers, num_layers]
         return sum((bounds[i + 1] - bounds[i]) * num_visual * lam**i for i in range(len(bounds) - 1)) / num_layers
 
+    @staticmethod
+    def stage_counts(num_visual: int, lam: float, stages: int) -> list[int]:
+        """The official kept count of each stage: ``int(N · λ^i)``, i = 1..stages."""
+        return [int(num_visual * lam ** (i + 1) + _PDROP_EPSILON) for i in range(stages)]
+
     def budget_overrides(self) -> list[str]:
         return ["lambda_"] if self.config["lambda_"] is not None else []
 
@@ -325,46 +358,105 @@ class PyramidDrop(LayerMethod):
                 mid = (lo + hi) / 2
                 lo, hi = (mid, hi) if self._equivalent(mid, layers, num_layers, num_visual) < target else (lo, mid)
             lam = (lo + hi) / 2
-        return [(layer, round(num_visual * lam ** (i + 1))) for i, layer in enumerate(layers)]
+        return list(zip(layers, self.stage_counts(num_visual, lam, len(layers)), strict=True))
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return _last_query_scores(ctx.layers[ctx.layer], ctx.hidden, ctx.position_embeddings, ctx)
 
 
+#: DART's paper default: 77.8 % reduction (the official scripts pass ``0.778 128`` on LLaVA-1.5's 576 tokens)
+_DART_REDUCTION = 0.778
+
+
 @register_method
 class DART(LayerMethod):
     """DART — keep the visual tokens least duplicated by a few pivots (Wen et al., 2025, arXiv 2502.11494).
+    Official code: ZichenWen1/DART @ 5a19452f (``llava/model/language_model/modeling_llama_self.py``:
+    ``DART.forward`` L331-359, ``get_retained_image_token`` L397-449; defaults in
+    ``llava/eval/model_vqa_loader.py`` L172-178 and the README's ``bash scripts/v1_5/eval/*.sh 0.778 128``;
+    read from the fork xqy1111111/DART, whose history holds that upstream commit unchanged).
 
     At layer K (default 2): pivots are the ``pivots``/2 visual tokens and ``pivots``/2 text tokens after the
     image with the largest L1 norm of their layer-(K−1) key states (heads concatenated, after RoPE; default 8
     pivots in all; RoPE applied with each sample's positions counted from its first token, so that the L1
-    norm — not invariant to a shift of positions — does not depend on batch padding). Duplication is the cosine similarity of the layer-(K−1) output after the decoder's final
-    norm; each pivot in turn adds its share of the least similar not-yet-chosen visual tokens. Kept = visual
-    pivots ∪ chosen, exactly the scheduled count (the official code's "128" keeps 4 + 8×16 = 132 tokens).
-    No attention weights are needed. Paper default reduction 77.8 % (``ratio=0.778``); an int budget is
-    solved as for FastV. Original positions.
+    norm — not invariant to a shift of positions — does not depend on batch padding). Duplication is the
+    cosine similarity of the layer-(K−1) output after the decoder's final norm. The pivots are visited in
+    the official order: the official code iterates a Python ``set`` of the pivots' sequence positions; the
+    same set is built here from each sample's positions counted from its first real token (its index in the
+    sequence as if it ran alone), so the order is CPython's deterministic set order (see
+    :func:`vtprune.selectors.dart.set_iteration_order`). Each pivot in turn adds the TOKEN_TOPK least similar
+    not-yet-chosen visual tokens; kept = visual pivots ∪ chosen, original positions. No attention weights.
+
+    ``pivots`` P splits into ⌈P/2⌉ visual and ⌊P/2⌋ text pivots (the official ``pivot_image_token`` /
+    ``pivot_text_token``, 4 and 4). Kept count — the official ``visual pivots + P × TOKEN_TOPK``
+    (4 + 8·TOKEN_TOPK):
+
+    * ``max_num_trunction=T`` (the official flag, its spelling): TOKEN_TOPK = T // pivots (T = 128 → 16 → 132).
+    * ``ratio=r`` (the official ``reduction_ratio`` without ``max_num_trunction``): TOKEN_TOPK =
+      floor(N·(1−r) / pivots) (r = 0.778, N = 576 → 15 → 124); ``ratio=0`` keeps every token.
+    * default (no budget, no option): the official run ``0.778 128``, scaled to the model: T = round(N·(1−0.778))
+      (128 on LLaVA-1.5's 576 tokens → 132 kept).
+    * an int / float budget: the count whose layer average equals the budget, keep = (budget·L − K·N)/(L − K),
+      is moved to the nearest count the official rule can keep (TOKEN_TOPK = ⌊(keep − 4)/8 + ½⌋), so the layer
+      average misses the budget by up to pivots/2 · (L−K)/L tokens; ``stats().samples[i].equivalent_tokens``
+      reports what was kept. A keep at or above N keeps every token; a keep of at most ⌈P/2⌉ keeps that
+      many visual pivots (the highest key norms) and nothing else.
+
+    The text pivots are chosen, as in the official code, among all tokens after the image (here: after the
+    sample's last visual token). Fidelity: identical kept sets to a transcription of
+    ``get_retained_image_token`` (tests/test_fidelity_in_llm.py). Deviations (the official would fail): where
+    the official count exceeds N every token is kept; where fewer than ⌊P/2⌋ tokens follow the image, the
+    text pivots are those there are and the slots are shared over the pivots there are (the first visited
+    take the remainder). The official LLaVA-NeXT branch (L413-417, ``retain_token_num_for_llava_next``,
+    default 320) is ``max_num_trunction`` capped at N − 4 (``max_num_trunction=320`` reproduces its count); it
+    counts the row newlines among the candidates, which vtprune keeps as structural tokens (HF layout).
     """
 
     name = "dart"
     paper = "arXiv:2502.11494"
     signals = ("decoder_states",)
-    options = {"layer": 2, "ratio": None, "pivots": 8}
-    default_budget = None  # paper default: 77.8 % reduction at K = 2
+    options = {"layer": 2, "ratio": None, "pivots": 8, "max_num_trunction": None}
+    default_budget = None  # paper default: 77.8 % reduction at K = 2 (official run "0.778 128")
 
     def validate_options(self) -> None:
         _validate_layer_ratio(self.name, self.config["layer"], self.config["ratio"])
         pivots = self.config["pivots"]
         if isinstance(pivots, bool) or not isinstance(pivots, int) or pivots < 1:
             raise MethodOptionError(f"dart pivots={pivots!r} must be a positive int (paper: 8).")
+        cap = self.config["max_num_trunction"]
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 0):
+            raise MethodOptionError(f"dart max_num_trunction={cap!r} must be an int ≥ 0 (official: 128).")
 
     def budget_overrides(self) -> list[str]:
-        return ["ratio"] if self.config["ratio"] is not None else []
+        return [name for name in ("ratio", "max_num_trunction") if self.config[name] is not None]
 
     def pruning_layers(self, num_layers: int) -> list[int]:
         return _single_layer(self, num_layers)
 
+    def official_count(self, num_visual: int, token_topk: int) -> int:
+        """visual pivots + pivots × TOKEN_TOPK, at most N."""
+        total = self.config["pivots"]
+        return min(num_visual, (total + 1) // 2 + total * max(0, token_topk))
+
     def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
-        return _single_stage_schedule(self, num_layers, num_visual, num_images, default_ratio=0.778)
+        total = self.config["pivots"]
+        cap, ratio = self.config["max_num_trunction"], self.config["ratio"]
+        if cap is not None or ratio is not None or self.budget is None:
+            _single_layer(self, num_layers)
+            if cap is not None:
+                topk = cap // total
+            elif ratio == 0.0:  # nothing to reduce: every token (4 + 8·floor(N/8) need not be N)
+                return [(self.config["layer"], num_visual)]
+            elif ratio is not None:
+                topk = int(num_visual * (1.0 - ratio) // total)
+            else:
+                topk = round(num_visual * (1.0 - _DART_REDUCTION)) // total
+            return [(self.config["layer"], self.official_count(num_visual, topk))]
+        [(layer, keep)] = _single_stage_schedule(self, num_layers, num_visual, num_images, default_ratio=0.0)
+        visual_pivots = (total + 1) // 2
+        if keep >= num_visual or keep <= visual_pivots:
+            return [(layer, keep)]
+        return [(layer, self.official_count(num_visual, int((keep - visual_pivots) / total + 0.5)))]
 
     def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
         keys = key_states(ctx.layers[ctx.layer - 1], ctx.previous_hidden, ctx.sample_local_position_embeddings())
@@ -377,13 +469,15 @@ class DART(LayerMethod):
             if k is None:
                 out.append(None)
                 continue
+            index = torch.cumsum(ctx.real[b].long(), dim=0) - 1  # each column's index in the sample alone
             visual = torch.nonzero(ctx.visual[b]).flatten()
             text = torch.nonzero(ctx.text[b]).flatten()
             after = text[text > visual.max()]  # the text after the image (the question)
             text = after if after.numel() else text
             text_pivots = text[pick_pivots(key_norms[b, text], total - visual_pivots)]
             kept = dart_select(features[b, visual], key_norms[b, visual], features[b, text_pivots], k,
-                               visual_pivots=visual_pivots)
+                               visual_pivots=visual_pivots, visual_positions=index[visual],
+                               pivot_positions=index[text_pivots])
             out.append(LayerSelection(keep=visual[kept]))
         return out
 
