@@ -400,7 +400,7 @@ _SPARSEVLM_SCHEDULES = {
 #: position convention of each official version: v1.5 truncates the position ids to the new length
 #: (compact), v2.0 gathers them (original)
 _SPARSEVLM_POSITIONS = {"1.5": "compact", "2.0": "original"}
-#: the labels of vtprune < 0.x, mapped to the official versions they were closest to
+#: the labels of earlier vtprune releases, mapped to the official versions they were closest to
 _SPARSEVLM_OLD_VERSIONS = {1: "1.5", 2: "2.0"}
 
 
@@ -455,18 +455,21 @@ class SparseVLM(LayerMethod):
       corrected attention from the raters to the visual tokens are averaged, then the raters. No recycling.
       Original positions.
 
-    Default ``"1.5"``: it is the ICML 2025 paper's method and what the official code runs unless
-    ``USE_VERSION=2_0`` is set; SparseVLM+ is the later, opt-in version. The ints ``version=1`` / ``2`` of
+    Default ``"1.5"``: the official README presents v1.5 as SparseVLM (the ICML 2025 paper, arXiv 2410.04417)
+    and SparseVLM+ as a separate, later paper, and the official code runs v1.5 unless ``USE_VERSION=2_0``. The ints ``version=1`` / ``2`` of
     earlier vtprune releases still work (DeprecationWarning) and mean ``"1.5"`` / ``"2.0"``.
 
     Deliberate differences from the official code: any batch size with padding (official: one sample); the
     image need not be 576 tokens nor come first, several images are scored together (the recycled tokens are
     inserted after the last visual token); fp32 scores; when no relevance is above the mean (a single text
     token), the most relevant text token rates alone (official: NaN scores); exactly tied densities are
-    ordered by index (official: random noise of 1e-6); cluster means divide by the count (official:
+    ordered by index (official: random noise of 1e-6 decides; with 2 clusters mutual nearest neighbours always
+    tie, so the official merged tokens are then not reproducible — vtprune's are one of its outcomes); cluster means divide by the count (official:
     count + 1e-6); exactly tied scores keep the earlier token; a stage whose count is at least the visual
     tokens present keeps them all (official: all but one); fewer than 14 heads: all heads (official: error).
-    ``positions=`` overrides each version's position convention.
+    ``positions=`` overrides each version's position convention (with ``"original"`` the recycled tokens take
+    the position of the last visual token). ``layers`` names the official layers ℓ (in earlier releases it named
+    the layer the drop entered, and that layer's attention scored the tokens).
     """
 
     name = "sparsevlm"
