@@ -302,7 +302,11 @@ def test_tiny_llava_matches_the_official_forward(llava_models, version, case):
     recycled values, their placement and the positions of each version are the official ones."""
     model_seed, image_seed, prompt, options = TINY_CASES[case]
     model, processor = llava_models(model_seed)
-    inputs = tiny_inputs(processor, [tiny_image(image_seed)], [prompt])
+    _compare_with_official(model, tiny_inputs(processor, [tiny_image(image_seed)], [prompt]), version, options)
+
+
+def _compare_with_official(model, inputs, version, options):
+    """Run vtprune and the official loop on one sample; assert identical stages and close prompt logits."""
     lm = model.model.language_model
     captured = {}
     hook = lm.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
@@ -327,6 +331,31 @@ def test_tiny_llava_matches_the_official_forward(llava_models, version, case):
     assert [stage.kept_positions.tolist() for stage in sample.stages] == official_stages
     assert [stage.merged for stage in sample.stages] == official_merged
     torch.testing.assert_close(logits, official_logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def micro_llava():
+    from transformers import AutoModelForImageTextToText
+
+    from vtprune.loading import bundled_model_dir, load_processor
+
+    directory = bundled_model_dir("micro-llava")
+    if directory is None:
+        pytest.skip("models/micro-llava is not in this checkout")
+    model = AutoModelForImageTextToText.from_pretrained(directory, attn_implementation="sdpa").eval()
+    return model, load_processor(directory)
+
+
+@pytest.mark.parametrize("version", ["1.5", "2.0"])
+def test_micro_llava_matches_the_official_forward(micro_llava, version):
+    """The trained micro-llava (256 visual tokens, 4 layers) on 4 test questions at two budgets: the same kept
+    sets at every stage as the official loop, and the same prompt logits."""
+    from vtprune.synth import load_test_split
+
+    model, processor = micro_llava
+    for i, sample in enumerate(load_test_split(limit=4)):
+        inputs = tiny_inputs(processor, [sample.image], [sample.question])
+        _compare_with_official(model, inputs, version, {"budget": (96, 0.5)[i % 2]})
 
 
 # ------------------------------------------------------------------------------------------ schedules
