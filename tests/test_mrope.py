@@ -44,6 +44,9 @@ from vtprune.testing import tiny_image, tiny_inputs
 IMAGES = [tiny_image(0), tiny_image(3, (80, 40)), None]
 PROMPTS = ["Describe the image.", "What color is the box on the left of this picture?", "Hi"]
 BUDGET = {**{m: 8 for m in PRE_LLM}, **{m: 0.6 for m in IN_LLM}}
+#: SparseVLM's default version "1.5" inserts recycled tokens after the kept visual block (no image position of
+#: their own) and the in-LLM references have no merged tokens: these checks run its "2.0" (drops only)
+OPTIONS = {"sparsevlm": {"version": "2.0"}}
 
 
 @pytest.fixture(autouse=True)
@@ -104,7 +107,7 @@ def test_original_positions_follow_the_unpruned_rope_index(qwen, method):
     mask = inputs["attention_mask"]
     image = [torch.nonzero(inputs["input_ids"][b] == model.config.image_token_id).flatten() for b in range(3)]
     ref_layers, ref_calls = first_steps(model, inputs)
-    with vtprune.pruned(model, method, BUDGET[method], positions="original"):
+    with vtprune.pruned(model, method, BUDGET[method], positions="original", **OPTIONS.get(method, {})):
         layers, calls = first_steps(model, inputs)
         stats = vtprune.stats(model)
     assert stats.samples[0].pruned and stats.samples[1].pruned
@@ -269,7 +272,7 @@ def test_several_images_in_llm_reference(qwen_family, method, positions, monkeyp
         model(**case.inputs)
     with monkeypatch.context() as patch:
         kept = record_kept_columns(patch)
-        with vtprune.pruned(model, method, BUDGET[method], positions=positions):
+        with vtprune.pruned(model, method, BUDGET[method], positions=positions, **OPTIONS.get(method, {})):
             pruned_logits = model(**case.inputs).logits[0]
             tokens, step_logits = generate(model, case.inputs)
     logits, _, ref_tokens, ref_step_logits = reference_decoder(

@@ -18,7 +18,7 @@ from ..engine.positions import rope_rows
 from ..errors import MethodOptionError
 from ..registry import FEW_TOKENS, IN_LLM, Method, register_method
 from ..selectors.dart import dart_select, pick_pivots
-from ..selectors.sparsevlm import cluster_means, dpc_knn, select_raters
+from ..selectors.sparsevlm import debiased_scores, head_mean_scores, recycle, select_raters
 
 
 @dataclass
@@ -482,50 +482,115 @@ class DART(LayerMethod):
         return out
 
 
-#: SparseVLM's published schedules on LLaVA-1.5-7B (576 visual tokens, 32 layers, stages at 2, 6, 15):
-#: budget -> visual tokens kept from each stage on, for v1 and v2
+#: SparseVLM's official layers (``pruning_loc``): layer ℓ runs on every token and scores them; the drop applies
+#: to its output, so the shorter sequence enters layer ℓ + 1
 _SPARSEVLM_STAGES = (2, 6, 15)
+#: official ``sparse_token_dict`` (score.py) per version: RETAIN_TOKN -> visual tokens kept at the three stages
+#: (LLaVA-1.5-7B: 576 visual tokens, 32 layers)
 _SPARSEVLM_SCHEDULES = {
-    1: {64: (66, 30, 17), 128: (303, 110, 36), 192: (300, 200, 110)},
-    2: {64: (66, 34, 20), 128: (238, 108, 60), 192: (300, 200, 118)},
+    "1.5": {64: (66, 30, 17), 96: (238, 48, 26), 128: (303, 110, 36), 192: (300, 200, 110)},
+    "2.0": {64: (66, 34, 20), 96: (246, 54, 28), 128: (238, 108, 60), 192: (300, 200, 118)},
 }
+#: position convention of each official version: v1.5 truncates the position ids to the new length
+#: (compact), v2.0 gathers them (original)
+_SPARSEVLM_POSITIONS = {"1.5": "compact", "2.0": "original"}
+#: the labels of earlier vtprune releases, mapped to the official versions they were closest to
+_SPARSEVLM_OLD_VERSIONS = {1: "1.5", 2: "2.0"}
+
+
+def _sparsevlm_version(value: Any) -> Any:
+    """The official version name for ``value`` ("1.5" / "2.0", also as floats); the old ints 1 / 2 map to
+    "1.5" / "2.0" with a DeprecationWarning; anything else is returned unchanged (refused by validation)."""
+    import warnings
+
+    from ..registry import _caller_level
+
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in _SPARSEVLM_OLD_VERSIONS:
+        new = _SPARSEVLM_OLD_VERSIONS[value]
+        warnings.warn(f"sparsevlm version={value} is deprecated; it now means the official version "
+                      f"{new!r}: pass version={new!r}.", DeprecationWarning, stacklevel=_caller_level())
+        return new
+    if isinstance(value, float) and value in (1.5, 2.0):
+        return f"{value:.1f}"
+    return value
 
 
 @register_method
 class SparseVLM(LayerMethod):
-    """SparseVLM — text-guided visual token sparsification (Zhang et al., ICML 2025, arXiv 2410.04417).
+    """SparseVLM — text-guided visual token sparsification (Zhang et al., ICML 2025, arXiv 2410.04417), in
+    its two official versions: ``version="1.5"`` (default) and ``version="2.0"`` (SparseVLM+).
 
-    Raters: the text tokens whose relevance to the image (softmax over text of visual·textᵀ on the LLM
-    input embeddings, averaged over visual rows) is at least the mean. At layers 2, 6, 15 (of 32; scaled to
-    the model's depth, option ``layers``) each visual token is scored by the attention the raters give it at
-    that layer (rows recomputed from q/k, no eager attention); the top tokens of a fixed schedule survive.
-    Schedules: the published ones for 64/128/192 on 576 tokens and 32 layers; otherwise the nearest
-    published shape, scaled so the layer-averaged visual count equals the budget (``keep`` overrides).
+    Both as the official code runs them (Gumpest/SparseVLMs @ 26a5f48, ``modelling_sparse_llama.py``,
+    ``score.py``, ``utils.py``; the version is its ``USE_VERSION`` switch):
 
-    ``version=2`` (default, SparseVLM v1.5/v2): per-head attention divided by the RoPE-only attention
-    (:func:`rope_only_rows`) and averaged over the ``heads`` (14) heads that give the visual tokens the most
-    attention; no merging. This follows the paper's description; the debiasing and head choice are our
-    reading of it. ``version=1``: head-mean, then rater-mean attention; the top ``recycle`` (30 %) of the
-    pruned tokens by that score are clustered (DPC-KNN) into int(n/10)+1 means that are added back at their
-    centre token's position — they are counted in ``stats()`` (``merged``) and in the equivalent tokens.
-    Original positions.
+    * Raters: the text tokens after the image whose relevance to it (softmax over text of visual·textᵀ on
+      the LLM input embeddings, averaged over visual rows) is strictly above the mean relevance.
+    * Stages: at layers ``layers`` = (2, 6, 15) (of 32; scaled to the model's depth) layer ℓ runs on every
+      token — and caches every token — and its attention from the raters scores the visual tokens; the drop
+      applies to its output, so the shorter sequence enters layer ℓ + 1 (``stats()`` reports the stage at
+      layer ℓ + 1). The attention rows are recomputed from layer ℓ's q/k (no eager attention).
+    * Schedules: the official ``sparse_token_dict`` per version for budgets 64 / 96 / 128 / 192 on 576 tokens
+      and 32 layers (v1.5: 192 → 300, 200, 110; 128 → 303, 110, 36; 96 → 238, 48, 26; 64 → 66, 30, 17;
+      v2.0: 192 → 300, 200, 118; 128 → 238, 108, 60; 96 → 246, 54, 28; 64 → 66, 34, 20). These are the
+      official labels: the official log counts layer ℓ as already pruned and v1.5 adds its recycled tokens,
+      so the equivalent tokens ``stats()`` measures are higher (v1.5 at 128: 140.8 before recycling; v2.0 at
+      128: 144.1). Other budgets and shapes: the nearest official shape, scaled so that the layer-averaged
+      visual count equals the budget (``keep`` gives the counts, one per layer of ``layers``).
+    * ``version="1.5"``: score = head-mean attention, then the mean over raters. Of the n dropped tokens the
+      int(0.3·n) + 1 best-scored (``recycle`` = 0.3; 0 turns recycling off) are clustered by DPC-KNN (k
+      neighbours = the number of clusters, the token itself included) into int(m/10) + 1 clusters whose
+      means (of layer ℓ's output) are inserted after the kept visual tokens, in descending density·distance
+      order of their centres; they are counted in ``stats()`` (``merged``) and are candidates at the later
+      stages. Compact positions (the official code truncates the position ids to the new length).
+    * ``version="2.0"`` (SparseVLM+): the attention of each head is divided by the raw RoPE logits of
+      all-ones queries and keys (q·k/√dh, no softmax); the ``heads`` (14) heads with the largest sum of that
+      corrected attention from the raters to the visual tokens are averaged, then the raters. No recycling.
+      Original positions.
+
+    Default ``"1.5"``: the official README presents v1.5 as SparseVLM (the ICML 2025 paper, arXiv 2410.04417)
+    and SparseVLM+ as a separate, later paper, and the official code runs v1.5 unless ``USE_VERSION=2_0``. The ints ``version=1`` / ``2`` of
+    earlier vtprune releases still work (DeprecationWarning) and mean ``"1.5"`` / ``"2.0"``.
+
+    Deliberate differences from the official code: any batch size with padding (official: one sample); the
+    image need not be 576 tokens nor come first, several images are scored together (the recycled tokens are
+    inserted after the last visual token); fp32 scores; when no relevance is above the mean (a single text
+    token), the most relevant text token rates alone (official: NaN scores); exactly tied densities are
+    ordered by index (official: random noise of 1e-6 decides; with 2 clusters mutual nearest neighbours always
+    tie, so the official merged tokens are then not reproducible — vtprune's are one of its outcomes); cluster means divide by the count (official:
+    count + 1e-6); exactly tied scores keep the earlier token; a stage whose count is at least the visual
+    tokens present keeps them all (official: all but one); fewer than 14 heads: all heads (official: error).
+    ``positions=`` overrides each version's position convention (with ``"original"`` the recycled tokens take
+    the position of the last visual token). ``layers`` names the official layers ℓ (in earlier releases it named
+    the layer the drop entered, and that layer's attention scored the tokens).
     """
 
     name = "sparsevlm"
     paper = "arXiv:2410.04417"
     signals = ("decoder_attention",)
-    options = {"version": 2, "layers": None, "keep": None, "heads": 14, "recycle": 0.3}
+    options = {"version": "1.5", "layers": None, "keep": None, "heads": 14, "recycle": 0.3}
     default_budget = 64
+    default_positions = _SPARSEVLM_POSITIONS["1.5"]
+
+    def __init__(self, budget=None, positions: str | None = None, seed: int = 0, **options: Any):
+        if "version" in options:
+            options["version"] = _sparsevlm_version(options["version"])
+        version = options.get("version", self.options["version"])
+        if positions is None and version in _SPARSEVLM_POSITIONS:
+            positions = _SPARSEVLM_POSITIONS[version]
+        super().__init__(budget, positions, seed, **options)
 
     def validate_options(self) -> None:
         cfg = self.config
-        if cfg["version"] not in (1, 2):
-            raise MethodOptionError(f"sparsevlm version={cfg['version']!r} must be 1 or 2.")
+        if cfg["version"] not in _SPARSEVLM_SCHEDULES:
+            raise MethodOptionError(f"sparsevlm version={cfg['version']!r} must be \"1.5\" or \"2.0\" (SparseVLM+).")
         layers, keep = cfg["layers"], cfg["keep"]
         if layers is not None and (not isinstance(layers, list | tuple) or not layers
-                                   or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers)
+                                   or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers)
                                    or list(layers) != sorted(set(layers))):
-            raise MethodOptionError(f"sparsevlm layers={layers!r} must be ascending decoder layer indices ≥ 1.")
+            raise MethodOptionError(f"sparsevlm layers={layers!r} must be ascending decoder layer indices ≥ 0 (the "
+                                    "layers whose attention scores the tokens; the drop takes effect at the next).")
         if keep is not None:
             if (not isinstance(keep, list | tuple) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
                                                           for x in keep) or list(keep) != sorted(keep, reverse=True)):
@@ -534,20 +599,23 @@ class SparseVLM(LayerMethod):
                 raise MethodOptionError("sparsevlm keep= needs layers= of the same length (one count per stage).")
         if isinstance(cfg["heads"], bool) or not isinstance(cfg["heads"], int) or cfg["heads"] < 1:
             raise MethodOptionError(f"sparsevlm heads={cfg['heads']!r} must be a positive int (paper: 14).")
-        if not isinstance(cfg["recycle"], int | float) or not 0.0 <= cfg["recycle"] <= 1.0:
+        if (isinstance(cfg["recycle"], bool) or not isinstance(cfg["recycle"], int | float)
+                or not 0.0 <= cfg["recycle"] <= 1.0):
             raise MethodOptionError(f"sparsevlm recycle={cfg['recycle']!r} must be a fraction in [0, 1].")
 
-    def _layers(self, num_layers: int) -> list[int]:
+    def _score_layers(self, num_layers: int) -> list[int]:
+        """The official layers ℓ (whose attention scores the tokens), each followed by at least one layer."""
         if self.config["layers"] is not None:
             layers = list(self.config["layers"])
-            if layers[-1] >= num_layers:
-                raise MethodOptionError(f"sparsevlm layers={layers} reach beyond this model's {num_layers} decoder "
-                                        f"layers (0..{num_layers - 1}); pass layers= below {num_layers}.")
+            if layers[-1] + 1 >= num_layers:
+                raise MethodOptionError(
+                    f"sparsevlm layers={layers} reach beyond this model's {num_layers} decoder layers: the drop after "
+                    f"layer ℓ takes effect at layer ℓ + 1, so ℓ must be at most {num_layers - 2}.")
             return layers
         layers: list[int] = []
         for published in _SPARSEVLM_STAGES:  # scale 2, 6, 15 of 32 to this depth, strictly increasing
-            layer = max(1, round(published * num_layers / 32), layers[-1] + 1 if layers else 1)
-            if layer < num_layers:
+            layer = max(round(published * num_layers / 32), layers[-1] + 1 if layers else 0)
+            if layer + 1 < num_layers:
                 layers.append(layer)
         return layers
 
@@ -555,22 +623,24 @@ class SparseVLM(LayerMethod):
         return ["keep"] if self.config["keep"] is not None else []
 
     def pruning_layers(self, num_layers: int) -> list[int]:
-        layers = self._layers(num_layers)
+        layers = self._score_layers(num_layers)
         if not layers:
             raise MethodOptionError(f"sparsevlm needs a decoder with at least 2 layers to prune inside it; this "
                                     f"model has {num_layers}; use a pre-LLM method.")
-        return layers
+        return [layer + 1 for layer in layers]
 
     def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
         layers = self.pruning_layers(num_layers)
+        images = max(num_images, 1)
         if self.config["keep"] is not None:
-            return [(layer, min(num_visual, count * max(num_images, 1)))
+            return [(layer, min(num_visual, count * images))
                     for layer, count in zip(layers, self.config["keep"], strict=True)]
         table = _SPARSEVLM_SCHEDULES[self.config["version"]]
         target = self._target_equivalent(num_visual, num_images)
-        published = num_layers == 32 and num_visual == 576 * num_images and layers == list(_SPARSEVLM_STAGES)
+        published = (num_layers == 32 and num_visual == 576 * images
+                     and self._score_layers(num_layers) == list(_SPARSEVLM_STAGES))
         if published and isinstance(self.budget, int) and self.budget in table:
-            return list(zip(layers, table[self.budget], strict=False))
+            return [(layer, count * images) for layer, count in zip(layers, table[self.budget], strict=True)]
         # shape: the published schedule nearest in budget fraction (linear between them), as fractions of N
         anchors = sorted(table)
         fraction = target / num_visual * 576
@@ -622,8 +692,8 @@ class SparseVLM(LayerMethod):
         return raters
 
     def _rater_scores(self, ctx: LayerContext) -> torch.Tensor:
-        """[B, L] score of every column: attention from the raters at this layer (see the class doc)."""
-        batch, length = ctx.real.shape
+        """[B, L] score of every column from layer ℓ = ``ctx.layer − 1``'s attention (see the class doc)."""
+        batch = ctx.real.shape[0]
         rater_columns = []
         for b in range(batch):
             columns = torch.nonzero(ctx.real[b]).flatten()
@@ -634,18 +704,13 @@ class SparseVLM(LayerMethod):
         query = torch.stack([torch.cat([r, r[:1].expand(width - r.numel())]) for r in rater_columns])  # [B, Q]
         weight = torch.stack([torch.arange(width) < r.numel() for r in rater_columns]).to(ctx.hidden.device)
         weight = weight.float() / weight.sum(-1, keepdim=True)  # [B, Q], mean over the real raters
-        layer = ctx.layers[ctx.layer]
-        if self.config["version"] == 1:
-            rows = attention_rows(layer, ctx.hidden, ctx.position_embeddings, query, key_padding_mask=ctx.real,
-                                  average_heads=True)  # [B, Q, L]
-            return torch.einsum("bq,bql->bl", weight, rows)
-        rows = attention_rows(layer, ctx.hidden, ctx.position_embeddings, query, key_padding_mask=ctx.real)
-        prior = rope_only_rows(layer, ctx.position_embeddings, query, key_padding_mask=ctx.real)  # [B, Q, L]
-        debiased = rows / prior.clamp(min=1e-12).unsqueeze(1)  # [B, H, Q, L]
-        per_head = torch.einsum("bq,bhql->bhl", weight, debiased)
-        visual_mass = torch.einsum("bq,bhql->bh", weight, rows * ctx.visual[:, None, None, :])  # [B, H]
-        heads = torch.topk(visual_mass, min(self.config["heads"], visual_mass.shape[1]), dim=-1).indices
-        return per_head.gather(1, heads[:, :, None].expand(-1, -1, length)).mean(dim=1)
+        layer = ctx.layers[ctx.layer - 1]
+        hidden, position_embeddings = ctx.previous_hidden, ctx.previous_position_embeddings
+        rows = attention_rows(layer, hidden, position_embeddings, query, key_padding_mask=ctx.real)  # [B, H, Q, L]
+        if self.config["version"] == "1.5":
+            return head_mean_scores(rows, weight)
+        rope_logits = rope_only_rows(layer, position_embeddings, query, key_padding_mask=ctx.real, softmax=False)
+        return debiased_scores(rows, rope_logits, weight, ctx.visual, self.config["heads"])
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return self._rater_scores(ctx)
@@ -653,18 +718,16 @@ class SparseVLM(LayerMethod):
     def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
         scores = self._rater_scores(ctx)
         selections = top_scored(ctx, scores, wanted)
-        if self.config["version"] != 1 or not self.config["recycle"]:
+        if self.config["version"] != "1.5" or not self.config["recycle"]:
             return selections
         for b, selection in enumerate(selections):
             if selection is None:
                 continue
             candidates = torch.nonzero(ctx.visual[b]).flatten()
             dropped = candidates[~torch.isin(candidates, selection.keep)]
-            count = int(round(self.config["recycle"] * dropped.numel()))
-            if count == 0:
+            if dropped.numel() == 0:
                 continue
-            recycled = dropped[torch.topk(scores[b, dropped], count).indices]
-            centres, assignment = dpc_knn(ctx.hidden[b, recycled], count // 10 + 1)
-            selection.merged = cluster_means(ctx.hidden[b, recycled], assignment, centres.numel())
-            selection.anchors = recycled[centres]
+            # recycled from layer ℓ's output (the input of this layer), inserted after the last visual token
+            selection.merged = recycle(ctx.hidden[b, dropped], scores[b, dropped], self.config["recycle"])
+            selection.anchors = candidates[-1:].expand(selection.merged.shape[0])
         return selections

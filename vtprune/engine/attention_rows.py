@@ -136,11 +136,14 @@ def rope_only_rows(
     position_embeddings: tuple[Tensor, Tensor],
     query_index: Tensor,
     key_padding_mask: Tensor | None = None,
+    *,
+    softmax: bool = True,
 ) -> Tensor:
     """The attention rows the layer would produce if every query and key were the all-ones vector: only
     RoPE (the positions) shapes them — the long-range decay of RoPE made visible. ``[B, Q, L]`` float32, same masking as :func:`attention_rows`.
 
-    Dividing real attention by it removes the positional preference of RoPE (SparseVLM v2's debiasing).
+    ``softmax=False`` returns the raw logits (q·k scaled by the layer's scaling, no mask, no softmax): what
+    SparseVLM+ (SparseVLM 2.0) divides the real attention by.
     """
     attn = layer.self_attn
     cos = position_embeddings[0]
@@ -154,6 +157,8 @@ def rope_only_rows(
     cos_sin = (position_embeddings[0].float(), position_embeddings[1].float())
     q, k = _apply_rope(attn, ones_q, ones_k, cos_sin, query_index)
     scores = torch.matmul(q, k.transpose(-1, -2))[:, 0] * float(getattr(attn, "scaling", head_dim**-0.5))
+    if not softmax:
+        return scores
     allowed = _allowed(attn, query_index, length, key_padding_mask, True, _AUTO, bsz, cos.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
