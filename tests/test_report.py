@@ -21,7 +21,7 @@ def _records():
 def test_compact_table_fits_100_columns(monkeypatch):
     records = _records()
     buffer = io.StringIO()
-    monkeypatch.setattr("rich.console.Console", lambda *a, **k: Console(file=buffer, width=100, **k))
+    monkeypatch.setattr("rich.console.Console", lambda *a, **k: Console(file=buffer, **{**k, "width": 100}))
     report.print_table(records, title="bench")
     lines = buffer.getvalue().splitlines()
     table_lines = [line for line in lines if line[:1] in "┏┃┡│└"]
