@@ -384,3 +384,20 @@ def test_visionzip_tiny_llava_next(tiny_models, budget):
     ])
     assert embeds.shape == expected.shape
     torch.testing.assert_close(embeds, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl"])
+def test_visionzip_without_cls_token_keeps_the_cls_free_variant(tiny_models, family):
+    """Encoders without a [CLS] token (SigLIP, Qwen ViT) never get one: no extra token, ``keep_cls=True``
+    refused at the first forward."""
+    model, processor = tiny_models[family]
+    assert "vit_cls_hidden" not in adapter_for(model).provides
+    inputs = tiny_inputs(processor, [tiny_image(0)], [PROMPT])
+    with vtprune.pruned(model, "visionzip", 8):
+        model(**inputs)
+        stage = vtprune.stats(model).samples[0].stages[0]
+    (layout,) = adapter_for(model).build_layouts(dict(inputs))
+    shares = split_equal(8, [g.size for g in layout.images[0].groups])
+    assert stage.merged == sum(split_visionzip_budget(k)[1] for k in shares)  # contextual tokens only
+    with vtprune.pruned(model, "visionzip", 8, keep_cls=True), pytest.raises(vtprune.MethodOptionError):
+        model(**inputs)
