@@ -319,7 +319,7 @@ def _next_groups(model, inputs):
 
 
 @pytest.mark.parametrize("budget", [10, 24, 60, 0.25])
-@pytest.mark.parametrize("size", [(40, 80), (64, 64)])
+@pytest.mark.parametrize("size", [(40, 80), (64, 64), (64, 50), (70, 40)])  # the last two: unpadded crops
 def test_fastervlm_tiny_llava_next_equal_share_per_crop(tiny_models, budget, size):
     """Official LLaVA-NeXT rule: the same k in the base image and in every crop; the top-k of each (here among
     the crop's patches that survive HF's unpadding)."""
@@ -348,12 +348,13 @@ def test_fastervlm_tiny_llava_next_equal_share_per_crop(tiny_models, budget, siz
 
 
 @pytest.mark.parametrize("budget", [15, 40])
-def test_visionzip_tiny_llava_next(tiny_models, budget):
+@pytest.mark.parametrize("size", [(40, 80), (64, 50)])
+def test_visionzip_tiny_llava_next(tiny_models, budget, size):
     """Per crop (equal shares): the official dominant patches and tokens of each crop, among its unpadded
     patches; the sequence holds the base block [CLS, dominant, contextual], the crop grid, then every crop's
     CLS, then every crop's contextual tokens."""
     model, processor = tiny_models["llava_next"]
-    inputs = tiny_inputs(processor, [tiny_image(1, (40, 80))], [PROMPT])
+    inputs = tiny_inputs(processor, [tiny_image(1, size)], [PROMPT])
     pixel_values = inputs["pixel_values"][0]
     attention, hidden, metric = eager_vision_signals(model, pixel_values)
     groups, image = _next_groups(model, inputs)
