@@ -24,7 +24,7 @@ import torch
 
 import vtprune
 from vtprune.adapters.base import adapter_for
-from vtprune.budget import split_equal
+from vtprune.budget import split_equal, split_proportional
 from vtprune.registry import VisualGroup, method_class
 from vtprune.selectors.cls_attention import softmax_attention_rows, topk_select
 from vtprune.selectors.divprune import divprune_select
@@ -402,3 +402,22 @@ def test_visionzip_without_cls_token_keeps_the_cls_free_variant(tiny_models, fam
     assert stage.merged == sum(split_visionzip_budget(k)[1] for k in shares)  # contextual tokens only
     with vtprune.pruned(model, "visionzip", 8, keep_cls=True), pytest.raises(vtprune.MethodOptionError):
         model(**inputs)
+
+
+@pytest.mark.parametrize("method", ["fastervlm", "visionzip"])
+def test_equal_share_only_where_each_group_is_one_crop(tiny_models, monkeypatch, method):
+    """LLaVA-NeXT: the same k per crop; LLaVA-OneVision (base view + one group of packed high-resolution crops)
+    keeps the proportional split."""
+    shares = []
+    cls = method_class(method)
+    original = cls.select
+    monkeypatch.setattr(cls, "select", lambda self, group, k: shares.append((group.num_tokens, k))
+                        or original(self, group, k))
+    for family, split in (("llava_next", split_equal), ("llava_onevision", split_proportional)):
+        model, processor = tiny_models[family]
+        inputs = tiny_inputs(processor, [tiny_image(1, (64, 50))], [PROMPT])
+        shares.clear()
+        with vtprune.pruned(model, method, 20):
+            model(**inputs)
+        sizes = [n for n, _ in shares]
+        assert len(sizes) > 1 and [k for _, k in shares] == split(20, sizes), family

@@ -101,7 +101,8 @@ class Method:
     #: budget used when the user passes ``budget=None`` (None: the method derives its paper default itself)
     default_budget: ClassVar[int | float | None] = 64
     #: "per_crop": every crop / base image keeps the same fraction; "equal_per_crop": every crop / base image
-    #: keeps the same number of tokens (capped by its size, the rest spread over the others); "global": one
+    #: keeps the same number of tokens (capped by its size, the rest spread over the others) where each group is
+    #: one crop (LLaVA-NeXT), else as "per_crop" (LLaVA-OneVision packs its crops into one group); "global": one
     #: selection over the image
     budget_policy: ClassVar[str] = "per_crop"
     #: the paper's position convention

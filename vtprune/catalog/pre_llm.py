@@ -103,7 +103,8 @@ class FasterVLM(Method):
     inserts row newlines — and ranks each crop's 576 patches; ``LlavaNextForConditionalGeneration`` unpads, so
     the padding patches are not in the sequence: vtprune ranks the crop's unpadded patches (a crop with fewer
     patches than its share keeps them all and the rest is shared over the other crops). Row newlines stay as
-    everywhere in vtprune (kept while their row holds a token).
+    everywhere in vtprune (kept while their row holds a token). LLaVA-OneVision (no official code) keeps the
+    proportional split of the base view and its high-resolution grid (several crops packed into one group).
 
     Encoders without a [CLS] token (LLaVA-OneVision's SigLIP, the Qwen-VL ViTs; no official code): the score is
     the mean attention each patch *receives* at the feature layer — mean over heads and over every query of its
@@ -131,9 +132,10 @@ class VisionZip(Method):
     ``visionzip/llava_arch.py``).
 
     Counts: ``dominant`` + ``contextual`` tokens per image; default split 54:10 of each 64 (``dominant``/
-    ``contextual`` override it). LLaVA-NeXT: as in the official code, the base image and every crop get the same
-    count (``budget_policy="equal_per_crop"``, see ``fastervlm``), split 54:10 in each. On CLIP encoders (LLaVA-1.5, LLaVA-NeXT) the official default
-    is kept (``keep_cls=None``): ``dominant`` counts the [CLS] token, as ``visionzip(model, dominant=54)``
+    ``contextual`` override it). LLaVA-NeXT: as in the official code, the base image and every crop get the
+    same count (``budget_policy="equal_per_crop"``, see ``fastervlm``), split 54:10 in each. On CLIP encoders
+    (LLaVA-1.5, LLaVA-NeXT) the official default is kept (``keep_cls=None``): ``dominant`` counts the [CLS]
+    token, as ``visionzip(model, dominant=54)``
     does (it passes ``dominant - 1`` to the tower): the CLS state of the feature layer plus the top
     ``dominant - 1`` patches by CLS attention (summed over heads — the same ranking as vtprune's mean) are the
     dominant tokens, and the CLS state is projected like any visual token and fed to the LLM. It has no
@@ -157,8 +159,9 @@ class VisionZip(Method):
     inserts row newlines (the newline it builds is unused), and ranks each crop's 576 patches; vtprune works on
     the unpadded crops and keeps a row's newline while the row holds a token.
 
-    Encoders without a [CLS] token (LLaVA-OneVision's SigLIP, the Qwen-VL ViTs; no official code, behaviour
-    unchanged): no CLS token; dominant tokens are ranked by the mean attention each token receives at the
+    Encoders without a [CLS] token (LLaVA-OneVision's SigLIP, the Qwen-VL ViTs; no official code; selection
+    as before the official CLS default, positions now ``compact`` like every family): no CLS token; dominant
+    tokens are ranked by the mean attention each token receives at the
     feature layer (see ``fastervlm``); contextual tokens stand right after their target. Qwen-VL: per 2×2
     PatchMerger group the score and the head-averaged keys (taken before the vision rotary embedding, so
     similarity is by content) are averaged over the group's 4 patches, after undoing Qwen2.5-VL's window

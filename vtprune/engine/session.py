@@ -767,7 +767,11 @@ class PruneSession:
         if budget >= content:
             return torch.ones(image.num_tokens, dtype=torch.bool), None, None, None
         groups = [TokenGroup.concat(image.groups)] if method.budget_policy == "global" else image.groups
-        split = split_equal if method.budget_policy == "equal_per_crop" else split_proportional
+        # equal shares where every group is one crop of its own (LLaVA-NeXT); LLaVA-OneVision's high-resolution
+        # group packs several crops into one grid, so its image keeps the proportional split
+        rows = [torch.unique(g.vision_row) for g in groups]
+        one_crop_each = all(r.numel() == 1 for r in rows) and torch.cat(rows).unique().numel() == len(groups)
+        split = split_equal if method.budget_policy == "equal_per_crop" and one_crop_each else split_proportional
         shares = split(budget, [g.size for g in groups])
         merged, anchors, orders, row_anchors = [], [], [], []
         for group_idx, (group, k) in enumerate(zip(groups, shares, strict=True)):
