@@ -269,8 +269,15 @@ def merged_tokens(case: Case, records):
             continue
         rows.append(selection.merged)
         group_positions = rows_to_positions(group.features, case.embeds, case.image_positions)
-        anchors.append(group_positions[selection.anchors.cpu()])
+        group_anchors = group_positions[selection.anchors.cpu()]
+        if selection.at_end is not None:  # placed after the image's last placeholder
+            group_anchors[selection.at_end.cpu()] = int(case.image_positions[-1])
+        anchors.append(group_anchors)
         weights = selection.weights
+        if weights is None and "vit_cls_hidden" in group.signals:  # VisionZip's [CLS] token leads the merged rows
+            torch.testing.assert_close(group.project(group.signals["vit_cls_hidden"][:1]), selection.merged[:1],
+                                       rtol=0, atol=1e-6)
+            continue  # the contextual rows' values are checked against the official code in test_fidelity_pre_llm
         assert weights is not None and weights.shape == (selection.num_merged, group.num_tokens)
         if "vit_hidden" in group.signals:  # merged in vision space, then projected
             rebuilt = group.project(weights @ group.signals["vit_hidden"].float())
@@ -287,20 +294,29 @@ def merged_tokens(case: Case, records):
     return torch.cat(rows), torch.cat(anchors), merged_side
 
 
+def merged_order(records) -> torch.Tensor:
+    """Placement of every recorded merged token at its anchor (Selection.order; 1 = right after it)."""
+    orders = [selection.order.cpu() if selection.order is not None else torch.ones(selection.num_merged)
+              for _, selection in records if selection.num_merged]
+    return torch.cat(orders).long() if orders else torch.empty(0, dtype=torch.long)
+
+
 def reference_sequence(case: Case, kept_visual: torch.Tensor, positions: str,
                        merged: torch.Tensor | None = None, anchors: torch.Tensor | None = None,
-                       merged_side: list[torch.Tensor] | None = None):
+                       merged_side: list[torch.Tensor] | None = None, order: torch.Tensor | None = None):
     """The pruned sequence built by hand: text + kept visual tokens in original order, each merged token right
-    after its anchor position. Returns (embeds [n, D], position ids [n] or [3, n], is_merged [n], deepstack rows).
+    after its anchor position (or where ``order`` places it: < 0 before the token at the anchor, > 0 after it,
+    by value). Returns (embeds [n, D], position ids [n] or [3, n], is_merged [n], deepstack rows).
     """
     kept = torch.sort(torch.cat([case.text_positions, kept_visual])).values
     entries = [(int(p), 0, case.embeds[p], case.position_ids[..., p], None) for p in kept.tolist()]
     if merged is not None:
-        entries += [(int(a), 1, row, case.position_ids[..., a], j)
-                    for j, (a, row) in enumerate(zip(anchors.tolist(), merged, strict=True))]
+        ranks = order.tolist() if order is not None else [1] * merged.shape[0]
+        entries += [(int(a), r, row, case.position_ids[..., a], j)
+                    for j, (a, r, row) in enumerate(zip(anchors.tolist(), ranks, merged, strict=True))]
     entries.sort(key=lambda e: (e[0], e[1]))
     embeds = torch.stack([e[2] for e in entries])
-    is_merged = torch.tensor([bool(e[1]) for e in entries])
+    is_merged = torch.tensor([e[4] is not None for e in entries])
     if positions == "original":  # each token keeps its (anchor's) original position ids
         position_ids = torch.stack([e[3] for e in entries], dim=-1)
     else:  # recomputed as if the pruned sequence had been the input
@@ -311,7 +327,7 @@ def reference_sequence(case: Case, kept_visual: torch.Tensor, positions: str,
         mask = torch.tensor([e[0] in visual for e in entries])
         rows = []
         for point, point_rows in enumerate(case.side.rows):
-            picked = [merged_side[point][e[4]] if e[1] else point_rows[visual.index(e[0])]
+            picked = [merged_side[point][e[4]] if e[4] is not None else point_rows[visual.index(e[0])]
                       for e in entries if e[0] in visual]
             rows.append(torch.stack(picked))
         side = SideRows(mask, rows)

@@ -144,5 +144,7 @@ def test_methods_lists_the_pre_llm_catalog():
         budget = info.default_budget
         assert budget is None or (isinstance(budget, int) and budget > 0) or (
             isinstance(budget, float) and math.isfinite(budget) and 0 < budget <= 1)
-    assert catalog["divprune"].positions == "compact"
-    assert set(catalog["visionzip"].defaults) == {"dominant", "contextual"}
+    # the official codes' conventions (issue 16): every pre-LLM paper method re-indexes positions
+    assert catalog["divprune"].positions == catalog["fastervlm"].positions == catalog["visionzip"].positions == "compact"
+    assert set(catalog["visionzip"].defaults) == {"dominant", "contextual", "keep_cls"}
+    assert catalog["fastervlm"].budget_policy == catalog["visionzip"].budget_policy == "equal_per_crop"

@@ -27,6 +27,7 @@ from reference_runs import (
     generate,
     lm_logits,
     make_case,
+    merged_order,
     merged_tokens,
     new_tokens,
     reference_greedy,
@@ -266,13 +267,15 @@ def test_reference_equivalence(case, method, positions, monkeypatch):
         logits, call, stats = pruned_run(case, method, positions)
     (stage,) = stats.samples[0].stages
     merged, anchors, merged_side = merged_tokens(case, records)
+    order = merged_order(records)
     assert merged.shape[0] == stage.merged
     if stage.merged:
-        # merged tokens stand for pruned visual tokens: their anchors are image positions that were dropped
         assert bool(torch.isin(anchors, case.image_positions).all())
-        assert not bool(torch.isin(anchors, stage.kept_positions).any())
+        if not any(selection.order is not None for _, selection in records):
+            # merged tokens that stand for pruned visual tokens: their anchors are image positions that were dropped
+            assert not bool(torch.isin(anchors, stage.kept_positions).any())
     embeds, position_ids, is_merged, side = reference_sequence(
-        case, stage.kept_positions, positions, merged if stage.merged else None, anchors, merged_side)
+        case, stage.kept_positions, positions, merged if stage.merged else None, anchors, merged_side, order)
 
     engine_embeds = call["inputs_embeds"][0]
     assert engine_embeds.shape == embeds.shape

@@ -72,6 +72,27 @@ def split_proportional(total: int, sizes: Sequence[int]) -> list[int]:
     return shares
 
 
+def split_equal(total: int, sizes: Sequence[int]) -> list[int]:
+    """Split ``total`` into equal shares, one per group, whatever the groups' sizes (sums to ``min(total, sum)``).
+
+    Used by the equal-per-crop budget policy (FasterVLM's official LLaVA-NeXT rule: the same top-k in the base
+    image and in every crop). The remainder of the division goes to the earliest groups; a group smaller than
+    its share keeps all its tokens and what it cannot take is shared equally over the others.
+    """
+    total = min(total, sum(sizes))
+    shares = [0 for _ in sizes]
+    open_groups = [i for i, s in enumerate(sizes) if s > 0]
+    remaining = total
+    while remaining and open_groups:
+        base, extra = divmod(remaining, len(open_groups))
+        for rank, i in enumerate(open_groups):
+            give = min(base + (1 if rank < extra else 0), sizes[i] - shares[i])
+            shares[i] += give
+            remaining -= give
+        open_groups = [i for i in open_groups if shares[i] < sizes[i]]
+    return shares
+
+
 #: default share of a composition's pre-LLM stage: it keeps this many times the budget
 PRE_LLM_SHARE = 2
 

@@ -101,10 +101,10 @@ def cmd_methods(args) -> int:
         print(json.dumps({k: {**v.__dict__, "defaults": v.defaults} for k, v in infos.items()}, indent=2,
                          default=str))
         return 0
-    print(f"{'method':<11} {'stage':<8} {'budget':>7}  {'policy':<8} {'positions':<9} {'signals':<32} paper")
+    print(f"{'method':<11} {'stage':<8} {'budget':>7}  {'policy':<14} {'positions':<9} {'signals':<32} paper")
     for info in infos.values():
         signals = ",".join(info.signals) or "-"
-        print(f"{info.name:<11} {info.stage:<8} {info.default_budget!s:>7}  {info.budget_policy:<8} "
+        print(f"{info.name:<11} {info.stage:<8} {info.default_budget!s:>7}  {info.budget_policy:<14} "
               f"{info.positions:<9} {signals:<32} {info.paper}")
     return 0
 

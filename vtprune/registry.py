@@ -36,9 +36,11 @@ class VisualGroup:
     ``signals``   per-token vision-encoder signals that the method asked for, each with N rows:
                   ``cls_attention`` [N] (CLS→patch attention, or mean received attention without CLS),
                   ``vit_keys`` [N, dk] (head-averaged keys of the feature layer), ``vit_hidden`` [N, dv]
-                  (the projector's input)
+                  (the projector's input), ``vit_cls_hidden`` [N, dv] (the [CLS] state of the feature layer, the same
+                  row for every token of a crop; CLIP encoders only)
     ``project``   maps merged vision-space tokens [M, dv] to LLM embeddings [M, D] (the model's projector)
     ``seed``      seed for stochastic methods, derived from the user's seed and the group's place in its sample
+    ``index``     the group's place in its image: 0 for the base image (or the only group), 1, 2, ... for crops
     """
 
     features: torch.Tensor
@@ -47,6 +49,7 @@ class VisualGroup:
     signals: dict[str, torch.Tensor] = field(default_factory=dict)
     project: Any = None
     seed: int = 0
+    index: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -64,12 +67,20 @@ class Selection:
                  sum_i weights[j, i] * token i, in the space the method merges in). Lets per-token inputs that
                  the decoder receives besides the embeddings (Qwen3-VL's deepstack features) follow the
                  merge; a method that merges without weights cannot run on such a model.
+    ``order``    LongTensor[m] or None: where each merged token goes relative to its anchor: < 0 right before the
+                 token at the anchor, > 0 after it; merged tokens at the same anchor are sorted by this value,
+                 then in the order the groups were selected. None: all 1 (right after the anchor).
+    ``at_end``   BoolTensor[m] or None: merged tokens placed at the end of the image (anchored at its last
+                 placeholder, structural ones included) instead of at their own anchor, e.g. tokens that the
+                 official code appends after an AnyRes image's whole crop grid.
     """
 
     keep: torch.Tensor
     merged: torch.Tensor | None = None
     anchors: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    at_end: torch.Tensor | None = None
 
     @property
     def num_merged(self) -> int:
@@ -83,11 +94,16 @@ class Method:
     stage: ClassVar[str] = PRE_LLM
     paper: ClassVar[str] = ""
     signals: ClassVar[tuple[str, ...]] = ()
+    #: signals the method uses when the model's adapter provides them (captured only then; never required)
+    optional_signals: ClassVar[tuple[str, ...]] = ()
     #: option name -> default value (papers' names)
     options: ClassVar[dict[str, Any]] = {}
     #: budget used when the user passes ``budget=None`` (None: the method derives its paper default itself)
     default_budget: ClassVar[int | float | None] = 64
-    #: "per_crop": every crop / base image keeps the same fraction; "global": one selection over the image
+    #: "per_crop": every crop / base image keeps the same fraction; "equal_per_crop": every crop / base image
+    #: keeps the same number of tokens (capped by its size, the rest spread over the others) where each group is
+    #: one crop (LLaVA-NeXT), else as "per_crop" (LLaVA-OneVision packs its crops into one group); "global": one
+    #: selection over the image
     budget_policy: ClassVar[str] = "per_crop"
     #: the paper's position convention
     default_positions: ClassVar[str] = "original"

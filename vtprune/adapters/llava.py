@@ -24,7 +24,7 @@ def _call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
 
 
 class _ClipLlavaAdapter(Adapter):
-    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid")
+    provides = ("cls_attention", "vit_keys", "vit_hidden", "vit_cls_hidden", "grid")
 
     # -- vision tower ------------------------------------------------------------------------------
     def _feature_strategy(self, call: dict[str, Any]) -> str:
@@ -77,6 +77,20 @@ class _ClipLlavaAdapter(Adapter):
                         store["vit_keys"] = keys.mean(dim=2)[:, offset:]  # [rows, P, dh], head-averaged
 
             handles.append(attention.register_forward_pre_hook(on_attention, with_kwargs=True))
+        if "vit_cls_hidden" in store.wanted:
+            layer = self._vision_layers()[self._feature_layer_index()]
+
+            def on_feature_layer(module, args, output):
+                # the [CLS] state of the feature layer (hidden_states[vision_feature_layer][:, 0]), which the
+                # "default" strategy drops before the projector; under "full" it is a visual token already
+                if not store.capturing or store.patch_offset != 1:
+                    return
+                hidden = output[0] if isinstance(output, tuple) else output  # [rows, T, dv]
+                patches = hidden.shape[1] - 1
+                # one row per image / crop, repeated over its patches so that it is indexed like every signal
+                store["vit_cls_hidden"] = hidden[:, :1].detach().expand(-1, patches, -1)
+
+            handles.append(layer.register_forward_hook(on_feature_layer))
         if "vit_hidden" in store.wanted:
 
             def on_projector(module, args, kwargs):

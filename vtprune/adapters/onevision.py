@@ -45,6 +45,7 @@ def _pad_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     family = "llava_onevision"
     model_class_names = ("LlavaOnevisionForConditionalGeneration",)
+    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid")  # SigLIP has no [CLS] token
 
     def has_visual_input(self, call: dict[str, Any]) -> bool:
         encoded = compat.encoder_outputs(call)

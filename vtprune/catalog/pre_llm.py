@@ -85,26 +85,40 @@ class AveragePool(Method):
 
 @register_method
 class FasterVLM(Method):
-    """FasterVLM — keep the top-k patches by [CLS] attention (Zhang et al., arXiv 2412.01818).
+    """FasterVLM — keep the top-k patches by [CLS] attention (Zhang et al., arXiv 2412.01818; official code
+    Theia-4869/FasterVLM @ f5d5f12, ``llava/model/llava_arch.py`` ``encode_images`` and
+    ``prepare_inputs_labels_for_multimodal``, ``llava/model/multimodal_encoder/clip_encoder.py``).
 
     Score = attention of the ViT's [CLS] query to each patch at the layer whose hidden states feed the projector
-    (LLaVA: the penultimate layer), averaged over heads; computed from that layer's q/k for the CLS row only
-    (the vision tower stays on SDPA). Kept tokens stay in raster order; original positions. LLaVA-NeXT: the
-    budget is split over the base image and every crop in proportion to their sizes (same keep ratio per crop,
-    as in the official code).
+    (LLaVA: the penultimate layer, ``attentions[-2]`` in the official code), averaged over heads; computed from
+    that layer's q/k for the CLS row only (the vision tower stays on SDPA). Top-k (ties: lower index), kept
+    tokens in raster order. Positions ``compact`` by default, as in the official code (the pruned features are
+    spliced into the sequence, which is then numbered 0..L-1); ``positions="original"`` keeps each token's
+    position. Paper budgets: 75/90/95 % reduction (144/58/29 of 576); default 64.
 
-    Encoders without a [CLS] token (LLaVA-OneVision's SigLIP, the Qwen-VL ViTs): the score is the mean attention
-    each patch *receives* at the feature layer — mean over heads and over every query of its crop / image —
-    computed from that layer's q/k (after the vision rotary embedding on Qwen), again without eager attention.
-    Qwen-VL: one LLM token is a 2×2 PatchMerger group, so its score is the mean of its 4 patches' scores;
-    Qwen2.5-VL's windowed block order (``window_index``) is undone first. LLaVA-OneVision: scores are packed
-    like the features (a downsampled AnyRes grid gets the interpolated scores of its tokens).
-    Paper budgets: 75/90/95 % reduction (144/58/29 of 576); default 64.
+    LLaVA-NeXT: as in the official code, the base image and every crop keep the **same number** of tokens
+    (``budget_policy="equal_per_crop"``: the budget divided equally, the remainder to the earliest groups; the
+    official ``visual_token_num`` is that per-crop k, e.g. 29 per crop = 145 for 5 crops). Deviations the HF
+    class imposes: the official code forces ``mm_patch_merge_type='spatial'`` — it neither unpads the crops nor
+    inserts row newlines — and ranks each crop's 576 patches; ``LlavaNextForConditionalGeneration`` unpads, so
+    the padding patches are not in the sequence: vtprune ranks the crop's unpadded patches (a crop with fewer
+    patches than its share keeps them all and the rest is shared over the other crops). Row newlines stay as
+    everywhere in vtprune (kept while their row holds a token). LLaVA-OneVision (no official code) keeps the
+    proportional split of the base view and its high-resolution grid (several crops packed into one group).
+
+    Encoders without a [CLS] token (LLaVA-OneVision's SigLIP, the Qwen-VL ViTs; no official code): the score is
+    the mean attention each patch *receives* at the feature layer — mean over heads and over every query of its
+    crop / image — computed from that layer's q/k (after the vision rotary embedding on Qwen), again without
+    eager attention. Qwen-VL: one LLM token is a 2×2 PatchMerger group, so its score is the mean of its 4
+    patches' scores; Qwen2.5-VL's windowed block order (``window_index``) is undone first. LLaVA-OneVision:
+    scores are packed like the features (a downsampled AnyRes grid gets the interpolated scores of its tokens).
     """
 
     name = "fastervlm"
     paper = "arXiv:2412.01818"
     signals = ("cls_attention",)
+    budget_policy = "equal_per_crop"
+    default_positions = "compact"
 
     def select(self, group: VisualGroup, k: int) -> Selection:
         return Selection(keep=topk_select(group.signals["cls_attention"], k))
@@ -113,18 +127,42 @@ class FasterVLM(Method):
 @register_method
 class VisionZip(Method):
     """VisionZip — dominant tokens by [CLS] attention + contextual tokens merged by key similarity
-    (Yang et al., CVPR 2025, arXiv 2412.04467).
+    (Yang et al., CVPR 2025, arXiv 2412.04467; official code dvlab-research/VisionZip @ 3151f6d,
+    ``visionzip/clip_encoder.py`` L43-85, ``visionzip/utils.py`` L10-90 and L186-197, ``visionzip/main.py``,
+    ``visionzip/llava_arch.py``).
 
-    Dominant: top-D patches by CLS attention at the feature layer. Contextual: C targets taken by a uniform
-    stride over the remaining tokens; every other remaining token is merged (mean) into its most
-    cosine-similar target by head-averaged ViT keys; merged in ViT hidden space, then projected. Default split
-    54:10 of each 64 (``dominant``/``contextual`` override it). The official LLaVA code also keeps the CLS
-    token (one token beyond the budget); that token has no placeholder in the HF sequence, so it is not kept
-    here and the budget is exact. Contextual tokens take the position of their target token. LLaVA-NeXT:
-    per-crop budget.
+    Counts: ``dominant`` + ``contextual`` tokens per image; default split 54:10 of each 64 (``dominant``/
+    ``contextual`` override it). LLaVA-NeXT: as in the official code, the base image and every crop get the
+    same count (``budget_policy="equal_per_crop"``, see ``fastervlm``), split 54:10 in each. On CLIP encoders
+    (LLaVA-1.5, LLaVA-NeXT) the official default is kept (``keep_cls=None``): ``dominant`` counts the [CLS]
+    token, as ``visionzip(model, dominant=54)``
+    does (it passes ``dominant - 1`` to the tower): the CLS state of the feature layer plus the top
+    ``dominant - 1`` patches by CLS attention (summed over heads — the same ranking as vtprune's mean) are the
+    dominant tokens, and the CLS state is projected like any visual token and fed to the LLM. It has no
+    placeholder in the HF sequence, so it is an extra token (counted in ``stats().stages[0].merged`` with the
+    contextual tokens; ``kept_positions`` lists the dominant patches); the image still costs exactly
+    ``dominant + contextual`` tokens. ``keep_cls=False`` is the CLS-free variant: ``dominant`` patches, no CLS
+    (what encoders without a [CLS] token always do); ``keep_cls=True`` refuses encoders without one.
 
-    Encoders without a [CLS] token (LLaVA-OneVision's SigLIP, the Qwen-VL ViTs): dominant tokens are ranked by
-    the mean attention each token receives at the feature layer (see ``fastervlm``). Qwen-VL: per 2×2
+    Contextual: the tokens that are neither CLS nor dominant, in raster order, give ``contextual`` targets by a
+    uniform stride (``step = max(1, R // contextual)``); every other one is merged into its most cosine-similar
+    target by the head-averaged ViT keys of the feature layer; contextual token = target hidden state + mean of
+    the hidden states merged into it, in ViT space (the projector's input), then projected.
+
+    Placement and positions, official by default (``positions="compact"``: the official sequence is numbered
+    0..L-1): LLaVA-1.5 — [CLS, dominant patches in raster order, contextual tokens in target order] at the
+    image's place; LLaVA-NeXT — the base image as LLaVA-1.5, then the crops' dominant patches, then every
+    crop's CLS, then every crop's contextual tokens (``llava_arch.restore_image_features_sorted``), all placed
+    after the image's last token. Under ``positions="original"`` every extra token stands at the position of
+    the token it comes from instead (CLS: the first patch of its crop, before it; a contextual token: its
+    target). Deviations the HF class imposes on LLaVA-NeXT: the official code neither unpads the crops nor
+    inserts row newlines (the newline it builds is unused), and ranks each crop's 576 patches; vtprune works on
+    the unpadded crops and keeps a row's newline while the row holds a token.
+
+    Encoders without a [CLS] token (LLaVA-OneVision's SigLIP, the Qwen-VL ViTs; no official code; selection
+    as before the official CLS default, positions now ``compact`` like every family): no CLS token; dominant
+    tokens are ranked by the mean attention each token receives at the
+    feature layer (see ``fastervlm``); contextual tokens stand right after their target. Qwen-VL: per 2×2
     PatchMerger group the score and the head-averaged keys (taken before the vision rotary embedding, so
     similarity is by content) are averaged over the group's 4 patches, after undoing Qwen2.5-VL's window
     order; the hidden state merged is the merger's input (the 4 patch states concatenated) and contextual
@@ -135,7 +173,10 @@ class VisionZip(Method):
     name = "visionzip"
     paper = "arXiv:2412.04467"
     signals = ("cls_attention", "vit_keys", "vit_hidden")
-    options = {"dominant": None, "contextual": None}
+    optional_signals = ("vit_cls_hidden",)
+    options = {"dominant": None, "contextual": None, "keep_cls": None}
+    budget_policy = "equal_per_crop"
+    default_positions = "compact"
 
     def __init__(self, budget=None, positions=None, seed: int = 0, **options):
         dominant, contextual = options.get("dominant"), options.get("contextual")
@@ -149,6 +190,9 @@ class VisionZip(Method):
             value = self.config[key]
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise MethodOptionError(f"visionzip option {key}={value!r} must be a non-negative int.")
+        if self.config["keep_cls"] not in (None, True, False):
+            raise MethodOptionError(f"visionzip option keep_cls={self.config['keep_cls']!r} must be True, False or "
+                                    "None (keep the [CLS] token where the encoder has one, as the official code).")
         dominant, contextual = self.config["dominant"], self.config["contextual"]
         if dominant == 0 and contextual == 0:
             raise MethodOptionError("visionzip dominant=0, contextual=0 keeps no visual token; give at least one "
@@ -199,11 +243,41 @@ class VisionZip(Method):
         if dominant + contextual >= group.num_tokens:
             return _all_kept(group)
         s = group.signals
-        result = visionzip_select(s["vit_hidden"], s["vit_keys"], s["cls_attention"], dominant, contextual)
-        if not result.merged.shape[0]:
-            return Selection(keep=result.keep)
-        return Selection(keep=result.keep, merged=group.project(result.merged), anchors=result.anchors,
-                         weights=_visionzip_weights(result.assignment, result.anchors))
+        cls_state = s.get("vit_cls_hidden")
+        if self.config["keep_cls"] and cls_state is None:
+            raise MethodOptionError("visionzip keep_cls=True needs a vision encoder with a [CLS] token (CLIP, under "
+                                    "the 'default' feature strategy); this model has none: drop keep_cls.")
+        with_cls = cls_state is not None and self.config["keep_cls"] is not False and dominant >= 1
+        patches = dominant - 1 if with_cls else dominant
+        result = visionzip_select(s["vit_hidden"], s["vit_keys"], s["cls_attention"], patches, contextual)
+        if not with_cls:
+            if not result.merged.shape[0]:
+                return Selection(keep=result.keep)
+            return Selection(keep=result.keep, merged=group.project(result.merged), anchors=result.anchors,
+                             weights=_visionzip_weights(result.assignment, result.anchors))
+        return self._with_cls(group, result, cls_state[0])
+
+    def _with_cls(self, group: VisualGroup, result, cls_state: torch.Tensor) -> Selection:
+        """The official token set: [CLS] + dominant patches + contextual tokens, placed as the official code
+        places them (see the class docstring)."""
+        device = group.features.device
+        merged = group.project(torch.cat([cls_state[None].to(result.merged.dtype), result.merged]))
+        num_ctx = result.anchors.numel()
+        last = group.num_tokens - 1
+        if self.positions == "original":  # each extra token at the position of the token it comes from
+            anchors = torch.cat([torch.zeros(1, dtype=torch.long, device=device), result.anchors.to(device)])
+            order = torch.tensor([-1] + [1] * num_ctx, device=device)
+            return Selection(keep=result.keep, merged=merged, anchors=anchors, order=order)
+        if group.index == 0:  # base image / LLaVA-1.5: [CLS] first, contextual tokens after the image's patches
+            anchors = torch.tensor([0] + [last] * num_ctx, dtype=torch.long, device=device)
+            order = torch.tensor([-1] + [1] * num_ctx, device=device)
+            return Selection(keep=result.keep, merged=merged, anchors=anchors, order=order)
+        # LLaVA-NeXT crop: after the whole crop grid, every crop's CLS (order 1), then every crop's contextual
+        # tokens (order 2)
+        anchors = torch.full((1 + num_ctx,), last, dtype=torch.long, device=device)
+        order = torch.tensor([1] + [2] * num_ctx, device=device)
+        return Selection(keep=result.keep, merged=merged, anchors=anchors, order=order,
+                         at_end=torch.ones(1 + num_ctx, dtype=torch.bool, device=device))
 
 
 def _visionzip_weights(assignment: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
@@ -224,10 +298,19 @@ class DivPrune(Method):
     """DivPrune — Max-Min diversity selection on the projected visual tokens (Alvar et al., CVPR 2025,
     arXiv 2503.02175).
 
+    Official code: vbdi/divprune @ 799e2d9, ``LLaVA/llava/model/llava_arch.py`` L147-171 (``DivPrune``) and
+    L352-385 (applied to the LLM input embeddings of the image, before decoder layer 0).
+
     Distance = 1 − cosine similarity of the LLM input embeddings; greedy max-min with a running minimum
-    (O(N·k) after the distance matrix). Kept tokens in original order. Budget is global over the image
-    (base and crops together), as in the official code; the official code re-indexes positions (``compact``),
-    which is the default here too. Default 64 tokens per image.
+    (O(N·k) after the distance matrix; the official recomputes the minimum over the selected rows each step,
+    same picks). Kept tokens in original order. Budget is global over the image (base and crops together), as
+    in the official code; the official code re-indexes positions (``compact``), which is the default here too.
+    Default 64 tokens per image (the official takes a ratio, ``SUBSET_RATIO``: ``budget=0.1`` is its 10 %).
+    Documented differences: the official runs in fp16, so near-ties can fall differently from vtprune's
+    float32 distances (identical on identical fp32 inputs); vtprune clamps distances to [0, 2] with a zero
+    diagonal, which only matters for exact duplicates (the official may then re-pick a token). On LLaVA-NeXT
+    the official candidates include the row-newline tokens (it selects over the whole packed image); vtprune
+    treats newlines as layout (kept while their row holds a token) and selects among content tokens only.
     """
 
     name = "divprune"

@@ -19,6 +19,8 @@ class SamplePlan:
     ``keep``            LongTensor[k], ascending: original positions of the real tokens kept (text + visual)
     ``merged``          Tensor[m, D] or None: merged tokens to insert
     ``merged_anchors``  LongTensor[m]: original position each merged token stands at
+    ``merged_order``    LongTensor[m] or None: placement at the anchor (< 0 before the token there, > 0 after it,
+                        sorted by value; None: all 1), see :class:`vtprune.registry.Selection`
     ``last``            original position of the sample's last real token (decoding continues after it)
     ``image_of``        LongTensor[L] or None: image index of every input column (-1 = text); compact M-RoPE
                         positions need it (see :mod:`vtprune.engine.positions`)
@@ -27,6 +29,7 @@ class SamplePlan:
     keep: torch.Tensor
     merged: torch.Tensor | None = None
     merged_anchors: torch.Tensor | None = None
+    merged_order: torch.Tensor | None = None
     last: int = -1
     image_of: torch.Tensor | None = None
 
@@ -80,14 +83,18 @@ def assemble(
         rows = [inputs_embeds[b, keep]]
         src = [keep]
         is_merged = [torch.zeros_like(keep, dtype=torch.bool)]
+        rank = [torch.zeros_like(keep)]  # kept tokens 0; merged tokens their placement (default 1: after)
         if plan.merged is not None and plan.merged.shape[0]:
             anchors = plan.merged_anchors.to(inputs_embeds.device)
             rows.append(plan.merged.to(inputs_embeds.dtype))
             src.append(anchors)
             is_merged.append(torch.ones_like(anchors, dtype=torch.bool))
-        src_all, merged_all = torch.cat(src), torch.cat(is_merged)
-        # order by (position, kept-before-merged): a merged token sits right after its anchor
-        order = torch.argsort(src_all * 2 + merged_all.long(), stable=True)
+            rank.append(torch.ones_like(anchors) if plan.merged_order is None
+                        else plan.merged_order.to(anchors.device, torch.long))
+        src_all, merged_all, rank_all = torch.cat(src), torch.cat(is_merged), torch.cat(rank)
+        # order by (position, placement): a merged token sits right after its anchor unless placed otherwise
+        order = torch.argsort(rank_all, stable=True)
+        order = order[torch.argsort(src_all[order], stable=True)]
         src_all, merged_all = src_all[order], merged_all[order]
         embeds = torch.cat(rows)[order]
         n = embeds.shape[0]

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import compat
 from ..adapters.base import ENGINE_SIGNALS, Adapter, SignalStore
-from ..budget import split_proportional, tokens_for
+from ..budget import split_equal, split_proportional, tokens_for
 from ..engine.layer_stage import LayerRun, Segment, decode_segment_inputs, prune_at_layer, real_columns
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..engine.positions import layer_rows
@@ -188,6 +188,8 @@ class PruneSession:
         self._local = _CallState()
         self.store = SignalStore()
         self.store.wanted = {s for m in methods for s in m.signals} - ENGINE_SIGNALS
+        self._optional = {s for m in methods for s in m.optional_signals if s in adapter.provides} - self.store.wanted
+        self.store.wanted |= self._optional
         for m in methods:
             adapter.check_signals(set(m.signals), m.name)
         self._handles: list[Any] = []
@@ -706,22 +708,24 @@ class PruneSession:
     def _plan_sample(self, layout: SampleLayout, embeds: torch.Tensor, real: torch.Tensor):
         """Kept positions and merged tokens of one sample [L, D] (padding excluded)."""
         keep = real.clone()
-        merged, anchors = [], []
+        merged, anchors, orders = [], [], []
         kept_visual, num_merged = [], 0
         self._merge_records.append([])
         for image_idx, image in enumerate(layout.images):
-            span_keep, image_merged, image_anchors = self._select_image(image, image_idx, embeds)
+            span_keep, image_merged, image_anchors, image_order = self._select_image(image, image_idx, embeds)
             keep[image.positions[~span_keep].to(keep.device)] = False
             kept_visual.append(image.positions[span_keep])
             if image_merged is not None:
                 merged.append(image_merged)
                 anchors.append(image.positions[image_anchors])
+                orders.append(image_order)
                 num_merged += image_merged.shape[0]
         real_positions = torch.nonzero(real).flatten()
         plan = SamplePlan(
             keep=torch.nonzero(keep).flatten(),
             merged=torch.cat(merged) if merged else None,
             merged_anchors=torch.cat(anchors).to(embeds.device) if anchors else None,
+            merged_order=torch.cat(orders) if orders else None,
             last=int(real_positions[-1]) if real_positions.numel() else -1,
         )
         kept_positions = torch.sort(torch.cat(kept_visual)).values if kept_visual else torch.empty(0, dtype=torch.long)
@@ -733,7 +737,8 @@ class PruneSession:
         return plan, sample
 
     def _select_image(self, image: ImageSpan, image_idx: int, embeds: torch.Tensor):
-        """Run the pre-LLM method on one image. Returns (BoolTensor[n] kept over the span, merged, anchors)."""
+        """Run the pre-LLM method on one image. Returns (BoolTensor[n] kept over the span, merged, anchors (span
+        indices), placement of the merged tokens at their anchors)."""
         method = self.pre_method
         span_keep = torch.zeros(image.num_tokens, dtype=torch.bool)
         span_keep[image.structural] = True
@@ -741,10 +746,15 @@ class PruneSession:
         method.check_image_tokens(content)  # warns once about a degenerate budget (keeps all / very few)
         budget = tokens_for(method.budget, content)
         if budget >= content:
-            return torch.ones(image.num_tokens, dtype=torch.bool), None, None
-        groups = image.groups if method.budget_policy == "per_crop" else [TokenGroup.concat(image.groups)]
-        shares = split_proportional(budget, [g.size for g in groups])
-        merged, anchors = [], []
+            return torch.ones(image.num_tokens, dtype=torch.bool), None, None, None
+        groups = [TokenGroup.concat(image.groups)] if method.budget_policy == "global" else image.groups
+        # equal shares where every group is one crop of its own (LLaVA-NeXT); LLaVA-OneVision's high-resolution
+        # group packs several crops into one grid, so its image keeps the proportional split
+        rows = [torch.unique(g.vision_row) for g in groups]
+        one_crop_each = all(r.numel() == 1 for r in rows) and torch.cat(rows).unique().numel() == len(groups)
+        split = split_equal if method.budget_policy == "equal_per_crop" and one_crop_each else split_proportional
+        shares = split(budget, [g.size for g in groups])
+        merged, anchors, orders, row_anchors = [], [], [], []
         for group_idx, (group, k) in enumerate(zip(groups, shares, strict=True)):
             if k >= group.size:
                 span_keep[group.members] = True
@@ -758,29 +768,40 @@ class PruneSession:
             span_keep[group.members[selection.keep.cpu()]] = True
             if selection.num_merged:
                 merged.append(selection.merged)
-                anchors.append(group.members[selection.anchors.cpu()])
+                group_anchors = group.members[selection.anchors.cpu()]
+                at_end = selection.at_end.cpu() if selection.at_end is not None \
+                    else torch.zeros(selection.num_merged, dtype=torch.bool)
+                row_anchors.append(group_anchors[~at_end])  # only tokens standing in a row keep it alive
+                anchors.append(torch.where(at_end, image.num_tokens - 1, group_anchors))
+                orders.append(selection.order.cpu().long() if selection.order is not None
+                              else torch.ones(selection.num_merged, dtype=torch.long))
                 self._merge_records[-1].append(_MergeRecord(
                     anchors=image.positions[anchors[-1]], group_positions=image.positions[group.members],
                     weights=selection.weights,
                 ))
         anchor_span = torch.cat(anchors) if anchors else torch.empty(0, dtype=torch.long)
+        row_span = torch.cat(row_anchors) if row_anchors else torch.empty(0, dtype=torch.long)
         # structural tokens (row newlines) stay for every row that still holds a token
-        alive_rows = torch.cat([image.row[span_keep & ~image.structural], image.row[anchor_span]])
+        alive_rows = torch.cat([image.row[span_keep & ~image.structural], image.row[row_span]])
         span_keep[image.structural] = torch.isin(image.row[image.structural], alive_rows)
-        return span_keep, (torch.cat(merged) if merged else None), (anchor_span if anchors else None)
+        if not anchors:
+            return span_keep, None, None, None
+        return span_keep, torch.cat(merged), anchor_span, torch.cat(orders)
 
     def _visual_group(self, image: ImageSpan, group: TokenGroup, embeds: torch.Tensor, image_idx: int,
                       group_idx: int) -> VisualGroup:
         positions = image.positions[group.members].to(embeds.device)
         signals = {}
         for name in self.store.wanted:
+            if name not in self.store and name in self._optional:
+                continue  # an optional signal this forward has not (e.g. the [CLS] state under "full" features)
             if name not in self.store:
                 raise VTPruneError(f"signal {name!r} was not captured during the vision forward.")
             table = self.store[name]
             signals[name] = table[group.vision_row.to(table.device), group.patch_index.to(table.device)]
         return VisualGroup(
             features=embeds[positions], height=group.height, width=group.width, signals=signals,
-            project=self.adapter.project, seed=_mix_seed(self.pre_method.seed, image_idx, group_idx),
+            project=self.adapter.project, seed=_mix_seed(self.pre_method.seed, image_idx, group_idx), index=group_idx,
         )
 
     def _check_selection(self, selection: Selection, size: int, k: int) -> None:

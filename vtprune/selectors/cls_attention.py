@@ -3,8 +3,10 @@
 FasterVLM (Zhang et al., arXiv 2412.01818, "[CLS] Attention is All You Need for Training-Free Visual
 Token Pruning") ranks patch tokens by the attention the vision encoder's [CLS] query pays them (in
 the penultimate layer used as the LLaVA feature layer), averaged over heads, and keeps the top-k.
-VisionZip (arXiv 2412.04467) uses the same scores for its dominant tokens. Encoders without a [CLS]
-token (SigLIP, Qwen2-VL ViT) fall back to the mean attention each key receives.
+VisionZip (arXiv 2412.04467) uses the same scores for its dominant tokens (summed over heads in its official
+code: the same ranking). Official FasterVLM: Theia-4869/FasterVLM @ f5d5f12, ``llava/model/llava_arch.py``
+L141-157 (head mean, ``topk``, index mask = raster order). Encoders without a [CLS] token (SigLIP, Qwen2-VL
+ViT) fall back to the mean attention each key receives.
 
 All probabilities are computed in float32 regardless of the input dtype.
 """

@@ -1,8 +1,13 @@
 """VisionZip core: dominant tokens by attention score + contextual tokens by key-similarity merging.
 
 VisionZip (Yang et al., arXiv 2412.04467, "VisionZip: Longer is Better but Not Necessary in Vision
-Language Models"). Default split for a 64-token budget is 54 dominant + 10 contextual, and the same
-ratio for 128 (108 + 20) and 192 (162 + 30).
+Language Models"; official code dvlab-research/VisionZip @ 3151f6d, ``visionzip/clip_encoder.py`` L43-83).
+Default split for a 64-token budget is 54 dominant + 10 contextual, and the same ratio for 128 (108 + 20)
+and 192 (162 + 30). In the official LLaVA code the dominant count includes the [CLS] token (it keeps CLS +
+``dominant - 1`` patches); this module works on the patch tokens only, so the caller
+(:class:`vtprune.catalog.pre_llm.VisionZip`) passes ``dominant - 1`` and adds the CLS state itself.
+Identical to the official routine on identical float32 inputs (tests/test_fidelity_pre_llm.py); the official
+normalises keys by their norm without an epsilon (a zero key gives NaN there, cosine 0 here).
 """
 
 from __future__ import annotations
