@@ -155,9 +155,16 @@ def _default_dtype(model: str) -> str:
     return "float32"
 
 
-def result_key(cell: Cell, options: SweepOptions) -> str:
+_UNRESOLVED = object()
+
+
+def result_key(cell: Cell, options: SweepOptions, resolved: Any = _UNRESOLVED) -> str:
     """Resume key of a cell: everything that changes its row's result. Two runs with the same key would
-    measure the same thing, so a finished row with this key is not measured again."""
+    measure the same thing, so a finished row with this key is not measured again.
+
+    ``resolved``: the method configuration with every default filled in (``Method.describe()``, as rows record
+    it under "options"); by default the one this version of vtprune builds for the cell, so a row made with
+    other method defaults (an older vtprune) is measured again instead of being reused."""
     settings: dict[str, Any] = {name: getattr(options, name) for name in _COMMON_SETTINGS}
     settings["dtype"] = settings["dtype"] or _default_dtype(cell.model)
     settings["device"] = str(torch.device(settings["device"])) if settings["device"] else "cpu"
@@ -166,6 +173,13 @@ def result_key(cell: Cell, options: SweepOptions) -> str:
         given = options.method_options or {}
         settings["options"] = given.get(cell.method, {}) if "+" not in cell.method else {
             part: given.get(part, {}) for part in cell.method.split("+")}
+        if resolved is _UNRESOLVED:
+            try:
+                built = _build_methods(cell, options)
+                resolved = built[0].describe() if len(built) == 1 else [b.describe() for b in built]
+            except VTPruneError:  # a cell that cannot be built errors when it runs; its key stays well defined
+                resolved = None
+        settings["resolved"] = json.loads(json.dumps(resolved, default=str))
     return json.dumps([model_spec(cell.model), cell.method, cell.budget, cell.task, settings], sort_keys=True,
                       default=str)
 
@@ -179,7 +193,8 @@ def row_key(row: dict[str, Any]) -> str:
         options = SweepOptions(**known)
     except TypeError:
         options = SweepOptions()
-    return result_key(Cell(row["model"], row["method"], row["budget"], row["task"]), options)
+    return result_key(Cell(row["model"], row["method"], row["budget"], row["task"]), options,
+                      resolved=row.get("options"))
 
 
 def latest_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
