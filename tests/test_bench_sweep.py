@@ -212,7 +212,7 @@ def test_bench_resumes_after_kill_without_loss_or_duplication(tmp_path, saved_ti
     assert len(keys) == len(set(keys)) == len(expected)  # errored cells were retried: the newest row counts
     assert set(keys) == {c.key for c in expected}
     assert (out.with_suffix(".md")).read_text().count("\n") > len(expected)
-    assert "acc %" in done.stdout and "counting" in done.stdout
+    assert "acc % ± s.e." in done.stdout and "counting" in out.with_suffix(".md").read_text()
 
 
 def test_cli_bench_without_model_uses_the_bundled_models(tmp_path, saved_tiny_llava, monkeypatch, capsys):
@@ -272,9 +272,11 @@ def _fake_cells(monkeypatch, failing: set[str] = frozenset()) -> list[tuple]:
     def run_cell(cell, options):
         ran.append((cell.model, cell.method, cell.budget, options.limit))
         status = "error" if cell.method in failing else "ok"
+        described = {"method": "none"} if cell.method == sweep.UNPRUNED else [
+            b.describe() for b in sweep._build_methods(cell, options)][0]  # what run_cell records
         return {"model": cell.model, "method": cell.method, "budget": cell.budget, "task": cell.task,
                 "status": status, "error": "BudgetError: x" if status == "error" else None,
-                "bench": options.to_dict(), "env": {}}
+                "options": described, "bench": options.to_dict(), "env": {}}
 
     monkeypatch.setattr(sweep, "run_cell", run_cell)
     return ran
@@ -307,6 +309,22 @@ def test_resume_keys_on_every_setting_that_changes_a_result(tmp_path, monkeypatc
     count, rows = sweep(method_options={"fastv": {"layer": 1}})
     assert count == 1 and ran[0][1] == "fastv"  # only the cell whose options changed
     assert len(rows) == 3 and out.read_text().count("\n") == 3 + 3 + 3 + 3 + 1
+
+
+def test_rows_made_with_other_method_defaults_are_measured_again(tmp_path, monkeypatch):
+    """A row records its method's resolved configuration; when a later vtprune resolves the same cell to other
+    defaults (e.g. a method's default positions changed), the old row is not reused."""
+    ran = _fake_cells(monkeypatch)
+    out = tmp_path / "r.jsonl"
+    cells = plan_cells(["tiny:llava"], ["fastv"], ["0.5"], ["latency"])
+    run_sweep(cells, out, FAST, progress=False)
+    assert run_sweep(cells, out, FAST, progress=False) and ran.count(ran[0]) == 1  # same defaults: reused
+    older = out.read_text().replace('"positions": "original"', '"positions": "compact"')
+    assert older != out.read_text()
+    out.write_text(older)
+    ran.clear()
+    run_sweep(cells, out, FAST, progress=False)
+    assert [cell[1] for cell in ran] == ["fastv"]
 
 
 def test_errored_cells_are_retried_and_replace_the_error_row(tmp_path, monkeypatch):
