@@ -241,8 +241,9 @@ def eager_vision_signals(model, pixel_values):
     return attentions[:, :, 0, :], out.hidden_states[feature_layer], metric
 
 
-def unpruned_lm_embeds(model, inputs) -> torch.Tensor:
-    """The inputs_embeds [L, D] the unpruned language model receives for sample 0."""
+def lm_embeds(model, inputs) -> torch.Tensor:
+    """The inputs_embeds [L, D] the language model receives for sample 0 (a hook registered after vtprune's
+    own pre-hook, so under pruning it sees the pruned call)."""
     received = {}
     handle = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: received.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
@@ -253,19 +254,17 @@ def unpruned_lm_embeds(model, inputs) -> torch.Tensor:
     return received["embeds"][0]
 
 
+def unpruned_lm_embeds(model, inputs) -> torch.Tensor:
+    """The inputs_embeds [L, D] the unpruned language model receives for sample 0."""
+    return lm_embeds(model, inputs)
+
+
 def run_pruned(model, inputs, method, budget, **options):
     """Kept positions of sample 0 and the inputs_embeds the language model received."""
-    received = {}
     with vtprune.pruned(model, method, budget, **options):
-        # registered after vtprune's own pre-hook, so it sees the pruned call
-        handle = model.model.language_model.register_forward_pre_hook(
-            lambda module, args, kwargs: received.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
-        try:
-            model(**inputs)
-        finally:
-            handle.remove()
+        embeds = lm_embeds(model, inputs)
         stage = vtprune.stats(model).samples[0].stages[0]
-    return stage, received["embeds"][0]
+    return stage, embeds
 
 
 def _llava_case(tiny_models, image_seed=0):
