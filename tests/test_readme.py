@@ -138,3 +138,27 @@ def test_lmms_eval_lines_reference_what_exists():
                 assert (ROOT / include.group(1) / task).is_dir(), (include.group(1), task)
             else:  # one of lmms-eval's task configs (a task name, or a yaml file of that name)
                 assert any(package_tasks.glob(f"*/{task}.yaml")) or (package_tasks / task).is_dir(), task
+
+
+def test_methods_table_is_the_registrys():
+    """`vtprune methods` and the README print one table, generated from the registry."""
+    from vtprune.registry import methods_markdown
+
+    assert methods_markdown() in README
+
+
+def test_methods_command_prints_the_table_and_reachable_budgets(capsys):
+    import vtprune.cli as cli
+    from vtprune.registry import methods_markdown
+
+    assert cli.main(["methods"]) == 0
+    assert capsys.readouterr().out == methods_markdown()
+    assert cli.main(["methods", "--model", "tiny:llava"]) == 0
+    out = capsys.readouterr().out
+    assert "reachable budgets" in out and "| `divprune` |" in out
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[-2].strip() for line in out.splitlines()
+            if line.startswith("| `")}
+    tokens = int(rows["divprune"].split("–")[1])
+    assert rows["divprune"] == f"1–{tokens}"
+    lowest_fastv = int(rows["fastv"].split("–")[0])
+    assert 1 < lowest_fastv < tokens  # layer 2 keeps every token before it

@@ -95,18 +95,60 @@ def _check_methods(names: list[str], budget=None, positions=None, seed: int = 0,
 
 def cmd_methods(args) -> int:
     from . import methods
+    from .registry import methods_markdown
 
     infos = methods()
     if args.json:
         print(json.dumps({k: {**v.__dict__, "defaults": v.defaults} for k, v in infos.items()}, indent=2,
                          default=str))
         return 0
-    print(f"{'method':<11} {'stage':<8} {'budget':>7}  {'policy':<14} {'positions':<9} {'signals':<32} paper")
-    for info in infos.values():
-        signals = ",".join(info.signals) or "-"
-        print(f"{info.name:<11} {info.stage:<8} {info.default_budget!s:>7}  {info.budget_policy:<14} "
-              f"{info.positions:<9} {signals:<32} {info.paper}")
+    reachable = None
+    if args.model is not None:
+        from .loading import check_model_spec, load_model
+
+        check_model_spec(args.model)
+        model, processor, description = load_model(args.model)
+        reachable, note = _reachable_budgets(model, processor)
+        print(f"model: {description}; {note}\n")
+    print(methods_markdown(reachable), end="")
     return 0
+
+
+def _reachable_budgets(model, processor) -> tuple[dict[str, str], str]:
+    """Per method, the int budgets (equivalent visual tokens per image) it can reach on ``model`` for the
+    bundled test image: pre-LLM methods any count up to the image's tokens; in-LLM methods from the smallest
+    layer average their stages allow (they keep every token before their first layer)."""
+    import warnings
+
+    from .adapters.base import adapter_for
+    from .errors import VTPruneError
+    from .registry import method_class, registered_methods
+
+    adapter = adapter_for(model)
+    sample = _default_image()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = processor(images=[sample.image], text=[text], return_tensors="pt")["input_ids"]
+    tokens = int(torch.isin(ids, torch.tensor(adapter.placeholder_token_ids())).sum())
+    layers = len(adapter.decoder_layers)
+    out = {}
+    for name, info in registered_methods().items():
+        if info.stage != "in-llm":
+            out[name] = f"1–{tokens}"
+            continue
+        lowest = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for budget in range(1, tokens + 1):
+                try:
+                    method_class(name)(budget=budget).schedule(layers, tokens, 1)
+                except VTPruneError:
+                    continue
+                lowest = budget
+                break
+        out[name] = f"{lowest}–{tokens}" if lowest is not None else "none"
+    size = "x".join(str(v) for v in sample.image.size)
+    return out, f"{tokens} visual tokens for a {size} image, {layers} decoder layers"
 
 
 def _default_image():
@@ -411,15 +453,30 @@ def cmd_eval(args) -> int:
                          batch_size=args.batch_size, extra=args.lmms_args)
 
 
+#: how budgets read, shown by every --help
+BUDGET_HELP = (
+    "Budgets: an int is the number of equivalent visual tokens per image, i.e. the visual tokens the language\n"
+    "model processes averaged over its layers (for a pre-LLM method simply the tokens kept); a float in (0, 1]\n"
+    "is a fraction of each image's visual tokens, and 'none' the method's paper default.\n"
+    "An in-LLM method keeps every token before its first pruning layer, so its smallest reachable budget depends\n"
+    "on the model: `vtprune methods --model DIR` lists it."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vtprune", description="Visual-token pruning for VLMs.")
+    parser = _Parser(
+        prog="vtprune", description="Visual-token pruning for VLMs.",
+        epilog=BUDGET_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("methods", help="list the registered pruning methods")
+    p = sub.add_parser("methods", help="list the registered pruning methods (the README's table)")
+    p.add_argument("--model", default=None,
+                   help="also give each method's reachable budgets on this model (a directory or tiny:<family>)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("run", help="one image + prompt through a pruned model; prints the answer and stats")
+    p = sub.add_parser("run", help="one image + prompt through a pruned model; prints the answer and stats", epilog=BUDGET_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None,
                    help="HF directory or hub id; 'tiny:<family>' for a random tiny model; default: bundled model")
     p.add_argument("--image", default=None, help="image file (default: a generated test image)")
@@ -441,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allow a checkpoint's own Python code (off: such checkpoints are refused, never prompted)")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("bench", help="sweep methods x budgets x models x tasks; JSONL rows (resumable) + tables")
+    p = sub.add_parser("bench", help="sweep methods x budgets x models x tasks; JSONL rows (resumable) + tables", epilog=BUDGET_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", metavar="DIR",
                    help="HF model directory (repeatable); default: the bundled micro-VLMs")
     p.add_argument("--preset", action="append", metavar="NAME",
@@ -491,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_results/plots", help="output directory")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("eval", help="accuracy through lmms-eval with a pruned model (the 'vtprune' lmms-eval model)")
+    p = sub.add_parser("eval", help="accuracy through lmms-eval with a pruned model (the 'vtprune' lmms-eval model)", epilog=BUDGET_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF model directory; default: the bundled micro-llava")
     p.add_argument("--method", default=None, help="registered method (default: none, the unpruned model)")
     p.add_argument("--budget", type=_parse_budget, default=None)

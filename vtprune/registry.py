@@ -221,6 +221,29 @@ class MethodInfo:
 
 _REGISTRY: dict[str, type[Method]] = {}
 
+_POLICY_TEXT = {"per_crop": "per crop (proportional)", "equal_per_crop": "equal per crop", "global": "whole image"}
+
+
+def methods_markdown(reachable: dict[str, str] | None = None) -> str:
+    """The methods table of the README and of ``vtprune methods``, generated from the registry (one source):
+    stage, how the budget is applied, default positions, option defaults, signals, paper. ``reachable``
+    (method -> text) adds a column with each method's budget range on a given model."""
+    infos = registered_methods()
+    header = ["method", "stage", "budget applies", "positions", "options (defaults)", "signals", "paper"]
+    if reachable is not None:
+        header.append("reachable budgets")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for info in infos.values():
+        applies = "layer average" if info.stage == "in-llm" else _POLICY_TEXT.get(info.budget_policy,
+                                                                                 info.budget_policy)
+        options = ", ".join(f"`{k}={v!r}`" for k, v in info.defaults.items()) or "–"
+        cells = [f"`{info.name}`", info.stage, applies, info.positions, options,
+                 ", ".join(info.signals) or "–", info.paper]
+        if reachable is not None:
+            cells.append(reachable.get(info.name, "–"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make a :class:`Method` subclass available by its ``name``."""
