@@ -2,9 +2,9 @@
 
 Per model and task:
 
-* ``synth`` rows (accuracy): accuracy vs prefill FLOPs and accuracy vs prefill latency, one colour per method,
-  the unpruned model as a star, and the Pareto front over all points (no other point is both cheaper and
-  more accurate) as a step line;
+* ``synth`` rows (accuracy): accuracy vs prefill FLOPs, vs equivalent visual tokens and vs prefill latency,
+  one colour and marker per method, error bars of one binomial standard error, the unpruned model as a star,
+  and the Pareto front over all points (no other point is both cheaper and more accurate) as a step line;
 * ``latency`` rows (random-weight presets: no accuracy): measured prefill speedup vs the FLOPs-implied
   speedup (with the ``y = x`` and ``y = 0.9 x`` guides of the targets) and prefill latency vs equivalent
   visual tokens, with the native-K prefill of every budget as the physical limit.
@@ -38,6 +38,9 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+_MARKERS = "osD^vP<X>hp8"
+
+
 def _colors(methods: Sequence[str]) -> dict[str, Any]:
     import matplotlib
 
@@ -45,19 +48,31 @@ def _colors(methods: Sequence[str]) -> dict[str, Any]:
     return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
 
 
-def _scatter_pareto(ax, records, x_key: str, y_key: str, xlabel: str, ylabel: str, colors) -> None:
+def _markers(methods: Sequence[str]) -> dict[str, str]:
+    """A marker per method (the unpruned model: a star), so methods differ in shape as well as in colour."""
+    pruned = [m for m in methods if m != "none"]
+    return {m: "*" if m == "none" else _MARKERS[pruned.index(m) % len(_MARKERS)] for m in methods}
+
+
+def _scatter_pareto(ax, records, x_key: str, y_key: str, xlabel: str, ylabel: str, colors,
+                    label_budgets: bool = False) -> None:
     points = []
+    markers = _markers(list(colors))
     for method in colors:
         rows = [r for r in records if r["method"] == method and r.get(x_key) is not None and r.get(y_key) is not None]
         if not rows:
             continue
         xs, ys = [r[x_key] for r in rows], [100 * r[y_key] for r in rows]
-        marker = "*" if method == "none" else "o"
-        ax.scatter(xs, ys, color=colors[method], marker=marker, s=120 if marker == "*" else 40,
-                   label="unpruned" if method == "none" else method, zorder=3)
-        for r, x, y in zip(rows, xs, ys, strict=True):
-            if method != "none":
-                ax.annotate(str(r["budget"]), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        errors = [100 * (r.get(f"{y_key}_stderr") or 0.0) for r in rows]
+        marker = markers[method]
+        ax.errorbar(xs, ys, yerr=errors if any(errors) else None, color=colors[method], marker=marker,
+                    markersize=12 if marker == "*" else 6, linestyle="none", capsize=2, elinewidth=0.8,
+                    label="unpruned" if method == "none" else method, zorder=3)
+        if label_budgets:
+            for r, x, y in zip(rows, xs, ys, strict=True):
+                if method != "none":
+                    ax.annotate(str(r["budget"]), (x, y), textcoords="offset points", xytext=(4, -9), fontsize=6,
+                                color=colors[method])
         points += list(zip(xs, ys, strict=True))
     front = pareto_front(points)
     if len(front) > 1:
@@ -85,12 +100,15 @@ def plot_rows(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]
             methods = list(dict.fromkeys(r["method"] for r in subset))
             colors = _colors(methods)
             if any(r.get("accuracy") is not None for r in subset):
-                fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-                _scatter_pareto(axes[0], subset, "gflops", "accuracy", "prefill GFLOPs (analytic)", "accuracy (%)",
+                fig, axes = plt.subplots(1, 3, figsize=(17, 5))
+                _scatter_pareto(axes[0], subset, "gflops", "accuracy", "prefill GFLOPs (analytic; labels: budget)",
+                                "accuracy (%, ± 1 s.e.)", colors, label_budgets=True)
+                _scatter_pareto(axes[1], subset, "equivalent_tokens", "accuracy",
+                                "equivalent visual tokens (averaged over decoder layers)", "accuracy (%, ± 1 s.e.)",
                                 colors)
-                _scatter_pareto(axes[1], subset, "prefill_ms", "accuracy", "prefill latency (ms, median)",
-                                "accuracy (%)", colors)
-                axes[1].legend(fontsize=8, loc="lower right")
+                _scatter_pareto(axes[2], subset, "prefill_ms", "accuracy", "prefill latency (ms, median)",
+                                "accuracy (%, ± 1 s.e.)", colors)
+                axes[2].legend(fontsize=8, loc="lower right")
                 fig.suptitle(f"{_slug(model)} - {task}: accuracy vs cost")
                 path = out_dir / f"pareto_{_slug(model)}_{task}.png"
             else:
