@@ -47,3 +47,13 @@ def test_paper_table_is_percent_of_unpruned():
     assert "| b | 105.0 | – |" in text
     assert "unpruned: 80.0 %" in text
     assert report.paper_markdown([r for r in records if r["method"] != "none"]) == ""
+
+
+def test_plot_gives_every_method_its_own_marker_and_colour():
+    from vtprune.bench.plot import _colors, _markers
+
+    methods = ["none"] + [f"method{i}" for i in range(10)]
+    markers, colors = _markers(methods), _colors(methods)
+    assert markers["none"] == "*"
+    assert len({markers[m] for m in methods[1:]}) == 10
+    assert len({tuple(colors[m]) for m in methods}) == len(methods)
