@@ -71,3 +71,29 @@ def test_cli_run_show_writes_an_image(tmp_path, capsys):
     assert "kept tokens drawn to" in capsys.readouterr().out
     with Image.open(out) as drawn:
         assert drawn.width > 2 * 256 and drawn.height > 256  # base view + crops, input + one stage
+
+
+def test_input_panel_is_clean_and_the_sheet_has_caption_legend_and_crop_labels(tiny_models):
+    from vtprune.adapters.base import adapter_for
+    from vtprune.viz import _views
+
+    model, processor = tiny_models["llava"]
+    image, inputs = _run(model, processor, "fastervlm", 16)
+    plain = overlay(model, inputs, image, processor=processor)
+    captioned = overlay(model, inputs, image, processor=processor, caption="Q: what?\nA: red")
+    vtprune.remove(model)
+    assert captioned.height > plain.height  # the question and answer sit above the panels
+    full, pruned = _panels(plain, 2)
+    outline = np.array([40, 220, 90])  # vtprune.viz._KEPT
+    assert not (full == outline).all(-1).any()  # no outline on the input panel: the picture itself
+    assert (pruned == outline).all(-1).any()
+    legend = np.asarray(plain)[-22:]
+    assert (legend < 250).any()  # the legend strip is drawn
+
+    model, processor = tiny_models["llava_next"]
+    image, inputs = _run(model, processor, "divprune", 16)
+    layout = adapter_for(model).build_layouts(dict(inputs))[0]
+    labels = [view[0] for view in _views(model, layout, dict(inputs), image, processor)]
+    vtprune.remove(model)
+    assert labels[0] == "image, base view" and len(labels) == len(set(labels)) > 1
+    assert all(label.startswith("image, crop ") for label in labels[1:])

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -242,7 +243,9 @@ def cmd_run(args) -> int:
     if args.show:
         from .viz import save_overlay
 
-        path = save_overlay(args.show, model, inputs, image, processor=processor)
+        caption = (f"{args.method} at budget {args.budget} on {Path(str(description)).name}\n"
+                   f"Q: {args.prompt}\nA: {answer.strip()}")
+        path = save_overlay(args.show, model, inputs, image, processor=processor, caption=caption)
         print(f"kept tokens drawn to {path}")
     return 0
 

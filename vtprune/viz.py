@@ -67,7 +67,7 @@ def _vit_grid(model) -> int | None:
 
 
 def _panel(base: Image.Image, height: int, width: int, cells: np.ndarray, kept: np.ndarray, merged_into: bool,
-           merged: np.ndarray | None, title: str) -> Image.Image:
+           merged: np.ndarray | None, title: str, outlines: bool = True) -> Image.Image:
     """One panel: ``base`` resized so the long side is _PANEL px with a ``height x width`` token grid on top.
     ``cells`` (int [n], raster index) are the grid cells that are tokens, ``kept`` (bool [n]) which of them
     the stage kept, ``merged`` (bool [n] or None) which took a merged token; other cells are hatched."""
@@ -96,7 +96,7 @@ def _panel(base: Image.Image, height: int, width: int, cells: np.ndarray, kept: 
         draw.rectangle((c * scale, _TITLE + r * scale, (c + 1) * scale - 1, _TITLE + (r + 1) * scale - 1),
                        outline=color, width=width_px)
 
-    for index in cells[kept]:
+    for index in cells[kept] if outlines else ():  # the input panel shows the picture itself
         outline(index, _KEPT, 1 if scale < 12 else 2)
     if merged is not None:
         for index in cells[merged]:
@@ -108,33 +108,85 @@ def _panel(base: Image.Image, height: int, width: int, cells: np.ndarray, kept: 
 
 
 def _views(model, layout, call: dict[str, Any], image: Image.Image | None, processor):
-    """Yield (base image, grid height, grid width, cells, sequence positions) per drawable view: one per
+    """Yield (label, base image, grid height, grid width, cells, sequence positions) per drawable view: one per
     vision-encoder input when its pixels can be shown (tokens placed by their patch index), else one per
-    token group drawn over the original image."""
+    token group drawn over the original image. Labels name the image and, for AnyRes, the base view / crop."""
     pixels, side = _pixel_rows(call), _vit_grid(model)
-    for img in layout.images:
-        for group in img.groups:
+    for image_index, img in enumerate(layout.images):
+        name = f"image {image_index + 1}" if len(layout.images) > 1 else "image"
+        first_row = int(min(int(g.vision_row.min()) for g in img.groups)) if img.groups else 0
+        for group_index, group in enumerate(img.groups):
             positions = img.positions[group.members].cpu()  # [g]
             rows = torch.unique(group.vision_row)
             if pixels is not None and side is not None and int(rows.max()) < pixels.shape[0] \
                     and int(group.patch_index.max()) < side * side:
                 for row in rows.tolist():
                     mine = (group.vision_row == row).cpu()
-                    yield (_model_view(pixels, row, processor), side, side, group.patch_index[mine].cpu().numpy(),
-                           positions[mine])
+                    crop = row - first_row  # 0: the base view of an AnyRes image
+                    part = "" if len(img.groups) == 1 else (", base view" if crop == 0 else f", crop {crop}")
+                    yield (name + part, _model_view(pixels, row, processor), side, side,
+                           group.patch_index[mine].cpu().numpy(), positions[mine])
             elif group.height and group.width:
                 if image is None:
                     raise ValueError("pass the original image: the model's view cannot be rebuilt from the inputs")
-                yield image, group.height, group.width, np.arange(group.size), positions
+                part = "" if len(img.groups) == 1 else (", base view" if group_index == 0 else ", crop grid")
+                yield name + part, image, group.height, group.width, np.arange(group.size), positions
+
+
+def _legend(width: int, merged: bool) -> Image.Image:
+    """A strip explaining the colours of the panels."""
+    font = ImageFont.load_default()
+    entries = [("kept (green outline)", (200, 200, 200), _KEPT), ("pruned (darkened)", (60, 60, 60), None)]
+    if merged:
+        entries += [("merged away (blue)", _MERGED_TINT, None), ("merged token's place", (200, 200, 200), _MERGED)]
+    entries.append(("no token (hatched)", (220, 220, 220), None))
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    places, x, y = [], 4, 0
+    for label, fill, edge in entries:  # wrap onto a new line where the sheet is narrow
+        step = 22 + int(probe.textlength(label, font=font)) + 12
+        if x > 4 and x + step > width:
+            x, y = 4, y + 20
+        places.append((x, y, label, fill, edge))
+        x += step
+    strip = Image.new("RGB", (width, y + 22), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for x, y, label, fill, edge in places:
+        draw.rectangle((x, y + 5, x + 12, y + 17), fill=fill, outline=edge or (120, 120, 120), width=2 if edge else 1)
+        draw.text((x + 16, y + 6), label, fill=(0, 0, 0), font=font)
+    return strip
+
+
+def _caption(width: int, text: str) -> Image.Image:
+    """Lines of ``text`` (the question and the answer) wrapped to ``width`` pixels."""
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        words, line = paragraph.split(), ""
+        for word in words:
+            candidate = f"{line} {word}".strip()
+            if line and probe.textlength(candidate, font=font) > width - 8:
+                lines.append(line)
+                line = word
+            else:
+                line = candidate
+        lines.append(line)
+    strip = Image.new("RGB", (width, 6 + 13 * len(lines)), (255, 255, 255))
+    draw = ImageDraw.Draw(strip)
+    for i, line in enumerate(lines):
+        draw.text((4, 3 + 13 * i), line, fill=(0, 0, 0), font=font)
+    return strip
 
 
 def overlay(model, inputs: dict[str, Any], image: Image.Image | None = None, sample: int = 0,
-            processor=None) -> Image.Image:
+            processor=None, caption: str | None = None) -> Image.Image:
     """A PIL image of the tokens kept at each stage of the last pruned forward of ``model`` on ``inputs``.
 
     ``inputs`` are the processor outputs of that forward (``input_ids``, ``pixel_values``, ...); ``image``
     the original image (used where the model's view cannot be reconstructed); ``sample`` the batch row;
-    ``processor`` (optional) supplies the normalisation to un-normalise LLaVA ``pixel_values``.
+    ``processor`` (optional) supplies the normalisation to un-normalise LLaVA ``pixel_values``; ``caption``
+    (optional) is printed above the panels (``vtprune run --show`` puts the question and the answer there). A
+    legend of the colours is printed below.
     """
     from .adapters.base import adapter_for
     from .api import stats as prune_stats
@@ -149,10 +201,11 @@ def overlay(model, inputs: dict[str, Any], image: Image.Image | None = None, sam
         raise ValueError("this sample has no image tokens; nothing to draw.")
 
     rows = []
-    for base, height, width, cells, positions in _views(model, layout, call, image, processor):
+    any_merged = False
+    for label, base, height, width, cells, positions in _views(model, layout, call, image, processor):
         everything = np.ones(len(cells), dtype=bool)
         panels = [_panel(base, height, width, cells, everything, False, None,
-                         f"input: {len(cells)} tokens")]
+                         f"{label}: {len(cells)} tokens", outlines=False)]
         for stage in sample_stats.stages:
             kept = torch.isin(positions, stage.kept_positions.cpu()).numpy()
             anchors = getattr(stage, "merged_positions", None)
@@ -160,6 +213,7 @@ def overlay(model, inputs: dict[str, Any], image: Image.Image | None = None, sam
             title = f"{stage.name} @L{stage.layer}: kept {int(kept.sum())}/{len(cells)}"
             if stage.merged:
                 title += f"\n+{stage.merged} merged tokens (blue: merged away)"
+                any_merged = True
             panels.append(_panel(base, height, width, cells, kept, stage.merged > 0, merged, title))
         rows.append(panels)
     if not rows:
@@ -167,22 +221,29 @@ def overlay(model, inputs: dict[str, Any], image: Image.Image | None = None, sam
 
     gap = 6
     width = max(sum(p.width for p in row) + gap * (len(row) - 1) for row in rows)
-    height = sum(max(p.height for p in row) for row in rows) + gap * (len(rows) - 1)
+    header = _caption(width, caption) if caption else None
+    legend = _legend(width, any_merged)
+    height = sum(max(p.height for p in row) for row in rows) + gap * (len(rows) - 1) + legend.height \
+        + (header.height if header else 0)
     sheet = Image.new("RGB", (width, height), (255, 255, 255))
     y = 0
+    if header is not None:
+        sheet.paste(header, (0, 0))
+        y = header.height
     for row in rows:
         x = 0
         for panel in row:
             sheet.paste(panel, (x, y))
             x += panel.width + gap
         y += max(p.height for p in row) + gap
+    sheet.paste(legend, (0, height - legend.height))
     return sheet
 
 
 def save_overlay(path: str | Path, model, inputs: dict[str, Any], image: Image.Image | None = None,
-                 sample: int = 0, processor=None) -> Path:
+                 sample: int = 0, processor=None, caption: str | None = None) -> Path:
     """Write :func:`overlay` to ``path`` (format from the suffix, e.g. .png) and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    overlay(model, inputs, image, sample, processor).save(path)
+    overlay(model, inputs, image, sample, processor, caption).save(path)
     return path
