@@ -142,12 +142,14 @@ class _Wrapper:
 
     def __init__(self, session: PruneSession, handler: str, original) -> None:
         self.session, self.handler, self.original = session, handler, original
+        self.signature = inspect.signature(original)
         self.__wrapped__ = original  # inspect.signature (used by generate to filter arguments) sees the original
         self.__name__ = getattr(original, "__name__", handler)
         self.__doc__ = getattr(original, "__doc__", None)
 
     def __call__(self, *args, **kwargs):
-        return getattr(self.session, self.handler)(self.original, args, kwargs)
+        call = _bound_call(self.signature, args, kwargs)  # the arguments by name
+        return getattr(self.session, self.handler)(self.original, call, args, kwargs)
 
 
 class PruneSession:
@@ -252,9 +254,10 @@ class PruneSession:
             setattr(owner, name, _Wrapper(self, "_run_vision", original))
             self._wrapped.append((owner, name))
 
-    def _run_vision(self, original, args: tuple, kwargs: dict[str, Any]):
-        """The vision encoder, with the adapter capturing the signals the methods asked for."""
-        self.adapter.begin_capture(_bound_call(inspect.signature(original), args, kwargs), self.store)
+    def _run_vision(self, original, call: dict[str, Any], args: tuple, kwargs: dict[str, Any]):
+        """The vision encoder, with the adapter capturing the signals the methods asked for (``call``: its
+        arguments by name)."""
+        self.adapter.begin_capture(call, self.store)
         try:
             output = original(*args, **kwargs)
         finally:
@@ -273,8 +276,8 @@ class PruneSession:
         setattr(owner, name, _Wrapper(self, "_inject_side_inputs", original))
         self._wrapped.append((owner, name))
 
-    def _inject_side_inputs(self, original, args: tuple, kwargs: dict[str, Any]):
-        hidden, mask, rows = _bound_call(inspect.signature(original), args, kwargs).values()
+    def _inject_side_inputs(self, original, call: dict[str, Any], args: tuple, kwargs: dict[str, Any]):
+        hidden, mask, rows = list(call.values())[:3]
         side = self._side
         columns = self._current_columns(hidden.shape[0], hidden.shape[1]) if side is not None else None
         if columns is None:
@@ -349,8 +352,8 @@ class PruneSession:
     def _refuse_unrecognised_visual_input(self, call: dict[str, Any]) -> None:
         """A prefill whose input_ids hold image/video placeholder tokens although no visual input was found in
         the call: the inputs arrived under a name vtprune does not know, and the forward would run unpruned."""
-        input_ids = call.get("input_ids")
-        if input_ids is None or compat.get_cache(call) is not None and compat.get_cache(call).get_seq_length():
+        input_ids, cache = call.get("input_ids"), compat.get_cache(call)
+        if input_ids is None or cache is not None and cache.get_seq_length():
             return
         placeholders = self.adapter.placeholder_token_ids()
         found = int(torch.isin(input_ids, torch.tensor(placeholders, device=input_ids.device)).sum()) \
