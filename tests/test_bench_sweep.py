@@ -368,3 +368,46 @@ def test_cli_bench_tables_hold_every_row_of_the_file(tmp_path, monkeypatch):
     assert len(csv_lines) == 1 + 3 and out.read_text().count("\n") == 3
     markdown = (tmp_path / "r.md").read_text()
     assert "| 0.5 |" in markdown and "| 0.25 |" in markdown and "| full |" in markdown
+
+
+def test_sweep_config_runs_every_seed_and_option_combination(tmp_path, saved_tiny_llava, capsys):
+    from vtprune.cli import main
+
+    config = tmp_path / "sweep.yaml"
+    out = tmp_path / "r.jsonl"
+    config.write_text(f"models: [{saved_tiny_llava}]\nmethods: [fastv]\nbudgets: [0.5]\ntasks: [synth]\n"
+                      f"seeds: [0, 1]\noptions:\n  fastv: {{layer: [1, 2]}}\nlimit: 4\nout: {out}\n")
+    assert main(["bench", "--config", str(config), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    pruned = [r for r in rows if r["method"] == "fastv"]
+    assert sorted((r["bench"]["seed"], r["bench"]["method_options"]["fastv"]["layer"]) for r in pruned) == [
+        (0, 1), (0, 2), (1, 1), (1, 2)]
+    assert {r["bench"]["config"] for r in rows} == {str(config.resolve())}
+    printed = capsys.readouterr().out
+    assert "fastv(layer=1)" in printed and "fastv(layer=2)" in printed
+    assert main(["bench", "--config", str(config), "--no-progress"]) == 0  # resume: nothing measured again
+    assert out.read_text().count("\n") == len(rows)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("modelz: [x]\n", "unknown key"),
+    ("seeds: zero\n", "seeds must be a list"),
+    ("options: [1]\n", "options must map"),
+    ("methods: [fastv\n", "not valid YAML"),
+])
+def test_sweep_config_errors(tmp_path, text, message, capsys):
+    from vtprune.cli import main
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text(text)
+    assert main(["bench", "--config", str(config)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sweep_config_and_flag_for_the_same_setting_is_refused(tmp_path, capsys):
+    from vtprune.cli import main
+
+    config = tmp_path / "sweep.yaml"
+    config.write_text("methods: [fastv]\n")
+    assert main(["bench", "--config", str(config), "--methods", "divprune"]) == 2
+    assert "set it in one place" in capsys.readouterr().err

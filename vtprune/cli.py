@@ -302,9 +302,66 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
     return models, presets, chosen, options
 
 
-def cmd_bench(args) -> int:
-    from pathlib import Path
+#: sweep-config keys -> the ``vtprune bench`` argument each one sets
+_CONFIG_KEYS = {"models": "model", "presets": "preset", "methods": "methods", "budgets": "budgets", "tasks": "tasks",
+                "limit": "limit", "batch_size": "batch_size", "repeats": "repeats", "warmup": "warmup",
+                "new_tokens": "new_tokens", "threads": "threads", "device": "device", "dtype": "dtype",
+                "out": "out", "jobs": "jobs"}
 
+
+def _sweep_runs(args) -> list[tuple[int, list[tuple[str, object]]]]:
+    """The sweeps ``vtprune bench`` runs: (seed, ``--option`` pairs) per run. With ``--config FILE`` (YAML:
+    the keys of ``_CONFIG_KEYS`` plus ``seeds: [..]`` and ``options: {method: {name: value or [values]}}``), one
+    run per seed x combination of the option grids, all into the same results file; without, one run."""
+    import itertools
+
+    from .errors import VTPruneError
+
+    if not args.config:
+        return [(args.seed, list(args.option or []))]
+    import yaml
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise VTPruneError(f"--config {args.config!r}: no such file; pass a YAML sweep config (see eval/sweeps/).")
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise VTPruneError(f"--config {args.config!r} is not valid YAML: {error}".splitlines()[0]) from None
+    if not isinstance(config, dict):
+        raise VTPruneError(f"--config {args.config!r} must hold a mapping (models:, methods:, budgets:, ...).")
+    known = set(_CONFIG_KEYS) | {"seeds", "options"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise VTPruneError(f"--config {args.config!r}: unknown key(s) {', '.join(unknown)}; known: "
+                           f"{', '.join(sorted(known))}.")
+    defaults = vars(build_parser().parse_args(["bench"]))
+    for key, attribute in _CONFIG_KEYS.items():
+        if key not in config:
+            continue
+        if getattr(args, attribute) != defaults[attribute]:
+            raise VTPruneError(f"{key} is set both in --config and on the command line; set it in one place.")
+        value = config[key]
+        if key in ("methods", "budgets", "tasks") and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif key in ("models", "presets") and not isinstance(value, list):
+            value = [value]
+        setattr(args, attribute, value)
+    if ("seeds" in config and args.seed != defaults["seed"]) or ("options" in config and args.option):
+        raise VTPruneError("seeds / options are set both in --config and on the command line; set them in one place.")
+    seeds = config.get("seeds", [args.seed])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) for x in seeds):
+        raise VTPruneError(f"--config {args.config!r}: seeds must be a list of ints, e.g. [0, 1, 2].")
+    grids = config.get("options") or {}
+    if not isinstance(grids, dict) or not all(isinstance(v, dict) for v in grids.values()):
+        raise VTPruneError(f"--config {args.config!r}: options must map a method to its options, e.g. "
+                           "{fastv: {layer: [1, 2]}}.")
+    axes = [[(f"{method}.{name}", v) for v in (values if isinstance(values, list) else [values])]
+            for method, opts in grids.items() for name, values in opts.items()]
+    return [(seed, list(point)) for seed in seeds for point in itertools.product(*axes)]
+
+
+def cmd_bench(args) -> int:
     from .bench import report
     from .bench.sweep import ResultsFile, SweepOptions, iter_rows, plan_cells, run_sweep
 
@@ -315,14 +372,19 @@ def cmd_bench(args) -> int:
             preset = load_preset(name)
             print(f"{name:<22} {preset.family:<16} {preset.dtype:<9} {preset.reference or '-':<44} {preset.notes}")
         return 0
-    models, presets, chosen, method_options = _check_bench_args(args)
-    options = SweepOptions(
-        limit=None if args.limit == 0 else args.limit, batch_size=args.batch_size, repeats=args.repeats,
-        warmup=args.warmup, new_tokens=args.new_tokens, threads=args.threads, device=args.device, dtype=args.dtype,
-        native=not args.no_native, paired=not args.no_paired, seed=args.seed, method_options=method_options,
-        trust_remote_code=args.trust_remote_code,
-    )
-    options.validate()
+    runs = []
+    for seed, option_pairs in _sweep_runs(args):
+        args.option = option_pairs
+        models, presets, chosen, method_options = _check_bench_args(args)
+        options = SweepOptions(
+            limit=None if args.limit == 0 else args.limit, batch_size=args.batch_size, repeats=args.repeats,
+            warmup=args.warmup, new_tokens=args.new_tokens, threads=args.threads, device=args.device,
+            dtype=args.dtype, native=not args.no_native, paired=not args.no_paired, seed=seed,
+            method_options=method_options, trust_remote_code=args.trust_remote_code,
+            config=str(Path(args.config).resolve()) if args.config else None,
+        )
+        options.validate()
+        runs.append(options)
     cells = []
     for group, default_tasks, default_budgets in ((models, "synth", "full,0.5,0.25,0.125"),
                                                    (presets, "latency", "full,192,128,64")):
@@ -340,7 +402,8 @@ def cmd_bench(args) -> int:
     if jobs is None:  # accuracy sweeps over several models: one process per model on a multi-core machine
         synth_only = all(cell.task == "synth" for cell in cells)
         jobs = min(len({cell.model for cell in cells}), os.cpu_count() or 1) if synth_only else 1
-    rows = run_sweep(cells, out, options, progress=not args.no_progress, use_ray=args.ray, jobs=jobs)
+    rows = [row for options in runs
+            for row in run_sweep(cells, out, options, progress=not args.no_progress, use_ray=args.ray, jobs=jobs)]
     # the tables describe the whole results file (newest row per cell and settings), not only this run's cells
     every_row = iter_rows([out])
     records = report.summaries(every_row)
@@ -535,6 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes, each running whole models (default: one per model, up to the CPU "
                         "count, when only accuracy is measured; else 1 so timings do not share the machine)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="a sweep config (models, methods, budgets, tasks, seeds, per-method option grids, ...; "
+                        "see eval/sweeps/); every seed x option combination runs into the same --out")
     p.add_argument("--full-table", action="store_true",
                    help="print every column (the markdown/CSV files always have them); default: a compact summary")
     p.add_argument("--targets", action="store_true",

@@ -40,6 +40,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _method_label(row: dict[str, Any]) -> str:
+    """The method, with the options the sweep set for it (``fastv(layer=1)``), so that the rows of an option
+    grid stay apart in the tables."""
+    given = ((row.get("bench") or {}).get("method_options") or {})
+    parts = row["method"].split("+")
+    labels = []
+    for part in parts:
+        options = given.get(part) or {}
+        labels.append(part + ("(" + ",".join(f"{k}={v}" for k, v in sorted(options.items())) + ")" if options else ""))
+    return "+".join(labels)
+
+
 def summarize(row: dict[str, Any]) -> dict[str, Any]:
     """Flat record of one row (numbers, not formatted)."""
     latency = row.get("latency") or {}
@@ -60,7 +72,8 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
     select_cpu = _median(latency.get("select_cpu_ms"))
     speedup_cpu = _ratio(_median(unpruned.get("prefill_cpu_ms")), prefill_cpu)
     record = {
-        "model": row["model"], "method": row["method"], "budget": "full" if row["budget"] is None else row["budget"],
+        "model": row["model"], "method": _method_label(row),
+        "budget": "full" if row["budget"] is None else row["budget"],
         "task": row["task"], "status": row.get("status"), "stage": row.get("stage"),
         "visual_tokens": row.get("visual_tokens"), "equivalent_tokens": row.get("equivalent_tokens"),
         "gflops": None if flops is None else flops / 1e9,

@@ -107,6 +107,7 @@ class SweepOptions:
     seed: int = 0
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options
     trust_remote_code: bool = False    # passed to from_pretrained for model directories (never prompts)
+    config: str | None = None          # the sweep config file the run came from (recorded, not a result key)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
