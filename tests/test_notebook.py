@@ -32,3 +32,25 @@ def test_quickstart_notebook_executes(monkeypatch):
     images = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])
               if "image/png" in out.get("data", {})]
     assert len(images) >= 2  # the sample strip and the kept-token overlay
+
+
+@pytest.mark.slow
+def test_quickstart_notebook_runs_with_jupyter_execute(tmp_path):
+    """As a user runs it: `jupyter execute` (the notebook extra installs jupyter); the notebook file is not
+    rewritten."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    jupyter = shutil.which("jupyter", path=str(Path(sys.executable).parent)) or shutil.which("jupyter")
+    if jupyter is None:
+        pytest.skip("jupyter is not installed (pip install 'vtprune[notebook]')")
+    if not (ROOT / "models" / "micro-llava" / "config.json").is_file():
+        pytest.skip("models/micro-llava is not in this checkout")
+    before = NOTEBOOK.read_bytes()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([jupyter, "execute", str(NOTEBOOK)], cwd=NOTEBOOK.parent, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert NOTEBOOK.read_bytes() == before
