@@ -96,9 +96,11 @@ def test_vtprune_command_runs(command, image_file, tmp_path, monkeypatch, capsys
     import vtprune.bench.sweep as sweep
     import vtprune.cli as cli
 
-    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     argv = _argv(command, image_file, tmp_path)
+    # a sweep config names repository paths (run from the repository root, as the README says); other
+    # commands run in a scratch directory
+    monkeypatch.chdir(ROOT if "--config" in argv else tmp_path)
     if _is_long(argv):
         def would_start(*args, **kwargs):
             raise _WouldStartWork
