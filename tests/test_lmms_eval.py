@@ -63,7 +63,12 @@ def test_lmms_eval_cli_accuracy_equals_evaluate_vqa(tmp_path, model_dir):
          "--limit", str(LIMIT), "--output-path", str(out), "--device", "cpu"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = json.loads(next(out.rglob("*_results.json")).read_text())["results"]["vtprune_synth"]
+    written = json.loads(next(out.rglob("*_results.json")).read_text())
+    results = written["results"]["vtprune_synth"]
+    stats = written["vtprune"]  # vtprune's statistics of the run, in lmms-eval's results file
+    assert stats["samples"] == LIMIT and stats["args"]["method"] == "divprune"
+    assert stats["equivalent_tokens"] == pytest.approx(0.25 * stats["visual_tokens_in"])
+    assert stats["prefill_gflops"] < stats["prefill_gflops_unpruned"]
     samples = [json.loads(line) for line in next(out.rglob("*_samples_vtprune_synth.jsonl")).read_text().splitlines()]
     samples.sort(key=lambda s: s["doc_id"])
     assert len(samples) == LIMIT

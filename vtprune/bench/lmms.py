@@ -50,7 +50,7 @@ _BACKENDS = {
     "qwen2_5_vl": "qwen2_5_vl",
     "qwen3_vl": "qwen3_vl",
 }
-_VTPRUNE_ARGS = ("method", "budget", "positions", "seed", "backend")
+_VTPRUNE_ARGS = ("method", "budget", "positions", "seed", "backend", "stats")
 
 TASKS_DIR = Path(__file__).resolve().parents[2] / "eval" / "lmms_tasks"
 
@@ -170,11 +170,58 @@ def _pruned_class(backend_cls: type) -> type:
                 kwargs_apply["seed"] = int(self.vtprune_args["seed"])
             vtprune.apply(self.model, names[0] if len(names) == 1 else names,
                           budget=_budget(self.vtprune_args.get("budget")), **kwargs_apply, **options)
+            self._vtprune_samples = []
+            self._vtprune_hook = self.model.register_forward_hook(_stats_collector(self))
 
-    cls = type(f"VTPrune{backend_cls.__name__}", (backend_cls,), {"__init__": __init__, "__module__": __name__,
-                                                                 "__doc__": f"{backend_cls.__name__} pruned by vtprune"})
+    def generate_until(self, requests):
+        responses = backend_cls.generate_until(self, requests)
+        if self.vtprune_args.get("stats") and getattr(self, "_vtprune_samples", None) is not None:
+            _write_stats(self.vtprune_args["stats"], self.vtprune_args, self._vtprune_samples)
+        return responses
+
+    cls = type(f"VTPrune{backend_cls.__name__}", (backend_cls,), {
+        "__init__": __init__, "generate_until": generate_until, "__module__": __name__,
+        "__doc__": f"{backend_cls.__name__} pruned by vtprune"})
     _PRUNED_CLASSES[backend_cls] = cls
     return cls
+
+
+def _stats_collector(lm):
+    """A forward hook that keeps, per prefill, each sample's pruning statistics (visual tokens in, equivalent
+    tokens, prefill FLOPs pruned / unpruned)."""
+    import vtprune
+
+    last = {"stats": None}
+
+    def collect(module, args, output):
+        stats = vtprune.stats(module) if vtprune.is_pruned(module) else None
+        if stats is None or stats is last["stats"]:
+            return
+        last["stats"] = stats
+        lm._vtprune_samples.extend(
+            {"visual_in": s.visual_in, "equivalent_tokens": s.equivalent_tokens, "flops": s.flops,
+             "flops_unpruned": s.flops_unpruned} for s in stats.samples if s.visual_in)
+
+    return collect
+
+
+def summarize_stats(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means over the prefills of a run (what `vtprune eval` adds to lmms-eval's results)."""
+    def mean(key):
+        values = [s[key] for s in samples if s.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    flops, full = mean("flops"), mean("flops_unpruned")
+    return {"samples": len(samples), "visual_tokens_in": mean("visual_in"),
+            "equivalent_tokens": mean("equivalent_tokens"), "prefill_gflops": None if flops is None else flops / 1e9,
+            "prefill_gflops_unpruned": None if full is None else full / 1e9,
+            "flops_speedup": full / flops if flops and full else None}
+
+
+def _write_stats(path: str, vtprune_args: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    summary = {"args": {k: v for k, v in vtprune_args.items() if k != "stats"}, **summarize_stats(samples)}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(summary, indent=2, default=str))
 
 
 def run_lmms_eval(*, model: str | None, method: str | None, budget, tasks: str = "vtprune_synth",
@@ -195,8 +242,10 @@ def run_lmms_eval(*, model: str | None, method: str | None, budget, tasks: str =
         model = str(bundled)
     model_args = [f"pretrained={Path(model).resolve() if Path(model).exists() else model}", f"device={device}",
                   f"dtype={dtype}"]
+    stats_path = Path(output_path).resolve() / "vtprune_stats.json"
     if method:
         model_args.append(f"method={method}")
+        model_args.append(f"stats={stats_path}")
         if budget is not None:
             model_args.append(f"budget={budget}")
     command = [sys.executable, "-m", "lmms_eval", "--model", "vtprune", "--model_args", ",".join(model_args),
@@ -217,6 +266,18 @@ def run_lmms_eval(*, model: str | None, method: str | None, budget, tasks: str =
     if problem:
         print(f"vtprune: error: lmms-eval exited 0 but {problem}; see its output above", file=sys.stderr)
         return 1
+    if method:
+        if not stats_path.is_file() or stats_path.stat().st_mtime < started:
+            print(f"vtprune: error: the pruned run wrote no statistics ({stats_path})", file=sys.stderr)
+            return 1
+        stats = json.loads(stats_path.read_text())
+        for results_file in (p for p in Path(output_path).rglob("*_results.json") if p.stat().st_mtime >= started):
+            data = json.loads(results_file.read_text())
+            data["vtprune"] = stats  # this run's own output file: its results now carry the pruning statistics
+            results_file.write_text(json.dumps(data, indent=2, default=str))
+        print(f"vtprune: {stats['samples']} prefills, {stats['visual_tokens_in']:.1f} visual tokens in -> "
+              f"{stats['equivalent_tokens']:.1f} equivalent, prefill {stats['prefill_gflops']:.3f} / "
+              f"{stats['prefill_gflops_unpruned']:.3f} GFLOPs (also in the results file under 'vtprune')")
     return 0
 
 
