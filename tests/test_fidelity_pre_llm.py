@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference_runs import capture_lm_calls
 
 import vtprune
 from vtprune.adapters.base import adapter_for
@@ -244,14 +245,9 @@ def eager_vision_signals(model, pixel_values):
 def lm_embeds(model, inputs) -> torch.Tensor:
     """The inputs_embeds [L, D] the language model receives for sample 0 (a hook registered after vtprune's
     own pre-hook, so under pruning it sees the pruned call)."""
-    received = {}
-    handle = model.model.language_model.register_forward_pre_hook(
-        lambda module, args, kwargs: received.update(embeds=kwargs["inputs_embeds"]), with_kwargs=True)
-    try:
+    with capture_lm_calls(model) as calls:
         model(**inputs)
-    finally:
-        handle.remove()
-    return received["embeds"][0]
+    return calls[-1]["inputs_embeds"][0]
 
 
 def unpruned_lm_embeds(model, inputs) -> torch.Tensor:

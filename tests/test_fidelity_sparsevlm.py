@@ -29,6 +29,7 @@ import warnings
 
 import pytest
 import torch
+from reference_runs import capture_lm_calls
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaDecoderLayer,
@@ -308,12 +309,9 @@ def test_tiny_llava_matches_the_official_forward(llava_models, version, case):
 def _compare_with_official(model, inputs, version, options):
     """Run vtprune and the official loop on one sample; assert identical stages and close prompt logits."""
     lm = model.model.language_model
-    captured = {}
-    hook = lm.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
-    with torch.no_grad():
+    with torch.no_grad(), capture_lm_calls(model) as calls:
         model(**inputs)
-    hook.remove()
-    embeds = captured["inputs_embeds"]
+    embeds = calls[-1]["inputs_embeds"]
     image = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
     v_start, v_num = int(image[0]), image.numel()
     assert image.tolist() == list(range(v_start, v_start + v_num))

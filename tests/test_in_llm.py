@@ -99,12 +99,9 @@ def _reference_run(model, single, stats, positions, max_new_tokens=0):
     """Decoder run by hand on the sample: all tokens up to each stage's layer, then that stage's kept
     tokens (from stats), with original or compact positions. Returns (logits of the prompt, greedy tokens)."""
     lm = model.model.language_model
-    captured = {}
-    hook = lm.register_forward_pre_hook(lambda m, a, k: captured.update(k), with_kwargs=True)
-    with torch.no_grad():
+    with torch.no_grad(), capture_lm_calls(model) as calls:
         model(**single)
-    hook.remove()
-    embeds = captured["inputs_embeds"]
+    embeds = calls[-1]["inputs_embeds"]
     length = embeds.shape[1]
     image = single["input_ids"][0] == model.config.image_token_id
     structural = set()
