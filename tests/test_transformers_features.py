@@ -154,6 +154,20 @@ def test_static_cache(tiny_models, family, mode):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
+def test_static_cache_without_padding(tiny_models, family):
+    """One unpadded prompt: generate hands Qwen a dict of masks whose full-attention entry is None."""
+    model, processor = tiny_models[family]
+    inputs = tiny_inputs(processor, [tiny_image(0)], ["Describe the image."])
+    run = dict(max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad(), maybe_pruned(model, "pre"):
+        dynamic = model.generate(**inputs, **run)
+        static = model.generate(**inputs, cache_implementation="static", **run)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.logits, dynamic.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
 @params
 @all_modes
 def test_continuing_from_a_returned_cache(tiny_models, family, mode):

@@ -123,18 +123,18 @@ def create_causal_mask(config, inputs_embeds, attention_mask, cache, position_id
                  position_ids=position_ids, layer_idx=layer_idx, **cache_kwargs(cache))
 
 
-def padding_mask_from_prebuilt(mask, length: int):
-    """The 2-D padding mask [B, length] (1 = real token) behind a prefill mask ``generate`` pre-built for a
+def padding_mask_from_prebuilt(mask, batch: int, length: int, device=None):
+    """The 2-D padding mask [batch, length] (1 = real token) behind a prefill mask ``generate`` pre-built for a
     static cache: a 4-D [B, 1, q, kv] tensor (bool: True attends; float: 0 attends) or a dict of them per layer
     type. The last query row attends to every real token up to itself, so its first ``length`` key columns are
-    the padding mask (all ones, [1, length], for a dict whose full-attention mask is None: no padding). None when
-    the mask has another form."""
+    the padding mask (all ones for a dict whose full-attention mask is None: no padding). None when the mask has
+    another form."""
     import torch
 
     if isinstance(mask, dict):
         mask = mask.get("full_attention", next(iter(mask.values()), None))
         if mask is None:  # no padding: the attention implementation needs no mask at all
-            return torch.ones(1, length, dtype=torch.long)
+            return torch.ones(batch, length, dtype=torch.long, device=device)
     if not (torch.is_tensor(mask) and mask.dim() == 4 and mask.shape[-1] >= length):
         return None
     row = mask[:, 0, -1, :length]

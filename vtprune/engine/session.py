@@ -445,10 +445,7 @@ class PruneSession:
         batch, length, _ = embeds.shape
         mask = kwargs.get("attention_mask")
         if mask is not None and not (torch.is_tensor(mask) and mask.dim() == 2):
-            mask = self._padding_mask(mask, length)
-            kwargs = {**kwargs, "attention_mask": mask}
-        if mask is not None and mask.shape[0] != batch:  # "no padding" from a pre-built mask
-            mask = mask.expand(batch, length).to(embeds.device)
+            mask = self._padding_mask(mask, batch, length, embeds.device)
             kwargs = {**kwargs, "attention_mask": mask}
         real = mask.bool() if mask is not None else torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         position_ids = kwargs.get("position_ids")
@@ -512,10 +509,10 @@ class PruneSession:
         return new_kwargs
 
     @staticmethod
-    def _padding_mask(mask, length: int) -> torch.Tensor:
+    def _padding_mask(mask, batch: int, length: int, device) -> torch.Tensor:
         """The 2-D padding mask [B, length] the engine works with, recovered from the 4-D / per-layer-type mask
         ``generate`` pre-builds for a static cache; the language model then builds its own masks from it."""
-        padding = compat.padding_mask_from_prebuilt(mask, length)
+        padding = compat.padding_mask_from_prebuilt(mask, batch, length, device)
         if padding is None:
             raise VTPruneError(
                 "vtprune needs the attention mask as a 2-D padding mask (batch, sequence), or the 4-D mask "
