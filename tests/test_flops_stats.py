@@ -94,5 +94,7 @@ def test_stats_flops_match_flop_counter(tiny_models, family, method):
     assert signal_flops >= 0
     if method is None:
         assert stats.flops == stats.flops_unpruned and timer.flops == 0 and signal_flops == 0
+    elif vtprune.methods()[method].stage == "decode":  # prunes the KV cache while decoding: prefill untouched
+        assert stats.flops == stats.flops_unpruned
     else:
         assert stats.flops < stats.flops_unpruned

@@ -112,7 +112,7 @@ def _check_fixed_images(built: list[Method], num_layers: int, tokens: int) -> No
     for m in built:
         if m.stage == "pre-llm":
             count, exact = m.check_image_tokens(count), m.exact_count
-        elif count and exact:  # after a stage that may keep fewer than its budget, the forward decides
+        elif m.stage == "in-llm" and count and exact:  # after a stage that may keep fewer, the forward decides
             m.schedule(num_layers, count, 1)
 
 

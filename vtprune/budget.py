@@ -106,6 +106,9 @@ def split_composed_budget(budget: Budget, stages: Sequence[str]) -> list[Budget]
     A single-stage list keeps the budget as is. Override with ``vtprune.apply(..., stage_budgets=[...])``.
     """
     validate_budget(budget)
+    if len(stages) > 1 and "decode" in stages:  # a decode stage keeps its own default; the rest share the budget
+        rest = split_composed_budget(budget, [s for s in stages if s != "decode"])
+        return [None if stage == "decode" else rest.pop(0) for stage in stages]
     if budget is None or "pre-llm" not in stages or "in-llm" not in stages:
         return [budget for _ in stages]
     if isinstance(budget, int):

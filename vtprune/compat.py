@@ -216,3 +216,8 @@ def video_processor_mixin():
     from transformers.video_processing_utils import VideoProcessorMixin
 
     return VideoProcessorMixin
+
+
+def attention_implementation(config) -> str:
+    """The attention implementation a model runs ("sdpa", "eager", "flash_attention_2", ...)."""
+    return getattr(config, "_attn_implementation", None) or "sdpa"
