@@ -77,6 +77,7 @@ def apply(
         stage_budgets = split_composed_budget(budget, stages)
     built = [build_method(m, budget=share, positions=positions, seed=0 if seed is None else seed, **options)
              if isinstance(m, str) else build_method(m) for m, share in zip(names, stage_budgets, strict=True)]
+    built = [stage for m in built for stage in (m, *m.companions())]  # a method's own further stages
     session = PruneSession(model, adapter, built)  # checks the composition; installs nothing yet
     num_layers = len(adapter.decoder_layers)
     for m in built:

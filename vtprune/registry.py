@@ -183,6 +183,11 @@ class Method:
             self.warn_once(f"budget={self.budget} keeps at most {self.budget} visual token(s) per image (fewer than "
                            f"{FEW_TOKENS}): the model barely sees the image; raise the budget.")
 
+    def companions(self) -> list[Method]:
+        """Further stages this method brings along (e.g. HoliTom's inner-LLM merge, DyCoke's decode-time KV
+        pruning): ``vtprune.apply`` installs them right after it, as if they had been composed by hand."""
+        return []
+
     def select(self, group: VisualGroup, k: int) -> Selection:
         raise NotImplementedError(f"{type(self).__name__} is an {self.stage} method without a pre-LLM select()")
 

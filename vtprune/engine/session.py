@@ -207,9 +207,8 @@ class PruneSession:
         self.timer: Any = None
 
     def _build_decode_stage(self, methods: list[Method], adapter: Adapter) -> DecodeStage | None:
-        """The decode stage of a method with stage DECODE, or the ``decode_method`` a method carries (DyCoke)."""
+        """The engine side of the method with stage DECODE, if any."""
         found = [m for m in methods if m.stage == DECODE]
-        found += [m.decode_method for m in methods if getattr(m, "decode_method", None) is not None]
         if not found:
             return None
         if len(found) > 1:
