@@ -80,29 +80,36 @@ def _check_clip(features: torch.Tensor, **signals: torch.Tensor) -> tuple[int, i
 
 
 class _Merges:
-    """Collects merged tokens with their anchors and weights over the flat clip (T·N tokens)."""
+    """Collects merged tokens with their anchors and weights over the flat clip (T·N tokens), in blocks."""
 
     def __init__(self, total: int, width: int, like: torch.Tensor):
         self.total, self.width, self.like = total, width, like
         self.tokens: list[torch.Tensor] = []
-        self.anchors: list[int] = []
-        self.rows: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat indices, coefficients)
+        self.anchors: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []
 
-    def add(self, token: torch.Tensor, anchor: int, index: torch.Tensor, coefficient: torch.Tensor) -> None:
-        self.tokens.append(token)
-        self.anchors.append(int(anchor))
-        self.rows.append((index, coefficient))
+    def block(self, tokens: torch.Tensor, anchors: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor,
+              values: torch.Tensor) -> None:
+        """``tokens`` [c, D] standing at flat ``anchors`` [c]; their weights: ``values`` at (``rows``, ``columns``)
+        (row = index into this block, column = flat clip index; repeated entries add up)."""
+        device = self.like.device
+        weights = torch.zeros(tokens.shape[0], self.total, dtype=torch.float32, device=device)
+        weights.index_put_((rows.to(device), columns.to(device)), values.to(device, torch.float32), accumulate=True)
+        self.tokens.append(tokens)
+        self.anchors.append(anchors.to(device))
+        self.weights.append(weights)
+
+    @property
+    def count(self) -> int:
+        return sum(t.shape[0] for t in self.tokens)
 
     def result(self, keep: torch.Tensor) -> ClipResult:
         device = self.like.device
         keep = torch.sort(keep.to(device)).values
-        if not self.tokens:
+        if not self.count:
             return ClipResult(keep=keep)
-        weights = torch.zeros(len(self.tokens), self.total, dtype=torch.float32, device=device)
-        for j, (index, coefficient) in enumerate(self.rows):
-            weights[j].index_add_(0, index.to(device), coefficient.to(device, torch.float32))
-        return ClipResult(keep=keep, merged=torch.stack(self.tokens).to(self.like.dtype),
-                          anchors=torch.tensor(self.anchors, dtype=torch.long, device=device), weights=weights)
+        return ClipResult(keep=keep, merged=torch.cat(self.tokens).to(self.like.dtype), anchors=torch.cat(self.anchors),
+                          weights=torch.cat(self.weights))
 
 
 def frame_similarity(features: torch.Tensor) -> torch.Tensor:
@@ -172,17 +179,39 @@ def holitom_windows(similarity: torch.Tensor, tau: float = 0.8, max_window: int 
     return windows[::-1], float(best[-1])
 
 
-def _holitom_cluster(feat: torch.Tensor, count: int, knn: int, beta: float):
+def _holitom_cluster(feat: torch.Tensor, count: int, knn: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """HoliTom's density clustering of ``feat`` [n, D] into ``count`` tokens (``merge_tokens_by_density`` /
-    ``merge_tokens_by_clustering``): centres = top ρ·δ (ascending index), every other token joins its nearest
-    centre (Euclidean), centre token ← β·centre + (1 − β)·mean(members). Yields (centre, members) pairs."""
+    ``merge_tokens_by_clustering``): centres = top ρ·δ (ascending index, as the official sorts them), every other
+    token joins its nearest centre (Euclidean; ties: the lower centre). Returns (centres [c], others [o], the
+    centre each other token joins [o] (0..c-1))."""
     distance, score = dpc_density_scores(feat, min(knn, count))
-    centres = torch.sort(_top_scores(score, count)).values  # [c] ascending, as the official sorts them
+    centres = torch.sort(_top_scores(score, count)).values
     is_centre = torch.zeros(feat.shape[0], dtype=torch.bool, device=feat.device)
     is_centre[centres] = True
     others = torch.nonzero(~is_centre).flatten()
-    nearest = distance[others][:, centres].argmin(dim=-1) if others.numel() else others  # ties: lower centre
-    return [(int(c), others[nearest == i]) for i, c in enumerate(centres.tolist())]
+    nearest = distance[others][:, centres].argmin(dim=-1) if others.numel() else others
+    return centres, others, nearest
+
+
+def _holitom_merge(merges: _Merges, feat: torch.Tensor, count: int, knn: int, beta: float, positions: torch.Tensor,
+                   frames: torch.Tensor, n: int, anchor_frame: int) -> None:
+    """Cluster ``feat`` [m, D] (the mean over ``frames`` of the tokens at ``positions`` [m]) into ``count`` tokens,
+    centre ← β·centre + (1 − β)·mean(members) (a centre without members stays as it is), standing at
+    ``anchor_frame``; weights over the flat clip (each feature row averages its ``frames``)."""
+    centres, others, nearest = _holitom_cluster(feat, count, knn)
+    c, size = centres.numel(), frames.numel()
+    members = torch.bincount(nearest, minlength=c).to(feat.dtype)  # [c]
+    sums = torch.zeros(c, feat.shape[1], dtype=feat.dtype, device=feat.device).index_add_(0, nearest, feat[others])
+    has = members > 0
+    tokens = torch.where(has[:, None], beta * feat[centres] + (1 - beta) * sums / members.clamp(min=1)[:, None],
+                         feat[centres])
+    centre_w = torch.where(has, torch.full_like(members, beta), torch.ones_like(members)) / size  # [c]
+    member_w = (1 - beta) / (size * members.clamp(min=1))[nearest]  # [o]
+    rows = torch.cat([torch.arange(c, device=feat.device).repeat_interleave(size), nearest.repeat_interleave(size)])
+    cols = torch.cat([(frames[None, :] * n + positions[centres][:, None]).flatten(),
+                      (frames[None, :] * n + positions[others][:, None]).flatten()])
+    values = torch.cat([centre_w.repeat_interleave(size), member_w.repeat_interleave(size)])
+    merges.block(tokens, anchor_frame * n + positions[centres], rows, cols, values)
 
 
 def holitom_select(features: torch.Tensor, attention: torch.Tensor, retain_ratio: float = 0.1, tau: float = 0.8,
@@ -211,63 +240,43 @@ def holitom_select(features: torch.Tensor, attention: torch.Tensor, retain_ratio
     frames, n, d = _check_clip(features, attention=attention)
     total = frames * n
     merges = _Merges(total, d, features)
-    windows, saved = holitom_windows(frame_similarity(features), tau, max_window)
+    similarity = frame_similarity(features)  # [T-1, N]
+    windows, saved = holitom_windows(similarity, tau, max_window)
     ratio = min(retain_ratio / ((total - saved) / total), 1.0)
     positions = torch.arange(n, device=features.device)
+    x = features.float()
     keep: list[torch.Tensor] = []
     for s, e in windows:
         size = e - s + 1
         if size == 1:
             static = torch.zeros(n, dtype=torch.bool, device=features.device)
         else:
-            static = (frame_similarity(features[s:e + 1]) > tau).all(dim=0)  # [N]
+            static = (similarity[s:e] > tau).all(dim=0)  # [N]
         static_pos, dynamic_pos = positions[static], positions[~static]
+        window = torch.arange(s, e + 1, device=features.device)
         if static_pos.numel():
-            mean = features[s:e + 1, static_pos].float().mean(dim=0)  # [n_static, D]
             count = round(static_pos.numel() * ratio)
             if count > 0:
-                frames_of = torch.arange(s, e + 1, device=features.device)
-                for centre, members in _holitom_cluster(mean, count, knn, beta):
-                    flat_c = frames_of * n + static_pos[centre]
-                    if members.numel():
-                        token = beta * mean[centre] + (1 - beta) * mean[members].mean(dim=0)
-                        flat_m = (frames_of[:, None] * n + static_pos[members][None, :]).flatten()
-                        index = torch.cat([flat_c, flat_m])
-                        coef = torch.cat([torch.full((size,), beta / size),
-                                          torch.full((flat_m.numel(),), (1 - beta) / (size * members.numel()))])
-                    else:
-                        token, index, coef = mean[centre], flat_c, torch.full((size,), 1.0 / size)
-                    merges.add(token, s * n + int(static_pos[centre]), index, coef)
+                mean = x[s:e + 1, static_pos].mean(dim=0)  # [n_static, D]
+                _holitom_merge(merges, mean, count, knn, beta, static_pos, window, n, s)
         n_dyn = dynamic_pos.numel()
         if not n_dyn:
             continue
         count = math.ceil(n_dyn * ratio)
         dominant = round(count * (1 - dominant_share))
         contextual = count - dominant
-        for t in range(s, e + 1):
-            scores = attention[t, dynamic_pos].float()
-            chosen = _top_scores(scores, dominant)
-            keep.append(t * n + dynamic_pos[chosen])
+        scores = attention[s:e + 1][:, dynamic_pos].float()  # [W, n_dyn]
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices  # ties: lower index
+        for w, t in enumerate(range(s, e + 1)):
+            keep.append(t * n + dynamic_pos[order[w, :dominant]])
             if contextual > 0:
-                rest = torch.ones(n_dyn, dtype=torch.bool, device=features.device)
-                rest[chosen] = False
-                rest_pos = dynamic_pos[rest]
-                feat = features[t, rest_pos].float()
-                for centre, members in _holitom_cluster(feat, contextual, knn, beta):
-                    flat_c = t * n + int(rest_pos[centre])
-                    if members.numel():
-                        token = beta * feat[centre] + (1 - beta) * feat[members].mean(dim=0)
-                        index = torch.cat([torch.tensor([flat_c]), (t * n + rest_pos[members]).cpu()])
-                        coef = torch.cat([torch.tensor([beta]), torch.full((members.numel(),),
-                                                                           (1 - beta) / members.numel())])
-                    else:
-                        token, index, coef = feat[centre], torch.tensor([flat_c]), torch.tensor([1.0])
-                    merges.add(token, flat_c, index, coef)
+                rest_pos = torch.sort(dynamic_pos[order[w, dominant:]]).values
+                _holitom_merge(merges, x[t, rest_pos], contextual, knn, beta, rest_pos, window[w:w + 1], n, t)
     kept = torch.cat(keep) if keep else torch.empty(0, dtype=torch.long, device=features.device)
-    if max_tokens is not None and kept.numel() + len(merges.tokens) > max_tokens:
-        excess = kept.numel() + len(merges.tokens) - max_tokens
+    if max_tokens is not None and kept.numel() + merges.count > max_tokens:
+        excess = kept.numel() + merges.count - max_tokens
         if excess > kept.numel():
-            raise ValueError(f"holitom: {len(merges.tokens)} merged tokens alone exceed max_tokens={max_tokens}")
+            raise ValueError(f"holitom: {merges.count} merged tokens alone exceed max_tokens={max_tokens}")
         order = torch.sort(attention.flatten()[kept].float(), stable=True).indices  # ascending attention
         drop = torch.zeros(kept.numel(), dtype=torch.bool, device=kept.device)
         drop[order[:excess]] = True
@@ -299,18 +308,18 @@ def fastvid_segments(global_features: torch.Tensor, cuts: int = 8, tau: float = 
     return [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def _fastvid_merge(candidates: torch.Tensor, centres: torch.Tensor, beta: float):
-    """DTM's merge: each candidate [M, D] joins the most cosine-similar centre [c, D]; centre j becomes
-    w·centre + (1 − w)·mean(assigned), w = max(1 / (count + 1), β). Returns (tokens [c, D], assignment [M], w [c],
-    counts [c])."""
-    unit = candidates / candidates.norm(dim=-1, keepdim=True)
-    target = centres / centres.norm(dim=-1, keepdim=True)
-    assignment = (unit @ target.T).argmax(dim=-1)  # [M], first max
-    counts = torch.bincount(assignment, minlength=centres.shape[0]).to(candidates.dtype)  # [c]
-    sums = torch.zeros_like(centres).index_add_(0, assignment, candidates)
-    mean = sums / counts.clamp(min=1)[:, None]
-    w = (1 / (counts + 1)).clamp(min=beta)[:, None]
-    return w * centres + (1 - w) * mean, assignment, w.squeeze(1), counts
+def _batched_dpc_scores(x: torch.Tensor, knn: int) -> torch.Tensor:
+    """:func:`dpc_density_scores` for every row of ``x`` [F, n, D] at once: the ρ·δ scores [F, n]."""
+    f, n, d = x.shape
+    distance = torch.cdist(x, x) / (d ** 0.5)  # [F, n, n]
+    nearest = torch.topk(distance, max(1, min(knn, n)), dim=-1, largest=False).values
+    density = torch.exp(-(nearest ** 2).mean(dim=-1))  # [F, n]
+    index = torch.arange(n, device=x.device)
+    denser = (density[:, None, :] > density[:, :, None]) | (
+        (density[:, None, :] == density[:, :, None]) & (index[None, None, :] < index[None, :, None]))
+    far = distance.flatten(1).max(dim=-1).values[:, None, None]
+    delta = torch.where(denser, distance, far).min(dim=-1).values
+    return delta * density
 
 
 def fastvid_select(features: torch.Tensor, saliency: torch.Tensor, global_features: torch.Tensor,
@@ -330,45 +339,50 @@ def fastvid_select(features: torch.Tensor, saliency: torch.Tensor, global_featur
     frames, n, d = _check_clip(features, saliency=saliency)
     if global_features.shape[0] != frames:
         raise ValueError(f"global_features must have one row per frame ({frames}), got {tuple(global_features.shape)}")
+    device = features.device
     frame_keep = max(0, min(int(frame_keep), n))
     salient_n = frame_keep - int(frame_keep * context_share)
     context_n = frame_keep - salient_n
     sizes = fastvid_segments(global_features, cuts, tau)
     merges = _Merges(frames * n, d, features)
-    keep = [t * n + topk_select(saliency[t].float(), salient_n) for t in range(frames)]
-    if context_n == 0:
-        return merges.result(torch.cat(keep))
-    # candidates: the non-salient tokens of every frame, ascending; their DPC scores within the frame
-    cand_pos, scores = [], []
-    for t in range(frames):
-        rest = torch.ones(n, dtype=torch.bool, device=features.device)
-        rest[keep[t] - t * n] = False
-        pos = torch.nonzero(rest).flatten()
-        cand_pos.append(pos)
-        scores.append(dpc_density_scores(features[t, pos], knn)[1])
+    order = torch.sort(saliency.float(), dim=1, descending=True, stable=True).indices  # [T, N], ties: lower index
+    salient = order[:, :salient_n]  # [T, s]
+    frame_base = torch.arange(frames, device=device)[:, None] * n
+    keep = (frame_base + salient).flatten()
+    if context_n == 0 or salient_n == n:
+        return merges.result(keep)
+    # candidates: the non-salient tokens of every frame, ascending: [T, M]; their DPC scores within the frame
+    cand_pos = torch.sort(order[:, salient_n:], dim=1).values
+    cand_flat = frame_base + cand_pos  # [T, M]
+    x = features.reshape(frames * n, d).float()
+    cand = x[cand_flat]  # [T, M, D]
+    scores = _batched_dpc_scores(cand, knn)  # [T, M]
+    unit = cand / cand.norm(dim=-1, keepdim=True)
+    m = cand_pos.shape[1]
     offset = 0
     for length in sizes:
         anchors = max(1, (length + anchor_period - 1) // anchor_period)
-        per_anchor = (context_n * length) // anchors
-        seg = range(offset, offset + length)
-        anchor_frames = [t for t in seg if (offset + length - 1 - t) % anchor_period == 0]
-        single = per_anchor == context_n  # the official single-frame path (merging within the frame)
-        for t in anchor_frames:
-            count = min(per_anchor, cand_pos[t].numel())
-            chosen = _top_scores(scores[t], count)
-            centres = features[t, cand_pos[t][chosen]].float()
-            pool_frames = [t] if single else list(seg)
-            pool_flat = torch.cat([f * n + cand_pos[f] for f in pool_frames])
-            pool = features.reshape(frames * n, d)[pool_flat].float()
-            tokens, assignment, w, counts = _fastvid_merge(pool, centres, beta)
-            for j in range(count):
-                anchor = t * n + int(cand_pos[t][chosen[j]])
-                members = pool_flat[assignment == j]
-                coef = torch.full((members.numel(),), float((1 - w[j]) / counts[j].clamp(min=1)))
-                index = torch.cat([torch.tensor([anchor], device=members.device), members])
-                merges.add(tokens[j], anchor, index, torch.cat([w[j:j + 1].float().cpu(), coef]))
+        per_anchor = min((context_n * length) // anchors, m)
+        single = (context_n * length) // anchors == context_n  # the official single-frame path (within the frame)
+        for t in range(offset, offset + length):
+            if (offset + length - 1 - t) % anchor_period:
+                continue
+            chosen = _top_scores(scores[t], per_anchor)  # [c], descending score
+            lo, hi = (t, t + 1) if single else (offset, offset + length)
+            pool, pool_unit = cand[lo:hi].reshape(-1, d), unit[lo:hi].reshape(-1, d)  # [P, D]
+            pool_flat = cand_flat[lo:hi].reshape(-1)
+            assignment = (pool_unit @ unit[t, chosen].T).argmax(dim=-1)  # [P], first max
+            counts = torch.bincount(assignment, minlength=per_anchor).to(pool.dtype)  # [c]
+            sums = torch.zeros(per_anchor, d, dtype=pool.dtype, device=device).index_add_(0, assignment, pool)
+            w = (1 / (counts + 1)).clamp(min=beta)  # [c]
+            tokens = w[:, None] * cand[t, chosen] + (1 - w[:, None]) * sums / counts.clamp(min=1)[:, None]
+            centre_flat = cand_flat[t, chosen]
+            rows = torch.cat([torch.arange(per_anchor, device=device), assignment])
+            cols = torch.cat([centre_flat, pool_flat])
+            values = torch.cat([w, ((1 - w) / counts.clamp(min=1))[assignment]])
+            merges.block(tokens, centre_flat, rows, cols, values)
         offset += length
-    return merges.result(torch.cat(keep))
+    return merges.result(keep)
 
 
 # -------------------------------------------------------------------------------------------------------- DyCoke
@@ -516,14 +530,15 @@ def prunevid_merge(features: torch.Tensor, tau: float = 0.8, cluster_ratio: floa
         """``feat`` [m, D]; ``flat_rows`` [m, R] the flat tokens each row averages (R frames)."""
         count = int(feat.shape[0] * cluster_ratio)
         labels, centres = _prunevid_dpc(feat, count, min(knn, feat.shape[0]))
-        for c in range(count):
-            members = torch.nonzero(labels == c).flatten()  # never empty: the centre is its own member
-            token = feat[members].mean(dim=0)
-            index = flat_rows[members].flatten()
-            coef = torch.full((index.numel(),), coef_rows / members.numel())
-            anchor = int(frame_anchor[centres[c]])
-            merges.add(token, anchor, index, coef)
-            collected.append(anchor)
+        members = torch.bincount(labels, minlength=count).to(feat.dtype)  # >= 1: a centre is its own member
+        tokens = torch.zeros(count, feat.shape[1], dtype=feat.dtype, device=feat.device).index_add_(0, labels, feat)
+        tokens = tokens / members[:, None]
+        width = flat_rows.shape[1]
+        rows = labels.repeat_interleave(width)
+        values = (coef_rows / members)[labels].repeat_interleave(width)
+        anchors = frame_anchor[centres]
+        merges.block(tokens, anchors, rows, flat_rows.flatten(), values)
+        collected.extend(anchors.tolist())
 
     for size in prunevid_segments(features, segment_ratio, knn):
         seg = features[offset:offset + size].float()  # [W, N, D]
@@ -542,11 +557,12 @@ def prunevid_merge(features: torch.Tensor, tau: float = 0.8, cluster_ratio: floa
             if static_pos.numel() > min_cluster:
                 # a static cluster stands at its centre's position in the segment's first frame
                 cluster(mean, rows, offset * n + static_pos, 1.0 / size, group["static"])
-            else:
-                for i in range(static_pos.numel()):
-                    anchor = offset * n + int(static_pos[i])
-                    merges.add(mean[i], anchor, rows[i], torch.full((size,), 1.0 / size))
-                    group["static"].append(anchor)
+            else:  # each static position is one token (its mean over the segment)
+                m = static_pos.numel()
+                anchors = offset * n + static_pos
+                merges.block(mean, anchors, torch.arange(m, device=features.device).repeat_interleave(size),
+                             rows.flatten(), torch.full((m * size,), 1.0 / size))
+                group["static"].extend(anchors.tolist())
         dynamic_pos = positions[~static]
         for w in range(size):
             t = offset + w
@@ -582,10 +598,16 @@ def visionzip_video_select(features: torch.Tensor, keys: torch.Tensor, attention
     for t in range(frames):
         r = visionzip_select(features[t], keys[t], attention[t].float(), dominant, contextual)
         keep.append(t * n + r.keep)
-        for j in range(r.anchors.numel()):
-            anchor = int(r.anchors[j])
-            others = torch.nonzero(r.assignment == j).flatten()
-            others = others[others != anchor]
-            coef = torch.cat([torch.ones(1), torch.full((others.numel(),), 1.0 / max(others.numel(), 1))])
-            merges.add(r.merged[j], t * n + anchor, t * n + torch.cat([torch.tensor([anchor]), others.cpu()]), coef)
+        c = r.anchors.numel()
+        if not c:
+            continue
+        is_other = r.assignment >= 0
+        is_other[r.anchors] = False
+        others = torch.nonzero(is_other).flatten()  # merged into a target
+        target = r.assignment[others]
+        counts = torch.bincount(target, minlength=c).clamp(min=1).to(torch.float32)
+        rows = torch.cat([torch.arange(c, device=features.device), target])
+        cols = t * n + torch.cat([r.anchors, others])
+        values = torch.cat([torch.ones(c, device=features.device), 1.0 / counts[target]])
+        merges.block(r.merged, t * n + r.anchors, rows, cols, values)
     return merges.result(torch.cat(keep))
