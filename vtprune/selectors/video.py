@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .cls_attention import topk_select
 from .visionzip import visionzip_select
 
 __all__ = [
