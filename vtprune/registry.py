@@ -111,6 +111,12 @@ class Method:
     default_positions: ClassVar[str] = "original"
     #: whether a pre-LLM stage leaves exactly its budget of tokens (False: at most that many, e.g. pooling)
     exact_count: ClassVar[bool] = True
+    #: options that run this method's own stage alone, without its :meth:`companions` (tests check each stage
+    #: against its own reference with them)
+    solo: ClassVar[dict[str, Any]] = {}
+    #: None, or why the method cannot prune an image (it refuses images with that reason; e.g. DyCoke's temporal
+    #: merging needs frames)
+    image_unsupported: ClassVar[str | None] = None
 
     def __init__(self, budget: Budget = None, positions: str | None = None, seed: int = 0, **options: Any):
         unknown = sorted(set(options) - set(self.options))
