@@ -13,6 +13,7 @@ for each invariant.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -627,3 +628,74 @@ def test_video_unsupported_method_refuses(tiny_models):
         with vtprune.pruned(model, name):
             with pytest.raises(vtprune.UnsupportedModelError, match=name):
                 model(**video)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FLOPs: vtprune.stats' analytic prefill FLOPs of a video forward against FlopCounterMode
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", [None, *VIDEO_PRE, *VIDEO_IN])
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_video_flops_match_flop_counter(family, method, tiny_models):
+    """Every frame through the vision tower (Qwen: temporal patches, attention per temporal group; OneVision:
+    SigLIP + projector on all patches of every frame, then the pooling), the decoder on the pruned sequence and
+    the LM head, within 1 % of FlopCounterMode on the same forward. The method's own work (selection, and the
+    vision signals it asks for) is taken off the measured total as in test_flops_stats.py."""
+    from test_flops_stats import _CPU_SDPA, _count, _SelectFlops
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vtprune.engine.session import SESSION_ATTRIBUTE
+
+    model, processor = tiny_models[family]
+    inputs = chat_inputs(processor, [([("video", clip(0))], PROMPT), ([("video", clip(1))], PROMPT)])
+    assert bool(inputs["attention_mask"].all())  # per-sample FLOPs exclude padding; the counter sees the batch
+    name, kwargs = (method, method_kwargs(family, method, 0.25)) if method else ("random", {"budget": 1.0})
+    core = model.model
+    accepted = inspect.signature(core.get_video_features).parameters
+    vision_kwargs = {k: v for k, v in inputs.items() if k in accepted}
+    vision_plain = _count(lambda: core.get_video_features(**vision_kwargs))
+    with vtprune.pruned(model, name, **kwargs):
+        signal_flops = _count(lambda: core.get_video_features(**vision_kwargs)) - vision_plain
+        timer = _SelectFlops()
+        getattr(model, SESSION_ATTRIBUTE).timer = timer
+        with FlopCounterMode(display=False, custom_mapping=_CPU_SDPA) as counter:
+            model(**inputs)
+        stats = vtprune.stats(model)
+    measured = counter.get_total_flops() - timer.flops - signal_flops
+    assert stats.flops > 0 and signal_flops >= 0
+    assert abs(stats.flops - measured) <= 0.01 * measured, (stats.flops, measured, stats.flops / measured)
+    if method is None:
+        assert stats.flops == stats.flops_unpruned
+    else:
+        assert stats.flops < stats.flops_unpruned
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Signals of video tokens
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", MROPE)
+def test_qwen_video_frame_signals_equal_the_frame_as_an_image(family, tiny_models):
+    """The Qwen ViT attends within each temporal group, so a temporal group of a video is encoded exactly like an
+    image made of the same patches (grid 1 x h x w): its tokens and every captured signal (mean received
+    attention, keys, merger inputs; Qwen2.5-VL's window order undone) must equal that image's."""
+    model, processor = tiny_models[family]
+    inputs = chat_inputs(processor, [([("video", clip(0))], PROMPT)])
+    (t, h, w), patches = inputs["video_grid_thw"][0].tolist(), inputs["pixel_values_videos"]
+    per_frame = h * w  # patches per temporal group (in the processor's order: groups one after the other)
+    signals = ("cls_attention", "vit_keys", "vit_hidden")
+    core = model.model
+    with vtprune.pruned(model, "visionzip", budget=0.5):
+        store = model._vtprune_session.store
+        video = core.get_video_features(patches, inputs["video_grid_thw"]).pooler_output[0]
+        video_tables = {name: store.table("video", name) for name in signals}
+        for frame in range(t):
+            rows = patches[frame * per_frame:(frame + 1) * per_frame]
+            image = core.get_image_features(rows, torch.tensor([[1, h, w]])).pooler_output[0]
+            tokens = slice(frame * image.shape[0], (frame + 1) * image.shape[0])
+            torch.testing.assert_close(video[tokens], image, rtol=0, atol=1e-5)
+            for name in signals:
+                torch.testing.assert_close(video_tables[name][0, tokens], store.table("image", name)[0],
+                                           rtol=0, atol=1e-5)
