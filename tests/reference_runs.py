@@ -25,7 +25,11 @@ ALL_FAMILIES = tuple(FAMILIES)
 MROPE_FAMILIES = tuple(f for f in ALL_FAMILIES if f.startswith("qwen"))
 DEEPSTACK_FAMILIES = ("qwen3_vl",)
 #: registered methods by stage: tests parametrised over these cover new methods automatically
-PRE_LLM = tuple(name for name, info in vtprune.methods().items() if info.stage == "pre-llm")
+#: (pre-LLM methods that refuse images, e.g. DyCoke's temporal merging, are in VIDEO_ONLY instead)
+PRE_LLM = tuple(name for name, info in vtprune.methods().items()
+                if info.stage == "pre-llm" and not method_class(name).image_unsupported)
+VIDEO_ONLY = tuple(name for name, info in vtprune.methods().items()
+                   if info.stage == "pre-llm" and method_class(name).image_unsupported)
 IN_LLM = tuple(name for name, info in vtprune.methods().items() if info.stage == "in-llm")
 NEW_TOKENS = 3
 
