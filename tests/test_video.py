@@ -746,3 +746,22 @@ def test_tiny_vlm_takes_videos(family, tiny_models):
     assert logits.shape[:2] == inputs["input_ids"].shape and bool(torch.isfinite(logits).all())
     np.testing.assert_array_equal(tiny_video(3), tiny_video(3))
     assert tiny_video(3, frames=6, size=(40, 48)).shape == (6, 40, 48, 3)
+
+
+@pytest.mark.parametrize("method", ["random", "frames"])
+def test_loss_on_kept_positions(vcase, method):
+    """``labels`` with a video: the loss is the causal-LM loss of the pruned sequence, each kept column's target
+    taken from the caller's labels (Qwen3-VL's timestamps between frames keep their labels)."""
+    import torch.nn.functional as F
+
+    model, inputs = vcase.model, vcase.inputs
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == video_token(model), -100)
+    with vtprune.pruned(model, method, budget=BUDGET):
+        out = model(**inputs, labels=labels)
+        (stage,) = vtprune.stats(model).samples[0].stages
+    assert stage.merged == 0
+    kept = torch.sort(torch.cat([vcase.text_positions, stage.kept_positions])).values
+    pruned_labels = labels[0, kept]
+    assert out.logits.shape[1] == kept.numel()
+    expected = F.cross_entropy(out.logits[0, :-1], pruned_labels[1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
