@@ -765,3 +765,32 @@ def test_loss_on_kept_positions(vcase, method):
     assert out.logits.shape[1] == kept.numel()
     expected = F.cross_entropy(out.logits[0, :-1], pruned_labels[1:], ignore_index=-100)
     torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
+
+
+def test_compact_rule_per_temporal_group():
+    """The compact rope index of a pruned Qwen video, on hand-made ids: each temporal group ranks its own kept rows
+    and columns, temporal offsets (time scaling 2 here) are kept from the first kept group, the advance is the
+    largest kept sub-grid; one frame alone (or an image) is the image rule."""
+    from vtprune.adapters.qwen_vl import qwen_compact_image
+    from vtprune.engine.positions import compact_mrope
+
+    start = 10
+    # frame 0 keeps (row 1, col 0), (1, 2); frame 1 keeps (0, 1), (2, 1), (2, 2); temporal ids start + 2t
+    t = torch.tensor([0, 0, 2, 2, 2]) + start
+    h = torch.tensor([1, 1, 0, 2, 2]) + start
+    w = torch.tensor([0, 2, 1, 1, 2]) + start
+    grid, frame = torch.stack([t, h, w]), torch.tensor([0, 0, 1, 1, 1])
+    offsets, advance = qwen_compact_image(grid, frame)
+    assert offsets.tolist() == [[0, 0, 2, 2, 2], [0, 0, 0, 1, 1], [0, 1, 0, 0, 1]]
+    assert advance == 2
+    alone, alone_advance = qwen_compact_image(grid[:, 2:])  # one frame: the image rule
+    assert alone.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 1]] and alone_advance == 2
+    # in a sequence: text, the video, text
+    rope = torch.cat([torch.full((3, 1), start - 1), grid, torch.full((3, 1), start + 5)], dim=1)
+    image_of = torch.tensor([-1, 0, 0, 0, 0, 0, -1])
+    frame_of = torch.tensor([0, 0, 0, 1, 1, 1, 0])
+    out = compact_mrope(rope, image_of, qwen_compact_image, frame_of)
+    expected = torch.cat([torch.full((3, 1), start - 1), offsets + start, torch.full((3, 1), start + 2)], dim=1)
+    assert torch.equal(out, expected)
+    # the same ids without frame information would rank rows / columns over the whole clip
+    assert not torch.equal(compact_mrope(rope, image_of, qwen_compact_image), expected)
