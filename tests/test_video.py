@@ -567,6 +567,8 @@ def test_generate_modes(vcase, method):
         torch.manual_seed(7)
         top1 = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=1)
         assert torch.equal(top1, greedy)
+        static = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+        assert torch.equal(static, greedy)
         if method not in IN_LLM:  # an in-LLM method re-scores at every uncached step (the last token changes)
             no_cache = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
             assert torch.equal(no_cache, greedy)
