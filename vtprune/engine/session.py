@@ -99,14 +99,10 @@ def _set_frame_kept(sample: SampleStats, layout: SampleLayout, source: torch.Ten
         merged = torch.zeros_like(source, dtype=torch.bool)
     counts, frames = [], []
     for video in videos:
-        frame = video.frame_of()
-        content = torch.zeros(video.num_tokens, dtype=torch.bool)
-        for group in video.groups:
-            content[group.members] = True
         inside = torch.isin(source, video.positions)
         span_index = torch.searchsorted(video.positions, source[inside])
-        counted = content[span_index] | merged[inside]
-        per_frame = torch.bincount(frame[span_index][counted], minlength=video.num_frames)
+        counted = ~video.structural[span_index] | merged[inside]  # kept content tokens, merged tokens
+        per_frame = torch.bincount(video.frame_of()[span_index][counted], minlength=video.num_frames)
         counts.extend(int(c) for c in per_frame)
         frames.append(video.num_frames)
     sample.frame_kept, sample.video_frames = counts, frames
