@@ -236,3 +236,28 @@ def test_video_inputs_batch_with_text_only(tiny_models, clip):
         video_inputs(processor, [v], ["a", "b"])
     with pytest.raises(VideoError, match="Video objects"):
         video_inputs(processor, ["clip.mp4"], ["a"])
+
+
+# ------------------------------------------------------------------------------------------ shipped clips
+
+
+def test_shipped_clips_are_reproducible(tmp_path):
+    """make_clips.py re-creates the shipped clips (same frames, same clips.json); each loads with its metadata."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "eval" / "data" / "clips"
+    spec = importlib.util.spec_from_file_location("make_clips", root / "make_clips.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(tmp_path)
+    assert json.loads((tmp_path / "clips.json").read_text()) == json.loads((root / "clips.json").read_text())
+    entries = json.loads((root / "clips.json").read_text())
+    assert len(entries) >= 2 and sum((root / e["file"]).stat().st_size for e in entries) < 500_000
+    for entry in entries:
+        shipped = load_video(root / entry["file"], num_frames=8)
+        fresh = load_video(tmp_path / entry["file"], num_frames=8)
+        assert (shipped.total_frames, shipped.fps) == (entry["frames"], entry["fps"])
+        assert shipped.size == tuple(entry["size"])
+        assert np.abs(shipped.frames.astype(int) - fresh.frames.astype(int)).mean() < 1.0
