@@ -247,3 +247,10 @@ def uniform_frame_indices(metadata, num_frames: int | None = None, fps: float | 
     from transformers.video_utils import default_sample_indices_fn
 
     return default_sample_indices_fn(metadata, num_frames=num_frames, fps=fps)
+
+
+def video_metadata(**fields):
+    """A ``transformers.video_utils.VideoMetadata`` (what ``load_video`` returns and processors read)."""
+    from transformers.video_utils import VideoMetadata
+
+    return VideoMetadata(**fields)
