@@ -289,6 +289,14 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
     if tiny and "synth" in _split(args.tasks or "synth"):
         raise VTPruneError(f"{tiny[0]} has random weights: accuracy (task synth, the default for --model) is not "
                            "reported for it; pass --tasks latency, or a trained model directory.")
+    if args.video_frames is not None:
+        from .bench.presets import video_frames_default
+
+        if "synth" in _split(args.tasks or ("synth" if models else "latency")):
+            raise VTPruneError("--video-frames measures latency on a video input; accuracy (task synth) is image "
+                               "questions: pass --tasks latency.")
+        for name in args.preset or []:
+            video_frames_default(name)  # an image-only preset: a clear error naming the video presets
     for text in _split(args.budgets):
         parse_budget(text)
     if args.budgets is not None and not _split(args.budgets):
@@ -304,6 +312,7 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
 
 #: sweep-config keys -> the ``vtprune bench`` argument each one sets
 _CONFIG_KEYS = {"models": "model", "presets": "preset", "methods": "methods", "budgets": "budgets", "tasks": "tasks",
+                "video_frames": "video_frames",
                 "limit": "limit", "batch_size": "batch_size", "repeats": "repeats", "warmup": "warmup",
                 "new_tokens": "new_tokens", "threads": "threads", "device": "device", "dtype": "dtype",
                 "out": "out", "jobs": "jobs"}
@@ -370,7 +379,9 @@ def cmd_bench(args) -> int:
 
         for name in list_presets():
             preset = load_preset(name)
-            print(f"{name:<22} {preset.family:<16} {preset.dtype:<9} {preset.reference or '-':<44} {preset.notes}")
+            video = "-" if preset.video is None else f"{preset.video['frames']} frames"
+            print(f"{name:<25} {preset.family:<16} {preset.dtype:<9} {preset.reference or '-':<44} video: {video:<10} "
+                  f"{preset.notes}")
         return 0
     runs = []
     for seed, option_pairs in _sweep_runs(args):
@@ -381,7 +392,7 @@ def cmd_bench(args) -> int:
             warmup=args.warmup, new_tokens=args.new_tokens, threads=args.threads, device=args.device,
             dtype=args.dtype, native=not args.no_native, paired=not args.no_paired, seed=seed,
             method_options=method_options, trust_remote_code=args.trust_remote_code,
-            config=str(Path(args.config).resolve()) if args.config else None,
+            config=str(Path(args.config).resolve()) if args.config else None, video_frames=args.video_frames,
         )
         options.validate()
         runs.append(options)
@@ -586,6 +597,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=_int_at_least(1), default=8, help="tokens generated per timed generate")
     p.add_argument("--threads", type=_int_at_least(1, "torch threads"), default=None,
                    help="torch threads (recorded in every row)")
+    p.add_argument("--video-frames", type=_int_at_least(1, "frames of the video input"), default=None, metavar="N",
+                   help="latency on a video of N frames instead of an image: presets with a video shape (random "
+                        "frames at the preset's frame size, e.g. --preset llava-onevision-0.5b --video-frames 32), "
+                        "or N frames of a shipped synthetic clip for model directories and tiny: models")
     p.add_argument("--no-native", action="store_true", help="latency: skip the native-K reference")
     p.add_argument("--no-paired", action="store_true", help="latency: skip the interleaved unpruned reference")
     p.add_argument("--option", type=_parse_option, action="append", metavar="METHOD.NAME=VALUE",

@@ -44,6 +44,8 @@ _CACHE_NAMES = ("cache", "past_key_values")
 
 #: the function of a multimodal model (``model.model``) that runs vision tower + projector on images
 IMAGE_FEATURES = "get_image_features"
+#: ... and on videos (Qwen-VL, LLaVA-OneVision)
+VIDEO_FEATURES = "get_video_features"
 #: Qwen3-VL: the language model's function adding deepstack rows to the visual positions' hidden states
 DEEPSTACK_INJECTOR = "_deepstack_process"
 

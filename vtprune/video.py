@@ -37,8 +37,8 @@ import numpy as np
 from . import compat
 from .errors import VideoError
 
-__all__ = ["DEFAULT_NUM_FRAMES", "Video", "check_sampling", "default_backend", "load_video", "save_video",
-           "video_inputs", "video_prompt"]
+__all__ = ["DEFAULT_NUM_FRAMES", "Video", "check_sampling", "clips_dir", "default_backend", "load_video",
+           "save_video", "shipped_clips", "video_inputs", "video_prompt"]
 
 #: frames sampled when neither ``num_frames`` nor ``fps`` is given
 DEFAULT_NUM_FRAMES = 16
@@ -106,6 +106,25 @@ class Video:
         height, width = self.size
         return (f"{self.path.name}: {self.num_frames} of {self.total_frames} frames at {times} s "
                 f"({self.duration:.1f} s at {self.fps:g} fps, {width}x{height}, decoded with {self.backend})")
+
+
+def clips_dir() -> Path:
+    """``eval/data/clips`` of the source checkout (or of the working directory): the shipped synthetic clips."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        candidate = root / "eval" / "data" / "clips"
+        if (candidate / "clips.json").is_file():
+            return candidate
+    raise VideoError("eval/data/clips (the shipped synthetic clips) was not found next to the vtprune package or "
+                     "in the working directory; run from a source checkout or pass a video file.")
+
+
+def shipped_clips() -> list[dict[str, Any]]:
+    """The shipped clips: ``clips.json`` entries (file, question, answer, frames, fps, ...) with ``path`` added."""
+    import json
+
+    root = clips_dir()
+    entries = json.loads((root / "clips.json").read_text())
+    return [{**entry, "path": root / entry["file"]} for entry in entries]
 
 
 def check_sampling(num_frames: int | None = None, fps: float | None = None) -> None:
