@@ -226,6 +226,22 @@ def test_video_inputs_through_the_processor(tiny_models, clip, family):
         assert visual > 0
 
 
+def test_max_pixels_caps_qwen_frames_only(tiny_models, clip):
+    pytest.importorskip("torchvision")
+    _, qwen = tiny_models["qwen2_5_vl"]
+    v = load_video(clip, num_frames=4)
+    patch = qwen.video_processor.patch_size
+    full = video_inputs(qwen, v, "What moves?")["video_grid_thw"][0].tolist()
+    cap = full[1] * full[2] * patch * patch // 2  # half the pixels the processor gives a frame by default
+    capped = video_inputs(qwen, v, "What moves?", max_pixels=cap)["video_grid_thw"][0].tolist()
+    assert capped[0] == full[0] and capped[1] * capped[2] * patch * patch <= cap
+    with pytest.raises(VideoError, match="int >= 784"):
+        video_inputs(qwen, v, "What moves?", max_pixels=100)
+    _, onevision = tiny_models["llava_onevision"]
+    with pytest.raises(VideoError, match="drop max_pixels"):
+        video_inputs(onevision, v, "What moves?", max_pixels=28 * 28 * 9)
+
+
 def test_video_inputs_batch_with_text_only(tiny_models, clip):
     pytest.importorskip("torchvision")
     _, processor = tiny_models["qwen2_vl"]

@@ -192,16 +192,16 @@ def _check_run_args(args):
     from .errors import VTPruneError
     from .loading import check_device, check_model_spec, load_image
 
-    if args.video is None and (args.frames is not None or args.fps is not None):
-        flag = "--frames" if args.frames is not None else "--fps"
+    if args.video is None and (args.frames is not None or args.fps is not None or args.max_pixels is not None):
+        flag = "--frames" if args.frames is not None else "--fps" if args.fps is not None else "--max-pixels"
         raise VTPruneError(f"{flag} samples a video: pass --video FILE too (images take no {flag}).")
     if args.video is not None and args.image is not None:
         raise VTPruneError("pass --image or --video, not both (one visual input per run).")
     if args.video is not None and args.model is None:
-        args.model = _default_video_model()
+        args.model = default_video_model()
     check_model_spec(args.model, trust_remote_code=args.trust_remote_code)
     if args.video is not None:
-        _check_video_model(args.model)
+        _check_video_model(args.model, args.max_pixels)
     args.device = check_device(args.device)
     names = _method_names(args.method)
     _check_methods(names, budget=args.budget, positions=args.positions, seed=args.seed,
@@ -224,15 +224,16 @@ VIDEO_MICRO_MODEL = "micro-qwen2vl-video"
 VIDEO_TINY_MODEL = "tiny:qwen2_vl"
 
 
-def _default_video_model() -> str:
+def default_video_model() -> str:
     from .loading import bundled_model_dir
 
     bundled = bundled_model_dir(VIDEO_MICRO_MODEL)
     return str(bundled) if bundled is not None else VIDEO_TINY_MODEL
 
 
-def _check_video_model(model: str) -> None:
-    """A model given for ``--video`` must be of a family that takes videos (hub ids are checked at loading)."""
+def _check_video_model(model: str, max_pixels: int | None = None) -> None:
+    """A model given for ``--video`` must be of a family that takes videos (hub ids are checked at loading);
+    ``--max-pixels`` needs a Qwen-VL family."""
     from .errors import VTPruneError
 
     if model.startswith("tiny:"):
@@ -246,6 +247,9 @@ def _check_video_model(model: str) -> None:
         raise VTPruneError(f"--model {model!r} ({model_type}) takes no videos; --video needs one of "
                            f"{', '.join(VIDEO_MODEL_TYPES)} (e.g. Qwen/Qwen2.5-VL-3B-Instruct, "
                            "llava-hf/llava-onevision-qwen2-0.5b-ov-hf, or tiny:qwen2_vl).")
+    if max_pixels is not None and not model_type.startswith("qwen"):
+        raise VTPruneError(f"--max-pixels caps Qwen-VL video frames; {model_type} resizes every frame to its vision "
+                           "tower's input size: drop --max-pixels.")
 
 
 def _check_writable_file(path: str, flag: str) -> None:
@@ -342,7 +346,8 @@ def _run_video(args) -> int:
         args.prompt = "What happens in the video?"
     model, processor, description = load_model(args.model, dtype=args.dtype, device=args.device,
                                                trust_remote_code=args.trust_remote_code)
-    inputs = video_inputs(processor, video, args.prompt, device=args.device, dtype=getattr(torch, args.dtype))
+    inputs = video_inputs(processor, video, args.prompt, device=args.device, dtype=getattr(torch, args.dtype),
+                          max_pixels=args.max_pixels)
     names = _method_names(args.method)
     vtprune.apply(model, names[0] if len(names) == 1 else names, budget=args.budget, positions=args.positions,
                   seed=args.seed, **dict(args.option or []))
@@ -703,6 +708,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--video: frames sampled uniformly over the clip (default: 16)")
     p.add_argument("--fps", type=_positive_float("frames sampled per second of the video"), default=None,
                    help="--video: sample this many frames per second of the clip instead of --frames")
+    p.add_argument("--max-pixels", type=_int_at_least(784, "pixels per video frame"), default=None,
+                   help="--video on Qwen-VL: the most pixels a frame keeps (the model card's max_pixels, e.g. "
+                        "151200 = 360*420); default: the processor's")
     p.add_argument("--prompt", default=None,
                    help="default: the question of the default image, or 'What is in the image?'")
     p.add_argument("--method", default="divprune")

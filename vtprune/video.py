@@ -242,13 +242,30 @@ def video_prompt(processor, prompt: str, videos: int = 1) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def video_inputs(processor, videos, prompts, *, padding_side: str = "left", device=None, dtype=None):
+def _pixel_cap(processor, max_pixels: int) -> dict[str, Any]:
+    """The processor-call ``size`` that caps each frame at ``max_pixels`` (Qwen-VL video processors: the model
+    card's ``max_pixels``); other video processors resize frames to a fixed size and take no cap."""
+    video_processor = getattr(processor, "video_processor", None)
+    if getattr(video_processor, "temporal_patch_size", None) is None:
+        raise VideoError(f"max_pixels caps the frames of Qwen-VL video processors; "
+                         f"{type(video_processor).__name__} resizes every frame to its vision tower's input size, "
+                         "so drop max_pixels.")
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 28 * 28:
+        raise VideoError(f"max_pixels must be an int >= 784 (one 28x28 merged patch), got {max_pixels!r}.")
+    size = video_processor.size
+    shortest = size.get("shortest_edge") if hasattr(size, "get") else getattr(size, "shortest_edge", None)
+    return {"size": {"shortest_edge": min(int(shortest or max_pixels), max_pixels), "longest_edge": max_pixels}}
+
+
+def video_inputs(processor, videos, prompts, *, padding_side: str = "left", device=None, dtype=None,
+                 max_pixels: int | None = None):
     """Processor inputs (``BatchFeature``, pt) for clips + prompts: per sample one :class:`Video` (or a list of
     them, or None for a text-only sample) and its prompt; one ``Video`` and one string for a single sample.
 
     The frames go to the processor as sampled (``do_sample_frames=False``) with their metadata
     (``video_metadata``), so time-aware models (Qwen2.5-VL, Qwen3-VL) see the clip's real frame times.
-    ``device`` moves the tensors, ``dtype`` casts the pixels (``pixel_values*``; frame times stay float32)."""
+    ``device`` moves the tensors, ``dtype`` casts the pixels (``pixel_values*``; frame times stay float32).
+    ``max_pixels`` (Qwen-VL): the most pixels a frame keeps (the model cards' ``max_pixels``, e.g. 360 * 420)."""
     import torch
 
     if isinstance(prompts, str):
@@ -268,6 +285,8 @@ def video_inputs(processor, videos, prompts, *, padding_side: str = "left", devi
     if flat:
         kwargs.update(videos=[clip.frames for clip in flat], video_metadata=[clip.metadata for clip in flat],
                       do_sample_frames=False)
+        if max_pixels is not None:
+            kwargs.update(_pixel_cap(processor, max_pixels))
     inputs = processor(**kwargs)
     if device is not None:
         inputs = inputs.to(device)
