@@ -88,7 +88,8 @@ def test_preset_forward_runs_pruned():
 #: video presets: (frames, visual tokens of their video input) -- OneVision 196 per 384 px frame + 1 newline;
 #: Qwen2.5-VL at the model card's max_pixels 360*420: 336x420 frames, 16 temporal groups x 12x15 merged tokens
 VIDEO_TOKENS = {"llava-onevision-0.5b": (32, 32 * 196 + 1), "llava-onevision-7b": (32, 32 * 196 + 1),
-                "llava-onevision-cpu-0.5b": (16, 16 * 196 + 1), "qwen2.5-vl-7b": (32, 16 * 12 * 15)}
+                "llava-onevision-cpu-0.5b": (16, 16 * 196 + 1), "qwen2.5-vl-7b": (32, 16 * 12 * 15),
+                "qwen2.5-vl-3b": (32, 16 * 12 * 15)}
 
 
 @pytest.mark.parametrize("name", sorted(VIDEO_TOKENS))
