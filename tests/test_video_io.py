@@ -66,6 +66,13 @@ def test_default_is_decord_and_default_count(clip):
         assert v.backend == "decord"
 
 
+def test_default_count_takes_every_frame_of_a_short_clip(tmp_path):
+    short = save_video(tmp_path / "short.mp4", moving_bar(10), fps=FPS)
+    assert load_video(short).frame_indices == list(range(10))
+    with pytest.raises(VideoError, match="pass num_frames <= 10"):  # asked for explicitly: an error
+        load_video(short, num_frames=16)
+
+
 def test_backends_agree(clip):
     if len(BACKENDS) < 2:
         pytest.skip("needs both decord and PyAV")

@@ -188,17 +188,19 @@ def _check_backend(backend: str | None) -> str:
 def load_video(path: str | Path, num_frames: int | None = None, fps: float | None = None, *,
                backend: str | None = None) -> Video:
     """Sample frames of the video file ``path``: ``num_frames`` spread uniformly over the clip, or ``fps`` frames
-    per second of it (neither: :data:`DEFAULT_NUM_FRAMES`). ``backend``: ``"decord"`` (default when installed)
+    per second of it (neither: :data:`DEFAULT_NUM_FRAMES`, or every frame of a shorter clip). ``backend``: ``"decord"`` (default when installed)
     or ``"pyav"``. Raises :class:`~vtprune.errors.VideoError` on any unusable input (see the module docstring).
     """
     check_sampling(num_frames, fps)
     file = _check_path(path)
     backend = _check_backend(backend)
-    if num_frames is None and fps is None:
-        num_frames = DEFAULT_NUM_FRAMES
+    default = num_frames is None and fps is None
 
     def sample(metadata, **_):
+        nonlocal num_frames
         total = int(metadata.total_num_frames or 0)
+        if default:  # nothing asked: DEFAULT_NUM_FRAMES, or every frame of a shorter clip
+            num_frames = min(DEFAULT_NUM_FRAMES, max(total, 1))
         if total <= 0:
             raise VideoError(f"video {str(path)!r} has no frames (its container records 0 frames in the video "
                              "stream); pass a video with frames, or re-encode it (ffmpeg -i IN -c:v libx264 "
