@@ -1,6 +1,6 @@
 """Train the bundled video micro-VLM (models/micro-qwen2vl-video) on synthetic clips and images.
 
-    python models/train_micro_video.py            # -> models/micro-qwen2vl-video/  (~45 min on 1 CPU core)
+    python models/train_micro_video.py            # -> models/micro-qwen2vl-video/  (~35 min, 1 thread, 2 shared cores)
 
 A real ``Qwen2VLForConditionalGeneration`` with micro-qwen2vl's architecture (Qwen2-VL ViT, 8 px patches,
 temporal patch 2, 2x2 PatchMerger; Qwen2 decoder with M-RoPE, whose time axis carries the temporal group): a
@@ -19,9 +19,12 @@ Steps alternate: ``video_every - 1`` of every ``video_every`` steps are clip bat
 question first, then ``extra_questions`` more about the same clip (other well-posed questions of the seven
 skills and training-only "What shape is the red object?" turns). Objectives, as for the image models: answer
 tokens; per-token classes on the merged vision tokens (each temporal group's 16x16 px cell: background, colour x
-shape, blank sign, sign with its character -- shown in either frame of the group); and grounding (decoder layer
-1's head-averaged attention from each answer-predicting token on the visual tokens of the objects the question
-is about, in every temporal group that shows them; attention rows recomputed from q/k on SDPA).
+shape, blank sign, sign with its character -- shown in either frame of the group); per-token motion (the
+direction the token's object moves between the group's two frames, or "still"; moving classes weighted 10x):
+Qwen2-VL's ViT has no absolute positions, so "which way" must be readable from each token, which the temporal
+patch makes possible; and grounding (decoder layer 1's head-averaged attention from each answer-predicting token
+on the visual tokens of the objects the question is about, in every temporal group that shows them; attention
+rows recomputed from q/k on SDPA).
 
 Seeded (weights, data order, question draws); one torch thread by default; ``--state FILE`` saves a resumable
 state every ``--save-every`` steps, ``--resume FILE`` continues it. Writes ``training_log.jsonl`` (every step)
@@ -79,8 +82,9 @@ VIDEO_WORDS = tuple(sorted(set(
      "into after before then").split()) | set(DIRECTIONS)))
 
 PRESET = {
-    "steps": 1600, "batch_size": 8, "image_batch_size": 16, "video_every": 4, "lr": 1e-3, "warmup": 50,
-    "extra_questions": 6, "image_extra_questions": 6, "dense_weight": 0.5, "ground_weight": 0.5, "ground_layer": 1,
+    "steps": 1200, "batch_size": 8, "image_batch_size": 16, "video_every": 5, "lr": 1e-3, "warmup": 50,
+    "extra_questions": 6, "image_extra_questions": 6, "dense_weight": 0.5, "motion_weight": 0.5, "ground_weight": 0.5,
+    "ground_layer": 1,
     "init": "models/micro-qwen2vl",
 }
 
@@ -205,26 +209,47 @@ def _token_blocks(owners: np.ndarray) -> np.ndarray:
     return g.transpose(0, 2, 4, 1, 3, 5).reshape(GROUPS, TOKEN_SIDE * TOKEN_SIDE, -1)
 
 
-def clip_dense_targets(clip, owners: np.ndarray) -> list[int]:
-    """Class of each merged visual token (group-major, raster within a group): the track covering most of the
-    token's pixels over both frames if it covers at least 1/8 of them (a sign fills a quarter of the token in
-    each frame), else background; a sign is "sign <c>" if either frame of the group shows its character."""
+MOTION_CLASSES = ("still", *DIRECTIONS)
+MOTION_WEIGHTS = torch.tensor([1.0] + [10.0] * len(DIRECTIONS))
+
+
+def _direction(before, after) -> int:
+    """MOTION_CLASSES index of the move from box ``before`` to box ``after`` (0: no move)."""
+    dx, dy = after[0] - before[0], after[1] - before[1]
+    if dx == dy == 0:
+        return 0
+    if abs(dx) >= abs(dy):
+        return 1 + DIRECTIONS.index("right" if dx > 0 else "left")
+    return 1 + DIRECTIONS.index("down" if dy > 0 else "up")
+
+
+def clip_dense_targets(clip, owners: np.ndarray) -> tuple[list[int], list[int]]:
+    """Per merged visual token (group-major, raster within a group): (class, motion class).
+
+    Class: the track covering most of the token's pixels over both frames if it covers at least 1/8 of them (a
+    sign fills a quarter of the token in each frame), else background; a sign is "sign <c>" if either frame of
+    the group shows its character. Motion: the direction the token's object moves between the group's two
+    frames (MOTION_CLASSES; "still" elsewhere) -- the temporal patch sees both frames, so each token can carry
+    its own local motion (Qwen2-VL's ViT has no absolute positions for the decoder to compare)."""
     blocks = _token_blocks(owners)  # [G, 16, 512]
-    labels = []
+    labels, motion = [], []
     for g in range(GROUPS):
         coverage = np.stack([(blocks[g] == k).sum(axis=1) for k in range(len(clip.tracks))], axis=1)  # [16, K]
         best, amount = coverage.argmax(axis=1), coverage.max(axis=1)
         for token in range(blocks.shape[1]):
             if amount[token] * 8 < blocks.shape[2]:
                 labels.append(0)
+                motion.append(0)
                 continue
             track = clip.tracks[best[token]]
             if track.kind == "sign":
                 chars = [c for c in track.chars[2 * g:2 * g + 2] if c is not None]
                 labels.append(1 + len(_COMBOS) + (1 + CHARACTERS.index(chars[0]) if chars else 0))
+                motion.append(0)
             else:
                 labels.append(1 + _COMBOS.index((track.colors[2 * g + 1], track.shape)))
-    return labels
+                motion.append(_direction(track.boxes[2 * g], track.boxes[2 * g + 1]))
+    return labels, motion
 
 
 def clip_token_mask(owners: np.ndarray, tracks: tuple[int, ...]) -> torch.Tensor:
@@ -237,27 +262,29 @@ def clip_token_mask(owners: np.ndarray, tracks: tuple[int, ...]) -> torch.Tensor
 def make_clip_batch(processor, clips, rng: np.random.Generator, extra: int):
     """Processor inputs (one conversation per clip, labels on answers) and per clip the per-turn token masks of
     the tracks each turn asks about, plus the dense targets."""
-    texts, turn_masks, dense = [], [], []
+    texts, turn_masks, dense, motion = [], [], [], []
     for clip in clips:
         turns = clip_turns(clip, rng, extra)
         texts.append(processor.apply_chat_template(clip_conversation(clip, turns), tokenize=False))
         owners = _group_owners(clip)
         asked = [clip.targets, *(t[2] for t in turns)]
         turn_masks.append([(clip_token_mask(owners, tuple(a)), None) for a in asked])
-        dense.extend(clip_dense_targets(clip, owners))
+        classes, moves = clip_dense_targets(clip, owners)
+        dense.extend(classes)
+        motion.extend(moves)
     batch = processor(videos=[c.frames for c in clips], text=texts, return_tensors="pt", padding=True,
                       padding_side="right")
     header = processor.tokenizer.convert_tokens_to_ids(list(tm._ASSISTANT_HEADER["qwen2vl"]))
     batch["labels"] = tm.answer_labels(batch["input_ids"], batch["attention_mask"], header,
                                        processor.tokenizer.eos_token_id)
-    return batch, turn_masks, torch.tensor(dense)
+    return batch, turn_masks, torch.tensor(dense), torch.tensor(motion)
 
 
 def make_image_batch(processor, samples, rng: np.random.Generator, extra: int):
     batch, targets = tm.make_batch(processor, "qwen2vl", samples, rng, extra)
     turn_masks = tm.turn_cell_masks(samples, targets, TOKEN_CELL)
     dense = torch.tensor([tm.dense_targets(s, TOKEN_CELL) for s in samples]).flatten()
-    return batch, turn_masks, dense
+    return batch, turn_masks, dense, None
 
 
 def evaluate(model, processor, samples, batch_size: int = 16, progress: bool = False):
@@ -316,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed + 1)
     video_dense_head = nn.Linear(width, len(VIDEO_DENSE_CLASSES))
     image_dense_head = nn.Linear(width, len(tm.DENSE_CLASSES))
-    params = list(model.parameters()) + list(video_dense_head.parameters()) + list(image_dense_head.parameters())
+    motion_head = nn.Linear(width, len(MOTION_CLASSES))
+    heads = {"video_dense_head": video_dense_head, "image_dense_head": image_dense_head, "motion_head": motion_head}
+    params = list(model.parameters()) + [p for head in heads.values() for p in head.parameters()]
     layer_capture = tm.LayerInputCapture(model.model.language_model.layers[int(preset["ground_layer"])])
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -327,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "training_log.jsonl"
     first_step, elapsed_before = 0, 0.0
-    ema = {"lm": None, "dense": None, "ground": None}
+    ema = {"lm": None, "dense": None, "ground": None, "motion": None}
     if args.resume:
         state = torch.load(args.resume, weights_only=False)
         same = {k: v for k, v in state["preset"].items() if k != "steps"} == {k: v for k, v in preset.items()
@@ -336,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{args.resume} was saved by a run with other settings (only --steps may differ, "
                              "and the state must lie before the learning-rate decay)")
         model.load_state_dict(state["model"])
-        video_dense_head.load_state_dict(state["video_dense_head"])
-        image_dense_head.load_state_dict(state["image_dense_head"])
+        for name, head in heads.items():
+            head.load_state_dict(state[name])
         optimizer.load_state_dict(state["optimizer"])
         first_step, elapsed_before, ema = state["step"], state["elapsed_s"], state["ema"]
         kept = log_path.read_text().splitlines()[:first_step] if log_path.is_file() else []
@@ -360,14 +389,15 @@ def main(argv: list[str] | None = None) -> int:
             # half busy training clips (many questions each), half clips like the splits' (one event + distractors)
             clips = [generate_training_clip(step * n + i, seed=args.seed) if i % 2 == 0 else
                      generate_clip_train(step * n + i, args.seed) for i in range(n)]
-            batch, turn_masks, dense_target = make_clip_batch(processor, clips, rng, int(preset["extra_questions"]))
+            batch, turn_masks, dense_target, motion_target = make_clip_batch(processor, clips, rng,
+                                                                             int(preset["extra_questions"]))
             cells = tm.image_cells(batch["input_ids"], model.config.video_token_id)
             head = video_dense_head
         else:
             n = int(preset["image_batch_size"])
             samples = [generate_sample("train", step * n + i, seed=args.seed) for i in range(n)]
-            batch, turn_masks, dense_target = make_image_batch(processor, samples, rng,
-                                                               int(preset["image_extra_questions"]))
+            batch, turn_masks, dense_target, motion_target = make_image_batch(processor, samples, rng,
+                                                                              int(preset["image_extra_questions"]))
             cells = tm.image_cells(batch["input_ids"], model.config.image_token_id)
             head = image_dense_head
         peak, warmup = preset["lr"], int(preset["warmup"])
@@ -379,12 +409,18 @@ def main(argv: list[str] | None = None) -> int:
         loss = loss + preset["ground_weight"] * ground
         dense = nn.functional.cross_entropy(head(capture.tokens.float()), dense_target)
         loss = loss + preset["dense_weight"] * dense
+        motion = torch.zeros(())
+        if motion_target is not None:
+            # moving tokens are ~2 % of a clip's: weighted up so the head cannot settle on "still"
+            motion = nn.functional.cross_entropy(motion_head(capture.tokens.float()), motion_target,
+                                                 weight=MOTION_WEIGHTS)
+            loss = loss + preset["motion_weight"] * motion
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-        values = {"lm": float(output.loss), "dense": float(dense), "ground": float(ground)}
+        values = {"lm": float(output.loss), "dense": float(dense), "ground": float(ground), "motion": float(motion)}
         for key, value in values.items():
             ema[key] = value if ema[key] is None else 0.98 * ema[key] + 0.02 * value
         record = {"step": step + 1, "kind": "video" if is_video else "image",
@@ -398,13 +434,13 @@ def main(argv: list[str] | None = None) -> int:
         log.flush()
         if args.state and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
             state = {"step": step + 1, "seed": args.seed, "preset": preset, "model": model.state_dict(),
-                     "video_dense_head": video_dense_head.state_dict(),
-                     "image_dense_head": image_dense_head.state_dict(), "optimizer": optimizer.state_dict(),
+                     **{name: head.state_dict() for name, head in heads.items()}, "optimizer": optimizer.state_dict(),
                      "elapsed_s": time.perf_counter() - start, "ema": ema}
             torch.save(state, f"{args.state}.tmp")
             os.replace(f"{args.state}.tmp", args.state)
         video_steps += is_video
-        bar.set_postfix(lm=f"{ema['lm']:.3f}", ground=f"{ema['ground']:.3f}", dense=f"{ema['dense']:.3f}")
+        bar.set_postfix(lm=f"{ema['lm']:.3f}", ground=f"{ema['ground']:.3f}", dense=f"{ema['dense']:.3f}",
+                        motion=f"{ema['motion']:.3f}")
     bar.close()
     train_seconds = time.perf_counter() - start
     capture.remove()
@@ -428,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "family": "qwen2vl-video", "seed": args.seed, "preset": preset, "parameters": n_params,
         "train_seconds": round(train_seconds, 1), "steps": steps,
         "final_lm_loss_ema": round(ema["lm"], 4), "final_dense_loss_ema": round(ema["dense"], 4),
-        "final_ground_loss_ema": round(ema["ground"], 4),
+        "final_ground_loss_ema": round(ema["ground"], 4), "final_motion_loss_ema": round(ema["motion"], 4),
         "chance": VIDEO_CHANCE,
         "val": val.to_dict(), "test": test.to_dict(), "image_test": image_test.to_dict(),
         "torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),
