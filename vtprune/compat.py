@@ -16,7 +16,9 @@ Supported (tested in CI): ``TESTED_RANGE``. What differs inside it:
 
 Unchanged across the range, but still internals (listed so that a change is found here): the vision entry point
 ``get_image_features`` and the pre-encoded ``mm_encoder_outputs`` that ``generate()`` hands to the forward,
-``pack_image_features`` / ``image_size_to_num_patches`` (LLaVA-NeXT / OneVision crops), Qwen's
+``pack_image_features`` / ``image_size_to_num_patches`` (LLaVA-NeXT / OneVision crops), the video entry point
+``get_video_features`` and its arguments (``pixel_values_videos``, ``video_grid_thw``, Qwen2.5-VL's
+``second_per_grid_ts``), LLaVA-OneVision's per-frame ``apply_pooling``, Qwen's
 ``get_rope_index`` / ``rope_deltas``, ``get_vision_window_index`` (Qwen2.5-VL), ``apply_rotary_pos_emb_vision``
 and ``apply_rotary_pos_emb`` of each modeling module, Qwen3-VL's ``_deepstack_process``, the decoder's
 ``rotary_emb`` / ``layers`` / ``norm``, the PIL image-processor classes (``<Name>Pil``) and
@@ -43,6 +45,8 @@ _CACHE_NAMES = ("cache", "past_key_values")
 
 #: the function of a multimodal model (``model.model``) that runs vision tower + projector on images
 IMAGE_FEATURES = "get_image_features"
+#: ... and on videos (Qwen-VL, LLaVA-OneVision)
+VIDEO_FEATURES = "get_video_features"
 #: Qwen3-VL: the language model's function adding deepstack rows to the visual positions' hidden states
 DEEPSTACK_INJECTOR = "_deepstack_process"
 
@@ -157,6 +161,27 @@ def rope_deltas(core) -> Any:
 def rope_index(core, *args, **kwargs):
     """Qwen-VL: the model's own M-RoPE index (``get_rope_index``)."""
     return core.get_rope_index(*args, **kwargs)
+
+
+def video_grid(call: dict[str, Any]):
+    """Qwen-VL: the (t, h, w) patch grid of every video of a call (``video_grid_thw``), or None."""
+    return call.get("video_grid_thw")
+
+
+def seconds_per_grid(call: dict[str, Any]):
+    """Qwen2.5-VL: seconds between consecutive temporal groups of each video (``second_per_grid_ts``), or None."""
+    return call.get("second_per_grid_ts")
+
+
+def video_pixels(call: dict[str, Any]):
+    """The video pixels of a model or video-encoder call (``pixel_values_videos``), or None."""
+    return call.get("pixel_values_videos")
+
+
+def apply_video_pooling(core, features):
+    """LLaVA-OneVision: the model's own per-frame pooling of projected video features, [frames, P, C] ->
+    [frames, n, C] (bilinear 2x2 downsampling of each frame's patch grid); any channel count."""
+    return core.apply_pooling(features)
 
 
 def pack_image_features(core, features, image_sizes, **kwargs):

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BudgetError, MethodOptionError
-from ..registry import Method, Selection, VisualGroup, register_method
-from ..selectors.baselines import pool_grid, random_select, uniform_grid_select
+from ..registry import Method, Selection, VideoClip, VisualGroup, register_method
+from ..selectors.baselines import pool_grid, random_select, uniform_frames, uniform_grid_select
 from ..selectors.cls_attention import topk_select
 from ..selectors.divprune import divprune_select
 from ..selectors.visionzip import split_visionzip_budget, visionzip_select
@@ -81,6 +81,45 @@ class AveragePool(Method):
         weights = window / window.sum(dim=1, keepdim=True)  # window means
         return Selection(keep=empty, merged=pooled.tokens, anchors=pooled.anchors.to(group.features.device),
                          weights=weights)
+
+
+@register_method
+class UniformFrames(Method):
+    """Uniform frame sampling — keep every token of evenly spaced frames, as many whole frames as the budget
+    holds. Baseline for video (the reference temporal methods are compared against): it is what feeding the
+    model fewer frames does, without re-running the encoder.
+
+    Video (``video_policy="clip"``): with N tokens per frame and a budget of k tokens, m = k // N frames are
+    kept whole, at ``linspace(0, T - 1, m)`` truncated to ints (the uniform sampling of LLaVA-Video and
+    lmms-eval); the k − m·N tokens left over are not spent (the count is at most the budget). A budget below one
+    frame keeps the middle frame's uniform spatial sub-grid of k tokens (the ``uniform`` baseline on that
+    frame), so every budget is honoured. Positions ``compact`` by default (as if the shorter clip had been the
+    input; on Qwen's M-RoPE a dropped temporal group leaves its time gap, since temporal ids keep their offsets).
+    Images (one frame): the ``uniform`` sub-grid. Default budget 0.25 of the clip.
+    """
+
+    name = "frames"
+    paper = "baseline"
+    signals = ("grid",)
+    default_budget = 0.25
+    default_positions = "compact"
+    video_policy = "clip"
+    exact_count = False  # whole frames: at most the budget
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        h, w = _require_grid(self.name, group)
+        return Selection(keep=uniform_grid_select(h, w, k).to(group.features.device))
+
+    def select_clip(self, clip: VideoClip, k: int) -> Selection:
+        per_frame, device = clip.tokens_per_frame, clip.features.device
+        whole = min(k // per_frame, clip.frames)
+        if whole == 0:  # less than one frame: a uniform sub-grid of the middle frame
+            middle = clip.frames // 2
+            spatial = uniform_grid_select(clip.height, clip.width, k)
+            return Selection(keep=(middle * per_frame + spatial).to(device))
+        frames = uniform_frames(clip.frames, whole)  # [m], ascending
+        keep = (frames[:, None] * per_frame + torch.arange(per_frame)[None, :]).reshape(-1)  # [m * N]
+        return Selection(keep=keep.to(device))
 
 
 @register_method
@@ -311,11 +350,15 @@ class DivPrune(Method):
     diagonal, which only matters for exact duplicates (the official may then re-pick a token). On LLaVA-NeXT
     the official candidates include the row-newline tokens (it selects over the whole packed image); vtprune
     treats newlines as layout (kept while their row holds a token) and selects among content tokens only.
+    Video: one selection over all the clip's tokens (``video_policy="global"``): max-min diversity is a property of
+    the whole set, so near-duplicate tokens of consecutive frames compete with each other instead of each frame
+    keeping its own share.
     """
 
     name = "divprune"
     paper = "arXiv:2503.02175"
     budget_policy = "global"
+    video_policy = "global"
     default_positions = "compact"
 
     def select(self, group: VisualGroup, k: int) -> Selection:
