@@ -179,7 +179,7 @@ class Adapter:
         found = {name for name, value in encoded.items() if value is not None and name in (IMAGE, VIDEO)}
         if call.get("pixel_values") is not None:
             found.add(IMAGE)
-        if call.get("pixel_values_videos") is not None:
+        if compat.video_pixels(call) is not None:
             found.add(VIDEO)
         return found
 

@@ -1,4 +1,4 @@
-"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``), image path.
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): images and videos.
 
 A SigLIP tower without CLS token, an MLP projector and a Qwen2 decoder (1-D RoPE). An image is the base view
 (27 x 27 tokens at 384 px) followed by the AnyRes crops packed as one unpadded grid with an image-newline

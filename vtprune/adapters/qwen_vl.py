@@ -1,5 +1,5 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-``Qwen3VLForConditionalGeneration``), image path.
+``Qwen3VLForConditionalGeneration``): images and videos.
 
 What the three share: a ViT without CLS token that runs on all patches of all images as one packed sequence
 (attention per image), a ``PatchMerger`` that turns every 2 x 2 group of patches (consecutive in the ViT

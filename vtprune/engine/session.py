@@ -34,7 +34,7 @@ from ..engine.sequence import PrunedBatch, SamplePlan, assemble
 from ..engine.side_inputs import MergedRows, gather_side_rows, merged_side_rows, visual_row_index
 from ..engine.timing import section
 from ..errors import SilentlyUnprunedError, UnsupportedModelError, VTPruneError
-from ..registry import DECODE, IN_LLM, PRE_LLM, Method, Selection, VideoClip, VisualGroup
+from ..registry import DECODE, IN_LLM, PRE_LLM, VIDEO_POLICIES, Method, Selection, VideoClip, VisualGroup
 from ..stats import PruneStats, SampleStats, StageStats
 
 SESSION_ATTRIBUTE = "_vtprune_session"
@@ -100,14 +100,10 @@ def _set_frame_kept(sample: SampleStats, layout: SampleLayout, source: torch.Ten
         merged = torch.zeros_like(source, dtype=torch.bool)
     counts, frames = [], []
     for video in videos:
-        frame = video.frame_of()
-        content = torch.zeros(video.num_tokens, dtype=torch.bool)
-        for group in video.groups:
-            content[group.members] = True
         inside = torch.isin(source, video.positions)
         span_index = torch.searchsorted(video.positions, source[inside])
-        counted = content[span_index] | merged[inside]
-        per_frame = torch.bincount(frame[span_index][counted], minlength=video.num_frames)
+        counted = ~video.structural[span_index] | merged[inside]  # kept content tokens, merged tokens
+        per_frame = torch.bincount(video.frame_of()[span_index][counted], minlength=video.num_frames)
         counts.extend(int(c) for c in per_frame)
         frames.append(video.num_frames)
     sample.frame_kept, sample.video_frames = counts, frames
@@ -392,6 +388,7 @@ class PruneSession:
         if not self.adapter.has_visual_input(call):
             self._refuse_unrecognised_visual_input(call)
             return self._unpruned_decode_positions(call, args, kwargs)
+        self._refuse_video_if_unsupported(call)
         if call.get("input_ids") is None:
             if call.get("inputs_embeds") is None:
                 raise VTPruneError("a forward with images needs input_ids or inputs_embeds.")
@@ -527,7 +524,6 @@ class PruneSession:
                 vision_args.update(self.store.vision_calls[modality])
         layouts = self.adapter.build_layouts({**pending.call, **vision_args})
         self._layouts = layouts
-        self._refuse_video_if_unsupported(layouts)
         if not any(layout.num_visual for layout in layouts):
             raise self._unpruned_error("the call carried visual inputs but no visual token was found in input_ids")
         self.store.consumed = True
@@ -608,9 +604,9 @@ class PruneSession:
         return all(store.vision_outputs.get(m) is not None and carried.get(m) is store.vision_outputs[m]
                    for m in modalities)
 
-    def _refuse_video_if_unsupported(self, layouts: list[SampleLayout]) -> None:
-        """A method that cannot run on video refuses a forward with a video, before any selection runs."""
-        if not any(layout.videos for layout in layouts):
+    def _refuse_video_if_unsupported(self, call: dict[str, Any]) -> None:
+        """A method that cannot run on video refuses a forward that carries videos, before the model runs."""
+        if VIDEO not in self.adapter.visual_modalities(call):
             return
         for method in self.methods:
             if method.video_unsupported:
@@ -928,7 +924,9 @@ class PruneSession:
         whole = TokenGroup.concat(image.groups)
         if policy == "global":
             return [(whole, budget, functools.partial(self._select_group, image, whole, embeds, image_idx, 0))]
-        return [(whole, budget, functools.partial(self._select_clip, image, whole, embeds, image_idx))]
+        if policy == "clip":
+            return [(whole, budget, functools.partial(self._select_clip, image, whole, embeds, image_idx))]
+        raise VTPruneError(f"method {method.name!r} has video_policy={policy!r}; use one of {VIDEO_POLICIES}.")
 
     def _select_group(self, image: ImageSpan, group: TokenGroup, embeds: torch.Tensor, image_idx: int,
                       group_idx: int, k: int, frame: int | None = None) -> Selection:
