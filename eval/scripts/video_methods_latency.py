@@ -7,8 +7,8 @@ on weight values; accuracy is never reported here.
         --out eval/results/video_methods_cpu --repeats 3 --threads 2
 
 ``dycoke`` appears twice: its temporal merging alone (``decode=False``) and with its decode-time KV pruning (the
-decode column then shows what the decode stage saves). The decode time is the mean interval per generated token
-after the first ((t(1 + n tokens) − t(1 token)) / n).
+decode column then shows what the decode stage saves). The decode time is the median interval between consecutive
+generation steps after the first (one decode forward each).
 """
 
 from __future__ import annotations
@@ -56,14 +56,25 @@ def _timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+class _Stamps(transformers.LogitsProcessor):
+    """Records the time of every generation step (called once per step, after that step's forward)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
 def measure(model, inputs, repeats: int, new_tokens: int) -> dict:
     with torch.no_grad():
-        model(**inputs)  # warm-up
         prefill = _timed(lambda: model(**inputs), repeats)
-        one = _timed(lambda: model.generate(**inputs, max_new_tokens=1, do_sample=False), 1)
-        many = _timed(lambda: model.generate(**inputs, max_new_tokens=1 + new_tokens, min_new_tokens=1 + new_tokens,
-                                             do_sample=False), 1)
-    return {"prefill_s": prefill, "decode_s_per_token": max(0.0, many - one) / new_tokens}
+        stamps = _Stamps()
+        model.generate(**inputs, max_new_tokens=1 + new_tokens, min_new_tokens=1 + new_tokens, do_sample=False,
+                       logits_processor=transformers.LogitsProcessorList([stamps]))
+    steps = [b - a for a, b in zip(stamps.times[:-1], stamps.times[1:], strict=True)]  # decode steps only
+    return {"prefill_s": prefill, "decode_s_per_token": statistics.median(steps)}
 
 
 def main() -> None:
