@@ -28,6 +28,14 @@ class InVitMethod(Method):
     #: the method scores tokens with the encoder's [CLS] token
     needs_class_token: ClassVar[bool] = False
 
+    def lowest_tokens(self, adapter) -> int:
+        """The fewest visual tokens per vision input this method can leave on ``adapter``'s tower."""
+        if self.needs_class_token and not adapter.vit_has_class_token():
+            from ..errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"{self.name!r} needs a [CLS] token")
+        return 1
+
     def vit_start(self, cohort) -> None:
         """Plan the image's pruning (``cohort.target`` tokens per row after the feature layer)."""
 
@@ -86,6 +94,14 @@ class ToMe(InVitMethod):
 
     def budget_overrides(self) -> list[str]:
         return ["r"] if self.config["r"] is not None else []
+
+    def lowest_tokens(self, adapter) -> int:
+        vc = adapter.config.vision_config
+        tokens = (vc.image_size // vc.patch_size) ** 2 + (1 if adapter.vit_has_class_token() else 0)
+        protected = 1 if adapter.vit_has_class_token() else 0
+        for _ in range(adapter.vit_feature_index() + 1):  # every block merging half of its tokens
+            tokens -= max(0, (tokens - protected) // 2)
+        return max(1, tokens - (1 if adapter.config.vision_feature_select_strategy == "default" else 0))
 
     def vit_start(self, cohort) -> None:
         layers = cohort.feature_index + 1
