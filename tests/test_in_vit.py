@@ -422,3 +422,30 @@ def test_vision_flops_per_layer_lengths():
     assert vision_flops(model.config, 2, vit_layer_lengths=[[(65, 33), 33, 33]] * 2) < full
     with pytest.raises(ValueError, match="vit_layer_lengths"):
         vision_flops(model.config, 2, vit_layer_lengths=[[65] * layers])
+
+
+def test_positions_original_and_compact(tiny_models):
+    model, processor = tiny_models["llava"]
+    inputs = _inputs(processor, two=False)
+    for positions in ("original", "compact"):
+        with vtprune.pruned(model, "tome", budget=16, positions=positions):
+            with capture_lm_calls(model) as calls:
+                model(**inputs)
+            kept = vtprune.stats(model).samples[0].stages[0].kept_positions
+        ids = calls[0]["position_ids"][0]
+        length = int(inputs["input_ids"].shape[1]) - 48
+        if positions == "compact":
+            assert torch.equal(ids, torch.arange(length))
+        else:
+            first = int(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[0])
+            assert torch.equal(ids[first:first + 16], kept)
+
+
+def test_refuses_when_the_blocks_never_run(tiny_models):
+    model, processor = tiny_models["llava"]
+    inputs = _inputs(processor, two=False)
+    with vtprune.pruned(model, "tome", budget=16):
+        for layer in _tower(model).encoder.layers:  # as if transformers called the blocks some other way
+            del layer.forward
+        with pytest.raises(vtprune.SilentlyUnprunedError, match="in-ViT stage"):
+            model(**inputs)

@@ -730,6 +730,8 @@ class PruneSession:
         kept_visual, num_merged = [], 0
         self._merge_records.append([])
         vit_kept, vit_merged = [], 0
+        if self.vit_stage is not None and not self.vit_stage.started():
+            raise self._unpruned_error(f"the in-ViT stage {self.vit_method.name!r} saw no vision-encoder block run")
         for image_idx, image in enumerate(layout.images):
             alive, sizes = self._vit_alive(image, layout.image_ids[image_idx] if layout.image_ids else image_idx)
             if alive is not None:

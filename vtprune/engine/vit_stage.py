@@ -249,7 +249,12 @@ class VitStage:
         return out
 
     def ran(self) -> bool:
+        """Whether the last vision run pruned (False: every image kept all its tokens)."""
         return bool(self._local.active)
+
+    def started(self) -> bool:
+        """Whether the wrapped blocks ran since the vision encoder's entry point was last called."""
+        return self._local.cohorts is not None
 
     def clear(self) -> None:
         self._local.cohorts = None
