@@ -356,7 +356,8 @@ def test_llava_budget_and_stats(tiny_models, method):
             model(**inputs)
         stats = vtprune.stats(model)
     for b, sample in enumerate(stats.samples):
-        assert sample.visual_in == 64 and len(sample.stages[0].kept_positions) == 16
+        stage = sample.stages[0]
+        assert sample.visual_in == 64 and len(stage.kept_positions) + stage.merged == stage.visual_out == 16
         assert sample.visual_lengths == [16] * len(sample.visual_lengths)
         assert sample.flops < sample.flops_unpruned
         assert int(calls[0]["attention_mask"][b].sum()) == int(inputs["attention_mask"][b].sum()) - 48
@@ -397,7 +398,8 @@ def test_compositions(tiny_models, family):
             assert [s.name for s in sample.stages] == combo
             vit, second = sample.stages[0], sample.stages[1]
             if second.layer == 0:  # a pre-LLM stage selects among what the in-ViT stage left
-                assert set(second.kept_positions.tolist()) <= set(vit.kept_positions.tolist())
+                assert second.visual_out < vit.visual_out
+                assert sample.visual_lengths[0] == second.visual_out
             assert sample.visual_lengths[-1] < sample.visual_lengths[0] or second.layer == 0
     with pytest.raises(VTPruneError, match="reads the vision encoder's attention"):
         vtprune.apply(model, ["tome", "fastervlm"], 0.2)
@@ -437,8 +439,11 @@ def test_positions_original_and_compact(tiny_models):
         if positions == "compact":
             assert torch.equal(ids, torch.arange(length))
         else:
-            first = int(torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id)[0])
-            assert torch.equal(ids[first:first + 16], kept)
+            placeholders = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
+            first = int(placeholders[0])
+            visual = ids[first:first + 16]  # the original positions of the 16 tokens, merged ones at their patch
+            assert bool((visual[1:] > visual[:-1]).all()) and bool(torch.isin(visual, placeholders).all())
+            assert bool(torch.isin(kept, visual).all()) and int(ids[first + 16]) == int(placeholders[-1]) + 1
 
 
 def test_refuses_when_the_blocks_never_run(tiny_models):

@@ -797,7 +797,8 @@ class PruneSession:
         for image_idx, image in enumerate(layout.images):
             alive, sizes = self._vit_alive(image, layout.image_ids[image_idx] if layout.image_ids else image_idx)
             if alive is not None:
-                vit_kept.append(image.positions[alive | image.structural & self._rows_alive(image, alive)])
+                whole = alive & (sizes == 1) | image.structural & self._rows_alive(image, alive)
+                vit_kept.append(image.positions[whole])
                 vit_merged += int((sizes > 1).sum())
             if self.pre_method is None:
                 span_keep = torch.ones(image.num_tokens, dtype=torch.bool) if alive is None else \
@@ -824,11 +825,11 @@ class PruneSession:
         kept_positions = torch.sort(torch.cat(kept_visual)).values if kept_visual else torch.empty(0, dtype=torch.long)
         sample = SampleStats(visual_in=layout.num_visual)
         if self.vit_method is not None:
-            # in-ViT: the positions kept (a merged token at its representative's); ``merged`` counts how many of
-            # them hold merged tokens (already among the kept positions)
+            # in-ViT: the positions of the tokens kept whole (row newlines included); ``merged`` counts the merged
+            # tokens, each at the position of its representative patch
             vit_positions = torch.sort(torch.cat(vit_kept)).values if vit_kept else layout.visual_positions()
             sample.stages.append(StageStats(name=self.vit_method.name, layer=0, kept_positions=vit_positions,
-                                            merged=vit_merged, visual_out=int(vit_positions.numel())))
+                                            merged=vit_merged, visual_out=int(vit_positions.numel()) + vit_merged))
         if self.pre_method is not None:
             sample.stages.append(StageStats(
                 name=self.pre_method.name, layer=0, kept_positions=kept_positions, merged=num_merged,
