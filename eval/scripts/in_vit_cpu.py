@@ -9,7 +9,7 @@ other processes hits both alike; the ratio pruned/native is the figure of merit.
 work (ToMe's matching, FlowCut's scores, a pre-LLM selection) as a share of the pruned prefill. Also reported:
 the analytic prefill FLOPs and the encoder's tokens per block.
 
-    nice python eval/scripts/in_vit_cpu.py --out eval/results/in_vit_cpu --repeats 3 --threads 2
+    nice python eval/scripts/in_vit_cpu.py --out eval/results/in_vit_cpu --repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import transformers
 import vtprune
 from vtprune.bench.latency import measure_paired
 from vtprune.bench.presets import build_preset, preset_inputs
+from vtprune.engine.session import SESSION_ATTRIBUTE
 
 K = 64
 CONFIGS = [  # (label, method, options)
     ("tome", "tome", {}),
-    ("tome r=(43, -1) (decreasing schedule)", "tome", {"r": (43, -1)}),
+    ("tome r=(43, -1) (paper's decreasing schedule)", "tome", {"r": (43, -1)}),
     ("flowcut", "flowcut", {}),
     ("random (pre-LLM)", "random", {}),
     ("divprune (pre-LLM)", "divprune", {}),
-    ("fastervlm (pre-LLM)", "fastervlm", {}),
 ]
 
 
@@ -41,14 +41,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="eval/results/in_vit_cpu")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--preset", default="llava-cpu-0.5b")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="measure only these configuration labels and add them to an existing results file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, processor = build_preset(args.preset)
     inputs = preset_inputs(args.preset, processor)
-    rows = []
+    out = Path(args.out)
+    rows, commands = [], []
+    if args.only is not None and out.with_suffix(".json").exists():  # keep the other configurations' rows
+        saved = json.loads(out.with_suffix(".json").read_text())
+        rows = [r for r in saved["rows"] if r["config"] not in args.only]
+        commands = saved["meta"].get("commands", [saved["meta"].get("command")])
     for label, method, options in CONFIGS:
+        if args.only is not None and label not in args.only:
+            continue
         budget = None if "r" in options else K
         holder = {}
 
@@ -57,40 +66,53 @@ def main() -> None:
 
         def uninstall(holder=holder):
             holder["stats"] = vtprune.stats(model).samples[0]
+            stage = getattr(model, SESSION_ATTRIBUTE).vit_stage
+            lengths = stage.layer_lengths() if stage is not None else None
+            holder["vit"] = "all 577" if lengths is None else " ".join(
+                str(n if isinstance(n, int) else f"{n[0]}→{n[1]}") for n in lengths[0])
             vtprune.remove(model)
 
         paired = measure_paired(model, inputs, install=install, uninstall=uninstall, native_k=K, unpruned=False,
                                 new_tokens=0, warmup=1, repeats=args.repeats)
         sample = holder["stats"]
-        pruned_ms, native_ms = paired.pruned.prefill.median, paired.native.median
-        select_ms = paired.pruned.select.median if paired.pruned.select is not None else 0.0
+        # process CPU time: on a machine shared with other jobs it is far steadier than wall time
+        pruned_ms, native_ms = paired.pruned.cpu["prefill"].median, paired.native_cpu.median
+        select = paired.pruned.cpu.get("select")
+        select_ms = select.median if select is not None else 0.0
+        wall_ms, native_wall_ms = paired.pruned.prefill.median, paired.native.median
         rows.append({
             "config": label, "method": method, "options": {k: list(v) if isinstance(v, tuple) else v
                                                            for k, v in options.items()},
-            "budget": budget, "visual_tokens": sample.visual_lengths[0], "flops": sample.flops,
+            "budget": budget, "visual_tokens": sample.visual_lengths[0], "vit_tokens": holder["vit"], "flops": sample.flops,
             "flops_unpruned": sample.flops_unpruned, "prefill_ms": pruned_ms,
-            "prefill_ms_all": paired.pruned.prefill.samples, "native_k_ms": native_ms,
-            "native_k_ms_all": paired.native.samples, "native_over_pruned": native_ms / pruned_ms,
+            "prefill_ms_all": paired.pruned.cpu["prefill"].samples, "native_k_ms": native_ms,
+            "native_k_ms_all": paired.native_cpu.samples, "prefill_wall_ms": wall_ms, "native_k_wall_ms": native_wall_ms, "native_over_pruned": native_ms / pruned_ms,
             "select_ms": select_ms, "select_pct": 100.0 * select_ms / pruned_ms,
         })
         print(f"{label}: {pruned_ms:.0f} ms vs native-K {native_ms:.0f} ms ({native_ms / pruned_ms:.2f}x), "
               f"select {100.0 * select_ms / pruned_ms:.2f} %, {sample.visual_lengths[0]} visual tokens", flush=True)
     meta = {"preset": args.preset, "K": K, "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": args.threads, "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
-            "command": f"nice python eval/scripts/in_vit_cpu.py --out {args.out} --repeats {args.repeats} "
-                       f"--threads {args.threads}"}
-    out = Path(args.out)
+            "commands": [*commands, f"nice python eval/scripts/in_vit_cpu.py --out {args.out} --repeats "
+                                    f"{args.repeats} --threads {args.threads}"
+                                    + (" --only " + " ".join(repr(o) for o in args.only) if args.only else "")]}
+    order = [label for label, _, _ in CONFIGS]
+    rows.sort(key=lambda r: order.index(r["config"]) if r["config"] in order else len(order))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    lines = ["| configuration | visual tokens to the LLM | prefill GFLOPs | prefill ms (median) | native-K ms "
-             "| native-K / pruned | select % of prefill |", "|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | visual tokens to the LLM | ViT tokens per block | prefill GFLOPs | prefill CPU ms (median) "
+             "| native-K CPU ms | native-K / pruned | select % of prefill | wall ms pruned / native-K |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['config']} | {r['visual_tokens']} | {r['flops'] / 1e9:.1f} | {r['prefill_ms']:.0f} "
-                     f"| {r['native_k_ms']:.0f} | {r['native_over_pruned']:.2f}x | {r['select_pct']:.2f} |")
+        lines.append(f"| {r['config']} | {r['visual_tokens']} | {r['vit_tokens']} | {r['flops'] / 1e9:.1f} "
+                     f"| {r['prefill_ms']:.0f} | {r['native_k_ms']:.0f} | {r['native_over_pruned']:.2f}x "
+                     f"| {r['select_pct']:.2f} | {r['prefill_wall_ms']:.0f} / {r['native_k_wall_ms']:.0f} |")
     header = (f"# In-ViT vs native-K on `{args.preset}` (K = {K}, random weights, CPU)\n\n"
-              f"Command: `{meta['command']}`; torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"{args.threads} thread(s), median of {args.repeats} interleaved rounds (pruned, then native-K) after a "
-              "warm-up round, on a machine shared with other jobs.\n\n")
+              f"Commands: {'; '.join(f'`{c}`' for c in meta['commands'])}; torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"{args.threads} thread(s), median process CPU time of {args.repeats} interleaved rounds (pruned, then "
+              "native-K) after a warm-up round, on a machine shared with other jobs (wall times, inflated by that "
+              "load, in the last column). ViT tokens per block: tokens through attention→MLP of each CLIP block "
+              "(577 = CLS + 576 patches).\n\n")
     out.with_suffix(".md").write_text(header + "\n".join(lines) + "\n")
 
 

@@ -16,6 +16,8 @@ are computed, so the encoder's cost follows the reduced count (``VitRun.layer_le
 Rows are processed per image (the base image and its crops together; every crop keeps its own tokens): a batch
 of images gives each image what it would get alone.
 
+Images only: the session refuses a video reaching the encoder of a model pruned in-ViT.
+
 The table ``vit_size`` [rows, patches] (in the projector's coordinates: the CLS column dropped under the
 "default" feature strategy) is written to the signal store: the size of the token at each slot, 0 where removed.
 """
