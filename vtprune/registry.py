@@ -23,6 +23,8 @@ PRE_LLM = "pre-llm"
 IN_LLM = "in-llm"
 #: a stage that prunes the visual KV cache at decode steps (vtprune/engine/decode_stage.py)
 DECODE = "decode"
+#: inside the vision encoder, between its blocks (vtprune/engine/vit_stage.py)
+IN_VIT = "in-vit"
 POSITION_CONVENTIONS = ("original", "compact")
 #: how a pre-LLM method meets a video (``Method.video_policy``): "per_frame" — every frame (Qwen: temporal group)
 #: is a :class:`VisualGroup` of its own and the clip's budget is split evenly over the frames (remainder to the
@@ -305,8 +307,9 @@ def methods_markdown(reachable: dict[str, str] | None = None) -> str:
         header.append("reachable budgets")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for info in infos.values():
-        applies = "layer average" if info.stage == "in-llm" else "visual KV per decode step" \
-            if info.stage == DECODE else _POLICY_TEXT.get(info.budget_policy, info.budget_policy)
+        applies = "layer average" if info.stage == "in-llm" else "per ViT input" if info.stage == IN_VIT \
+            else "visual KV per decode step" if info.stage == DECODE \
+            else _POLICY_TEXT.get(info.budget_policy, info.budget_policy)
         options = ", ".join(f"`{k}={v!r}`" for k, v in info.defaults.items()) or "–"
         cells = [f"`{info.name}`", info.stage, applies, info.positions, options,
                  ", ".join(info.signals) or "–", info.paper]
