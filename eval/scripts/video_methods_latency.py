@@ -26,6 +26,7 @@ import transformers
 
 import vtprune
 from vtprune.bench.presets import build_preset, preset_inputs
+from vtprune.errors import BudgetError
 
 METHODS = (("holitom", {}), ("fastvid", {}), ("dycoke", {"decode": False}), ("dycoke", {}), ("prunevid", {}),
            ("visionzip_video", {}))
@@ -114,8 +115,12 @@ def main() -> None:
                 session = model._vtprune_session
                 clock = _Clock()
                 session.timer = clock
-                with torch.no_grad():
-                    model(**inputs)
+                try:
+                    with torch.no_grad():
+                        model(**inputs)
+                except BudgetError as error:  # e.g. DyCoke keeps whole frames: a budget below them is refused
+                    print(json.dumps({"method": label, "budget": budget, "unreachable": str(error)}), flush=True)
+                    continue
                 stats = vtprune.stats(model).samples[0]
                 select = clock.seconds.get("select", 0.0)
                 session.timer = None
