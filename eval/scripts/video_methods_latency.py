@@ -128,6 +128,10 @@ def main() -> None:
             rows.append({"method": label, "budget": budget, **timing, "select_s": select, "flops": stats.flops,
                          "equivalent_tokens": stats.equivalent_tokens})
             print(json.dumps(rows[-1]), flush=True)
+    end = measure(model, inputs, args.repeats, args.new_tokens)  # the unpruned model again: drift of the machine
+    rows.append({"method": "full (again, last)", "budget": 1.0, **end, "select_s": 0.0, "flops": full.flops_unpruned,
+                 "equivalent_tokens": full.visual_in})
+    print(json.dumps(rows[-1]), flush=True)
     meta = {"preset": args.preset, "frames": args.frames, "threads": args.threads, "dtype": args.dtype,
             "repeats": args.repeats, "new_tokens": args.new_tokens, "torch": torch.__version__,
             "transformers": transformers.__version__, "machine": platform.processor() or platform.machine(),
