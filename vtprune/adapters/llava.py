@@ -7,6 +7,7 @@ projector; the CLS attention row is computed from that layer's q/k, so the tower
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from .. import compat
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
-from ..selectors.cls_attention import cls_attention_scores
+from ..selectors.cls_attention import cls_attention_scores, mean_received_attention
 from .base import Adapter, SignalStore, crop_index_features, register_adapter, split_image_spans
 
 
@@ -24,7 +25,8 @@ def _call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
 
 
 class _ClipLlavaAdapter(Adapter):
-    provides = ("cls_attention", "vit_keys", "vit_hidden", "vit_cls_hidden", "grid")
+    provides = ("cls_attention", "vit_keys", "vit_hidden", "vit_cls_hidden", "grid", "received_attention",
+                "flat_cls_attention", "flat_keys")
 
     # -- vision tower ------------------------------------------------------------------------------
     def _feature_strategy(self, call: dict[str, Any]) -> str:
@@ -48,6 +50,12 @@ class _ClipLlavaAdapter(Adapter):
         tower = self.model.model.vision_tower
         vision_model = getattr(tower, "vision_model", tower)
         return vision_model.encoder.layers
+
+    def vision_depth(self) -> int:
+        return len(self._vision_layers())
+
+    def feature_layer_index(self) -> int:
+        return self._feature_layer_index()
 
     def _patches_per_row(self) -> int:
         vc = self.config.vision_config
@@ -99,7 +107,42 @@ class _ClipLlavaAdapter(Adapter):
 
             projector = self.model.model.multi_modal_projector
             handles.append(projector.register_forward_pre_hook(on_projector, with_kwargs=True))
+        for index, wanted in self.layered_wanted(store).items():
+            attention = self._vision_layers()[index].self_attn
+            hook = functools.partial(self._on_layer_attention, store, wanted)
+            handles.append(attention.register_forward_pre_hook(hook, with_kwargs=True))
         return handles
+
+    @staticmethod
+    def _on_layer_attention(store: SignalStore, wanted: list[tuple[str, str]], module, args, kwargs) -> None:
+        """Signals of one vision block (``<kind>@<layer>`` names), from its q/k, patch tokens only:
+
+        ``received_attention`` [rows, P]: mean attention each token receives, mean over heads and over every
+        query of its image / crop ([CLS] query included); ``flat_cls_attention`` [rows, P]: the [CLS] row of
+        ``softmax(q k^T / sqrt(C))`` with q, k the full-width projections (one head spanning all C channels);
+        ``flat_keys`` [rows, P, C]: the full-width keys."""
+        if not store.capturing:
+            return
+        hidden = _call_arg(args, kwargs, "hidden_states")  # [rows, T, C] after layer_norm1
+        offset = store.patch_offset
+        with torch.no_grad():
+            rows, tokens, width = hidden.shape
+            keys = module.k_proj(hidden)  # [rows, T, C]
+            for kind, name in wanted:
+                if kind == "received_attention":
+                    queries = module.q_proj(hidden).view(rows, tokens, module.num_heads, module.head_dim)
+                    split_keys = keys.view(rows, tokens, module.num_heads, module.head_dim)
+                    store[name] = torch.stack([
+                        mean_received_attention(queries[r].transpose(0, 1), split_keys[r].transpose(0, 1),
+                                                module.scale)
+                        for r in range(rows)
+                    ])[:, offset:]
+                elif kind == "flat_cls_attention":
+                    cls_query = module.q_proj(hidden[:, :1])  # [rows, 1, C]
+                    logits = (cls_query.float() @ keys.float().transpose(1, 2)) * width**-0.5  # [rows, 1, T]
+                    store[name] = torch.softmax(logits, dim=-1)[:, 0, offset:]
+                elif kind == "flat_keys":
+                    store[name] = keys[:, offset:].detach()
 
     @staticmethod
     def _attention_scores(module, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

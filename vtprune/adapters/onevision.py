@@ -45,7 +45,7 @@ def _pad_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     family = "llava_onevision"
     model_class_names = ("LlavaOnevisionForConditionalGeneration",)
-    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid")  # SigLIP has no [CLS] token
+    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid", "received_attention")  # SigLIP: no [CLS]
 
     def has_visual_input(self, call: dict[str, Any]) -> bool:
         encoded = compat.encoder_outputs(call)
@@ -94,10 +94,12 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     def end_capture(self, store: SignalStore) -> None:
         """Pack the per-crop signals like the features: tables indexed [image, token of the image's span]."""
         names = [name for name in ("cls_attention", "vit_keys", "vit_hidden") if name in store]
+        names += sorted(name for name in store.keys() if "@" in name)  # layer signals, e.g. received_attention@8
         if not names:
             return
         call = store.vision_call
-        columns = [store[name].float() if name != "cls_attention" else store[name].float()[..., None]
+        scalar = {name for name in names if store[name].dim() == 2}  # [crops, P] scores
+        columns = [store[name].float()[..., None] if name in scalar else store[name].float()
                    for name in names]  # each [crops, P, c]
         widths = [c.shape[-1] for c in columns]
         joined = torch.cat(columns, dim=-1)  # [crops, P, sum c]
@@ -106,7 +108,7 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
         table = _pad_rows(packed)  # [images, max n, sum c]
         for name, part in zip(names, torch.split(table, widths, dim=-1), strict=True):
             dtype = store[name].dtype
-            store[name] = (part[..., 0] if name == "cls_attention" else part).to(dtype)
+            store[name] = (part[..., 0] if name in scalar else part).to(dtype)
 
     # -- layout --------------------------------------------------------------------------------------------
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:

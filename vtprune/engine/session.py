@@ -33,7 +33,7 @@ from ..engine.sequence import PrunedBatch, SamplePlan, assemble
 from ..engine.side_inputs import MergedRows, gather_side_rows, merged_side_rows, visual_row_index
 from ..engine.timing import section
 from ..errors import SilentlyUnprunedError, UnsupportedModelError, VTPruneError
-from ..registry import IN_LLM, PRE_LLM, Method, Selection, VisualGroup
+from ..registry import IN_LLM, PRE_LLM, Method, Selection, VisionTower, VisualGroup
 from ..stats import PruneStats, SampleStats, StageStats
 
 SESSION_ATTRIBUTE = "_vtprune_session"
@@ -189,6 +189,10 @@ class PruneSession:
         self.layer_method = layer[0] if layer else None
         self._local = _CallState()
         self.store = SignalStore()
+        tower = VisionTower(adapter.family, adapter.vision_depth(), adapter.feature_layer_index(),
+                            "vit_cls_hidden" in adapter.provides)
+        for m in methods:
+            m.bind(tower)
         self.store.wanted = {s for m in methods for s in m.signals} - ENGINE_SIGNALS
         self._optional = {s for m in methods for s in m.optional_signals if s in adapter.provides} - self.store.wanted
         self.store.wanted |= self._optional
@@ -464,6 +468,7 @@ class PruneSession:
         self._merge_records = []
         for b, layout in enumerate(layouts):
             if self.pre_method is not None:
+                self._instruction_source = (pending.call.get("input_ids"), b, real[b])  # "instruction" signal
                 plan, sample = self._plan_sample(layout, embeds[b], real[b])
             else:
                 kept = torch.nonzero(real[b]).flatten()
@@ -744,8 +749,9 @@ class PruneSession:
         span_keep[image.structural] = True
         content = image.num_content
         method.check_image_tokens(content)  # warns once about a degenerate budget (keeps all / very few)
-        budget = tokens_for(method.budget, content)
-        if budget >= content:
+        adaptive = method.budget is None  # the method decides its count per group (PruMerge's outliers)
+        budget = content if adaptive else tokens_for(method.budget, content)
+        if budget >= content and not adaptive:
             return torch.ones(image.num_tokens, dtype=torch.bool), None, None, None
         groups = [TokenGroup.concat(image.groups)] if method.budget_policy == "global" else image.groups
         # equal shares where every group is one crop of its own (LLaVA-NeXT); LLaVA-OneVision's high-resolution
@@ -756,7 +762,7 @@ class PruneSession:
         shares = split(budget, [g.size for g in groups])
         merged, anchors, orders, row_anchors = [], [], [], []
         for group_idx, (group, k) in enumerate(zip(groups, shares, strict=True)):
-            if k >= group.size:
+            if k >= group.size and not adaptive:
                 span_keep[group.members] = True
                 continue
             if k == 0:
@@ -799,10 +805,29 @@ class PruneSession:
                 raise VTPruneError(f"signal {name!r} was not captured during the vision forward.")
             table = self.store[name]
             signals[name] = table[group.vision_row.to(table.device), group.patch_index.to(table.device)]
+        instruction, instruction_ids = None, None
+        if "instruction" in self.pre_method.signals:
+            instruction, instruction_ids = self._instruction(image, embeds)
         return VisualGroup(
             features=embeds[positions], height=group.height, width=group.width, signals=signals,
             project=self.adapter.project, seed=_mix_seed(self.pre_method.seed, image_idx, group_idx), index=group_idx,
+            instruction=instruction, instruction_ids=instruction_ids,
         )
+
+    def _instruction(self, image: ImageSpan, embeds: torch.Tensor):
+        """Embeddings [T, D] and ids [T] of the sample's real text tokens after ``image`` (the instruction), or of
+        all its real text tokens when none follows the image."""
+        input_ids, b, real = self._instruction_source
+        text = real.clone()
+        text[image.positions.to(real.device)] = False
+        if input_ids is not None:  # no other image / video placeholder is text
+            placeholders = torch.tensor(self.adapter.placeholder_token_ids(), device=input_ids.device)
+            text &= ~torch.isin(input_ids[b], placeholders).to(real.device)
+        after = text.clone()
+        after[: int(image.positions[-1]) + 1] = False
+        chosen = torch.nonzero(after if bool(after.any()) else text).flatten()
+        ids = input_ids[b, chosen.to(input_ids.device)] if input_ids is not None else None
+        return embeds[chosen.to(embeds.device)], ids
 
     def _check_selection(self, selection: Selection, size: int, k: int) -> None:
         keep = selection.keep
