@@ -33,8 +33,8 @@ def vispruner_select(scores: torch.Tensor, features: torch.Tensor, important: in
     it holds more than ``diverse`` tokens: ``r = min(step, R - diverse)``; split the list alternately (even
     ranks A, odd ranks B); each A token's highest cosine similarity to any B token; drop the ``r`` A tokens with
     the highest; the list becomes [surviving A in descending-similarity order, B]. The survivors are the diverse
-    tokens. Cosines in float32. Odd R (which the official code cannot index) keeps the same rule: A holds
-    ``ceil(R / 2)`` tokens.
+    tokens. Cosines in float32. Where the official indexing fails — an odd R, or fewer than ``r`` A tokens
+    (small residuals) — the same rule goes on: A holds ``ceil(R / 2)`` tokens, and at most all of A is dropped.
     """
     if scores.ndim != 1 or features.ndim != 2 or features.shape[0] != scores.shape[0]:
         raise ValueError(f"expected scores [N] and features [N, C], got {tuple(scores.shape)} and "
