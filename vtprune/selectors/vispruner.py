@@ -49,14 +49,18 @@ def vispruner_select(scores: torch.Tensor, features: torch.Tensor, important: in
         return torch.arange(n, device=scores.device)
     order = torch.sort(scores.float(), descending=True, stable=True).indices  # [N]
     kept, residual = order[:important], order[important:]
-    unit = F.normalize(features.detach().float(), dim=-1)  # [N, C]
-    while diverse > 0:
-        r = min(step, residual.numel() - diverse)
-        if r <= 0:
-            break
-        a, b = residual[0::2], residual[1::2]
-        best = (unit[a] @ unit[b].T).max(dim=-1).values  # [|A|] highest similarity to B
-        survivors = torch.sort(best, descending=True, stable=True).indices[r:]
-        residual = torch.cat([a[survivors], b])
+    if diverse > 0 and residual.numel() > diverse:
+        unit = F.normalize(features.detach().float()[residual], dim=-1)  # [R0, C]
+        similarity = unit @ unit.T  # [R0, R0], once: each round reads its A x B block
+        local = torch.arange(residual.numel(), device=residual.device)  # rows of `similarity`
+        while True:
+            r = min(step, local.numel() - diverse)
+            if r <= 0:
+                break
+            a, b = local[0::2], local[1::2]
+            best = similarity[a][:, b].max(dim=-1).values  # [|A|] highest similarity to B
+            survivors = torch.sort(best, descending=True, stable=True).indices[r:]
+            local = torch.cat([a[survivors], b])
+        residual = residual[local]
     chosen = torch.cat([kept, residual]) if diverse > 0 else kept
     return torch.sort(chosen).values
