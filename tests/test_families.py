@@ -217,14 +217,6 @@ def test_side_rows_of_unknown_merged_tokens_raise():
     assert new_rows.tolist() == [[0.0, 1.0], [7.0, 7.0]]
 
 
-def test_onevision_video_inputs_raise_an_explicit_error(tiny_models):
-    model, _ = tiny_models["llava_onevision"]
-    ids = torch.tensor([[1] + [model.config.video_token_id] * 4 + [2]])
-    with vtprune.pruned(model, "random", 2):
-        with pytest.raises(vtprune.UnsupportedModelError, match="video inputs are not supported"):
-            model(input_ids=ids, pixel_values_videos=torch.zeros(1, 2, 3, 32, 32))
-
-
 def test_supported_classes_and_errors():
     names = supported_model_classes()
     for cls in ("Qwen2VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 import torch
 from reference_runs import (
-    ALL_FAMILIES,
     IN_LLM,
     MROPE_FAMILIES,
     NEW_TOKENS,
@@ -211,18 +210,6 @@ def test_decoding_by_hand_without_attention_mask(qwen, method, positions):
             token = expected.argmax(-1, keepdim=True)
             if t + 1 < len(out.logits):
                 step = model(input_ids=token, **compat.cache_kwargs(cache), use_cache=True)
-
-
-def test_video_inputs_raise_an_explicit_error(tiny_models):
-    for family in [f for f in ALL_FAMILIES if f in MROPE_FAMILIES]:
-        model, processor = tiny_models[family]
-        vc = model.config.vision_config
-        ids = torch.tensor([[1, model.config.vision_start_token_id] + [model.config.video_token_id] * 4 + [2]])
-        videos = torch.zeros(16, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2)
-        with vtprune.pruned(model, "random", 2):
-            with pytest.raises(vtprune.UnsupportedModelError, match="video inputs are not supported"):
-                model(input_ids=ids, pixel_values_videos=videos, video_grid_thw=torch.tensor([[1, 4, 4]]),
-                      mm_token_type_ids=(ids == model.config.video_token_id).int() * 2)
 
 
 # ---------------------------------------------------------------------------------------------------------

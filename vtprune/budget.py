@@ -6,6 +6,11 @@
   counted and are kept for every row that still holds a token.
 * ``float`` in (0, 1] — a fraction of each image's visual tokens.
 * ``None``  — the method's paper default.
+
+A **video** counts as one image whose visual tokens are the whole clip's: an int is the clip's (equivalent)
+visual tokens, a float a fraction of them. Pre-LLM methods then spend it by their ``video_policy`` (split
+evenly over the frames with :func:`split_equal`, or over the clip at once); in-LLM methods see the clip as one
+span.
 """
 
 from __future__ import annotations

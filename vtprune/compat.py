@@ -16,11 +16,14 @@ Supported (tested in CI): ``TESTED_RANGE``. What differs inside it:
 
 Unchanged across the range, but still internals (listed so that a change is found here): the vision entry point
 ``get_image_features`` and the pre-encoded ``mm_encoder_outputs`` that ``generate()`` hands to the forward,
-``pack_image_features`` / ``image_size_to_num_patches`` (LLaVA-NeXT / OneVision crops), Qwen's
+``pack_image_features`` / ``image_size_to_num_patches`` (LLaVA-NeXT / OneVision crops), the video entry point
+``get_video_features`` and its arguments (``pixel_values_videos``, ``video_grid_thw``, Qwen2.5-VL's
+``second_per_grid_ts``), LLaVA-OneVision's per-frame ``apply_pooling``, Qwen's
 ``get_rope_index`` / ``rope_deltas``, ``get_vision_window_index`` (Qwen2.5-VL), ``apply_rotary_pos_emb_vision``
 and ``apply_rotary_pos_emb`` of each modeling module, Qwen3-VL's ``_deepstack_process``, the decoder's
 ``rotary_emb`` / ``layers`` / ``norm``, the PIL image-processor classes (``<Name>Pil``) and
-``VideoProcessorMixin``.
+``VideoProcessorMixin``, and the video loading of ``transformers.video_utils`` (``load_video``, its backends and
+``default_sample_indices_fn``; ``VideoMetadata``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ _CACHE_NAMES = ("cache", "past_key_values")
 
 #: the function of a multimodal model (``model.model``) that runs vision tower + projector on images
 IMAGE_FEATURES = "get_image_features"
+#: ... and on videos (Qwen-VL, LLaVA-OneVision)
+VIDEO_FEATURES = "get_video_features"
 #: Qwen3-VL: the language model's function adding deepstack rows to the visual positions' hidden states
 DEEPSTACK_INJECTOR = "_deepstack_process"
 
@@ -159,6 +164,22 @@ def rope_index(core, *args, **kwargs):
     return core.get_rope_index(*args, **kwargs)
 
 
+def seconds_per_grid(call: dict[str, Any]):
+    """Qwen2.5-VL: seconds between consecutive temporal groups of each video (``second_per_grid_ts``), or None."""
+    return call.get("second_per_grid_ts")
+
+
+def video_pixels(call: dict[str, Any]):
+    """The video pixels of a model or video-encoder call (``pixel_values_videos``), or None."""
+    return call.get("pixel_values_videos")
+
+
+def apply_video_pooling(core, features):
+    """LLaVA-OneVision: the model's own per-frame pooling of projected video features, [frames, P, C] ->
+    [frames, n, C] (bilinear 2x2 downsampling of each frame's patch grid); any channel count."""
+    return core.apply_pooling(features)
+
+
 def pack_image_features(core, features, image_sizes, **kwargs):
     """LLaVA-NeXT / OneVision: the model's own crop packing (unpadding, newlines)."""
     return core.pack_image_features(features, image_sizes, **kwargs)
@@ -216,3 +237,40 @@ def video_processor_mixin():
     from transformers.video_processing_utils import VideoProcessorMixin
 
     return VideoProcessorMixin
+
+
+# -- video files -----------------------------------------------------------------------------------------
+#: the decoders vtprune lets transformers' ``load_video`` use, in order of preference
+VIDEO_BACKENDS = ("decord", "pyav")
+
+
+def video_backend_available(backend: str) -> bool:
+    """Whether transformers finds the package behind a ``load_video`` backend (``decord`` or ``pyav``)."""
+    from transformers.utils import import_utils
+
+    check = {"decord": "is_decord_available", "pyav": "is_av_available"}[backend]
+    return bool(getattr(import_utils, check)())
+
+
+def load_video(path: str, backend: str, sample_indices_fn):
+    """``transformers.video_utils.load_video``: ``(frames [T, H, W, 3] uint8, VideoMetadata)``, the frames
+    chosen by ``sample_indices_fn(metadata=...)`` (called with the file's metadata before any frame is
+    decoded)."""
+    from transformers.video_utils import load_video as hf_load_video
+
+    return hf_load_video(path, backend=backend, sample_indices_fn=sample_indices_fn)
+
+
+def uniform_frame_indices(metadata, num_frames: int | None = None, fps: float | None = None):
+    """transformers' own uniform sampling (``default_sample_indices_fn``): ``num_frames`` evenly spaced frames
+    (index ``i * total // num_frames``), or ``fps`` frames per second of the clip."""
+    from transformers.video_utils import default_sample_indices_fn
+
+    return default_sample_indices_fn(metadata, num_frames=num_frames, fps=fps)
+
+
+def video_metadata(**fields):
+    """A ``transformers.video_utils.VideoMetadata`` (what ``load_video`` returns and processors read)."""
+    from transformers.video_utils import VideoMetadata
+
+    return VideoMetadata(**fields)

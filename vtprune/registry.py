@@ -22,6 +22,11 @@ from .errors import DegeneratePruningWarning, MethodOptionError, UnknownMethodEr
 PRE_LLM = "pre-llm"
 IN_LLM = "in-llm"
 POSITION_CONVENTIONS = ("original", "compact")
+#: how a pre-LLM method meets a video (``Method.video_policy``): "per_frame" — every frame (Qwen: temporal group)
+#: is a :class:`VisualGroup` of its own and the clip's budget is split evenly over the frames (remainder to the
+#: earliest); "global" — one VisualGroup over all the clip's tokens; "clip" — the method's ``select_clip`` gets
+#: the whole clip as a :class:`VideoClip`
+VIDEO_POLICIES = ("per_frame", "global", "clip")
 #: a stage that leaves fewer visual tokens than this per image gets a DegeneratePruningWarning
 FEW_TOKENS = 4
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
@@ -41,6 +46,8 @@ class VisualGroup:
     ``project``   maps merged vision-space tokens [M, dv] to LLM embeddings [M, D] (the model's projector)
     ``seed``      seed for stochastic methods, derived from the user's seed and the group's place in its sample
     ``index``     the group's place in its image: 0 for the base image (or the only group), 1, 2, ... for crops
+                  (a video frame: its frame index)
+    ``frame``     the frame index of a per-frame group of a video, None for images and whole-clip groups
     ``instruction``      [T, D] or None: LLM input embeddings of the prompt's text tokens after the image (given
                          only to methods that list the ``"instruction"`` signal)
     ``instruction_ids``  LongTensor[T] or None: their token ids
@@ -53,12 +60,51 @@ class VisualGroup:
     project: Any = None
     seed: int = 0
     index: int = 0
+    frame: int | None = None
     instruction: torch.Tensor | None = None
     instruction_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
         return self.features.shape[0]
+
+
+@dataclass
+class VideoClip:
+    """One video of one sample, for methods with ``video_policy = "clip"`` (:meth:`Method.select_clip`).
+
+    ``features``    [T, N, D] projected visual tokens (LLM input embeddings), frame-major; N = height * width
+    ``height``/``width``  the grid of every frame (after Qwen's 2x2 merger / OneVision's 2x2 pooling)
+    ``frames``      T (Qwen: temporal groups of ``temporal_patch_size`` frames)
+    ``signals``     the captured vision signals the method asked for, each [T, N, ...] (names as in
+                    :class:`VisualGroup`)
+    ``project``     maps merged vision-space tokens [M, dv] to LLM embeddings [M, D]
+    ``seed``        seed for stochastic methods, derived from the user's seed and the clip's place in its sample
+    ``timestamps``  Tensor[T] seconds of each frame, or None when the inputs do not carry them
+
+    A selection over the clip indexes the flattened clip: token ``n`` of frame ``t`` is ``t * N + n``.
+    """
+
+    features: torch.Tensor
+    height: int
+    width: int
+    frames: int
+    signals: dict[str, torch.Tensor] = field(default_factory=dict)
+    project: Any = None
+    seed: int = 0
+    timestamps: torch.Tensor | None = None
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.features.shape[0] * self.features.shape[1]
+
+    def flat_features(self) -> torch.Tensor:
+        """[T * N, D]: the clip's tokens in selection order."""
+        return self.features.reshape(-1, self.features.shape[-1])
 
 
 @dataclass
@@ -114,6 +160,11 @@ class Method:
     default_positions: ClassVar[str] = "original"
     #: whether a pre-LLM stage leaves exactly its budget of tokens (False: at most that many, e.g. pooling)
     exact_count: ClassVar[bool] = True
+    #: how a pre-LLM stage meets a video: one of :data:`VIDEO_POLICIES` ("per_frame", "global", "clip")
+    video_policy: ClassVar[str] = "per_frame"
+    #: None when the method runs on videos, else the reason it cannot (raised, with the method's name, as
+    #: :class:`~vtprune.errors.UnsupportedModelError` by the first forward that carries a video)
+    video_unsupported: ClassVar[str | None] = None
 
     def __init__(self, budget: Budget = None, positions: str | None = None, seed: int = 0, **options: Any):
         unknown = sorted(set(options) - set(self.options))
@@ -194,6 +245,12 @@ class Method:
     def select(self, group: VisualGroup, k: int) -> Selection:
         raise NotImplementedError(f"{type(self).__name__} is an {self.stage} method without a pre-LLM select()")
 
+    def select_clip(self, clip: VideoClip, k: int) -> Selection:
+        """Methods with ``video_policy = "clip"``: keep ``k`` tokens of the whole clip (indices into T * N,
+        frame-major; merge ``weights`` [m, T * N])."""
+        raise NotImplementedError(f"{type(self).__name__} declares video_policy={self.video_policy!r} "
+                                  "without a select_clip()")
+
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, "budget": self.budget, "positions": self.positions, "seed": self.seed,
                 **self.config}
@@ -239,6 +296,7 @@ class MethodInfo:
     budget_policy: str
     positions: str
     summary: str
+    video_policy: str = "per_frame"
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -274,6 +332,8 @@ def register_method(cls: type[Method]) -> type[Method]:
         raise TypeError(f"{cls.__name__} needs a class attribute `name` to be registered")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise ValueError(f"a method named {name!r} is already registered ({_REGISTRY[name].__name__})")
+    if getattr(cls, "video_policy", "per_frame") not in VIDEO_POLICIES:
+        raise TypeError(f"{cls.__name__}.video_policy={cls.video_policy!r} is not one of {VIDEO_POLICIES}")
     _REGISTRY[name] = cls
     return cls
 
@@ -315,7 +375,7 @@ def registered_methods() -> dict[str, MethodInfo]:
         out[name] = MethodInfo(
             name=name, stage=cls.stage, signals=tuple(cls.signals), paper=cls.paper, defaults=dict(cls.options),
             default_budget=cls.default_budget, budget_policy=cls.budget_policy, positions=cls.default_positions,
-            summary=doc[0] if doc else "",
+            summary=doc[0] if doc else "", video_policy=cls.video_policy,
         )
     return out
 

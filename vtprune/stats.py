@@ -24,6 +24,11 @@ class SampleStats:
     visual_lengths: list[int] = field(default_factory=list)  # visual tokens entering each decoder layer
     flops: int | None = None              # analytic prefill FLOPs of the whole model (2 × multiply-adds)
     flops_unpruned: int | None = None
+    #: videos only (None for a sample without video): visual tokens of each frame (Qwen: temporal group) that
+    #: reach the last decoder layer — kept tokens plus merged tokens anchored in the frame — for the frames of
+    #: all the sample's videos in sequence order (``video_frames`` tells which frames belong to which video)
+    frame_kept: list[int] | None = None
+    video_frames: list[int] = field(default_factory=list)  # frames of each video of the sample, in order
 
     @property
     def equivalent_tokens(self) -> float:
@@ -70,6 +75,8 @@ class PruneStats:
             line = f"sample {i}: visual {s.visual_in} -> {s.equivalent_tokens:.1f} equivalent tokens"
             if stages:
                 line += f" ({stages})"
+            if s.frame_kept is not None:
+                line += f"; per frame {s.frame_kept}"
             if s.flops is not None and s.flops_unpruned:
                 line += f"; prefill {s.flops / 1e9:.3f} / {s.flops_unpruned / 1e9:.3f} GFLOPs" \
                         f" ({s.flops_unpruned / max(s.flops, 1):.2f}x fewer)"

@@ -32,28 +32,41 @@ def split_layer_signal(name: str) -> tuple[str, str | None]:
 
 class _CaptureState(threading.local):
     def __init__(self) -> None:
-        self.tables: dict[str, Any] = {}
+        self.tables: dict[str, dict[str, Any]] = {}  # modality -> signal name -> table
         self.capturing = False
         self.patch_offset = 0
-        self.vision_call: dict[str, Any] | None = None
-        self.vision_output: Any = None
+        self.modality = IMAGE
+        self.vision_calls: dict[str, dict[str, Any]] = {}
+        self.vision_outputs: dict[str, Any] = {}
         self.consumed = False
+        self.depth = 0
+
+
+#: the two visual modalities (the keys of ``mm_encoder_outputs``)
+IMAGE, VIDEO = "image", "video"
 
 
 class SignalStore:
-    """Per-forward vision signals, keyed by name, each indexed [vision_row, patch_index, ...] (a mapping).
+    """Per-forward vision signals, keyed by modality and name, each indexed [vision_row, patch_index, ...].
+
+    A forward may run the vision encoder twice, once on its images and once on its videos; each run records
+    its own arguments, output and signal tables under its modality. The mapping interface (``store[name]``)
+    reads and writes the tables of the modality being captured (``modality``), so adapters' hooks need not
+    know which run they are in; the engine reads a modality's table with :meth:`table`.
 
     Capture hooks write only while ``capturing`` is set (between the model call and the decoder call), so the
     projector can be reused afterwards to project merged tokens without overwriting anything. Everything but
     ``wanted`` is kept per thread (a pruned model may serve several threads; each forward sees its own capture).
 
     Per thread: ``patch_offset`` (index of the first patch token among the vision tower's tokens),
-    ``vision_call`` (arguments of the last vision-encoder call: pixel_values, image_sizes, ..., read by
-    build_layouts), ``vision_output`` (what that call returned: generate() hands it to later forwards as
-    mm_encoder_outputs) and ``consumed`` (whether a pruning prefill has used that run already).
+    ``modality`` (of the run being captured), ``vision_calls`` / ``vision_call`` (arguments of the last
+    vision-encoder call per modality / of the current modality: pixel_values, image_sizes, ..., read by
+    build_layouts), ``vision_outputs`` / ``vision_output`` (what those calls returned: generate() hands them to
+    later forwards as mm_encoder_outputs), ``consumed`` (whether a pruning prefill has used the runs already)
+    and ``depth`` (nesting of vision entry points: Qwen3-VL's video entry point calls the image one).
     """
 
-    _PER_THREAD = ("capturing", "patch_offset", "vision_call", "vision_output", "consumed")
+    _PER_THREAD = ("capturing", "patch_offset", "modality", "vision_calls", "vision_outputs", "consumed", "depth")
 
     def __init__(self) -> None:
         object.__setattr__(self, "_local", _CaptureState())
@@ -75,24 +88,64 @@ class SignalStore:
         clone.wanted = set(self.wanted)
         return clone
 
-    # -- mapping of signal tables -------------------------------------------------------------------------
+    @property
+    def vision_call(self) -> dict[str, Any] | None:
+        """Arguments of the vision-encoder run of the current modality."""
+        return self._local.vision_calls.get(self._local.modality)
+
+    @property
+    def vision_output(self) -> Any:
+        return self._local.vision_outputs.get(self._local.modality)
+
+    @vision_output.setter
+    def vision_output(self, value: Any) -> None:
+        self._local.vision_outputs[self._local.modality] = value
+
+    def start_run(self, modality: str, call: dict[str, Any]) -> None:
+        """A vision-encoder run of ``modality`` begins: a new forward (everything before is dropped) unless it
+        is the other modality's run of the same forward."""
+        local = self._local
+        if local.consumed or modality in local.vision_calls:
+            local.tables.clear()
+            local.vision_calls.clear()
+            local.vision_outputs.clear()
+            local.consumed = False
+        local.modality = modality
+        local.tables[modality] = {}
+        local.vision_calls[modality] = call
+        local.vision_outputs[modality] = None
+
+    def table(self, modality: str, name: str):
+        """The signal table ``name`` captured on the ``modality`` run (KeyError if absent)."""
+        return self._local.tables[modality][name]
+
+    def has(self, modality: str, name: str) -> bool:
+        return name in self._local.tables.get(modality, {})
+
+    # -- mapping of the current modality's signal tables ------------------------------------------------
+    def _current(self) -> dict[str, Any]:
+        return self._local.tables.setdefault(self._local.modality, {})
+
     def __getitem__(self, name: str):
-        return self._local.tables[name]
+        return self._current()[name]
 
     def __setitem__(self, name: str, value) -> None:
-        self._local.tables[name] = value
+        self._current()[name] = value
 
     def __contains__(self, name: object) -> bool:
-        return name in self._local.tables
+        return name in self._current()
 
     def get(self, name: str, default=None):
-        return self._local.tables.get(name, default)
+        return self._current().get(name, default)
 
     def keys(self):
-        return self._local.tables.keys()
+        return self._current().keys()
 
     def clear(self) -> None:
+        """Drop every run's tables, arguments and outputs."""
         self._local.tables.clear()
+        self._local.vision_calls.clear()
+        self._local.vision_outputs.clear()
 
 
 class Adapter:
@@ -127,13 +180,21 @@ class Adapter:
     #: (attribute path from the model, method name) of the functions that run the vision encoder. They are
     #: wrapped per instance so that signals are captured and the encoder's arguments recorded, whether the
     #: encoder runs inside forward() or before it (generate() pre-encodes images in transformers 5).
+    #: A function named ``compat.VIDEO_FEATURES`` encodes videos (its run is captured as the "video" modality).
     vision_entry_points: ClassVar[tuple[tuple[str, str], ...]] = (("model", compat.IMAGE_FEATURES),)
 
     def has_visual_input(self, call: dict[str, Any]) -> bool:
-        if call.get("pixel_values") is not None:
-            return True
+        return bool(self.visual_modalities(call))
+
+    def visual_modalities(self, call: dict[str, Any]) -> set[str]:
+        """The modalities ("image", "video") whose inputs this model call carries (pixels or pre-encoded)."""
         encoded = compat.encoder_outputs(call)
-        return any(value is not None for value in encoded.values())
+        found = {name for name, value in encoded.items() if value is not None and name in (IMAGE, VIDEO)}
+        if call.get("pixel_values") is not None:
+            found.add(IMAGE)
+        if compat.video_pixels(call) is not None:
+            found.add(VIDEO)
+        return found
 
     def placeholder_token_ids(self) -> list[int]:
         """Token ids the processor expands into visual placeholders (images and videos)."""
@@ -154,10 +215,10 @@ class Adapter:
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         raise NotImplementedError(f"{type(self).__name__} must implement build_layouts")
 
-    def begin_capture(self, call: dict[str, Any], store: SignalStore) -> None:
-        """Called when the vision encoder starts (``call``: its arguments): reset ``store``, start capturing."""
-        store.clear()
-        store.vision_call, store.vision_output, store.consumed = call, None, False
+    def begin_capture(self, call: dict[str, Any], store: SignalStore, modality: str = IMAGE) -> None:
+        """Called when the vision encoder starts on the images or the videos of a forward (``call``: its
+        arguments): start that run in ``store`` and start capturing."""
+        store.start_run(modality, call)
         store.capturing = bool(store.wanted)
 
     def end_capture(self, store: SignalStore) -> None:
@@ -300,6 +361,26 @@ def split_image_spans(input_ids: torch.Tensor, image_token_id: int, image_length
                 layouts[row].image_ids.append(image_idx)
                 layouts[row].vision_inputs += span.num_vision_inputs
     return layouts
+
+
+def merge_modalities(image_layouts: list[SampleLayout] | None,
+                     video_layouts: list[SampleLayout] | None) -> list[SampleLayout]:
+    """Per sample, the image spans and the video spans of a batch in one layout, in sequence order (either list
+    may be None when the call has no input of that modality)."""
+    if image_layouts is None or video_layouts is None:
+        found = image_layouts if video_layouts is None else video_layouts
+        return found if found is not None else []
+    merged = []
+    for images, videos in zip(image_layouts, video_layouts, strict=True):
+        grids = [images.vision_grids or [None] * len(images.images), videos.vision_grids or [None] * len(videos.images)]
+        spans = [(span, index, grid) for layout, layout_grids in zip((images, videos), grids, strict=True)
+                 for span, index, grid in zip(layout.images, layout.image_ids, layout_grids, strict=True)]
+        spans.sort(key=lambda item: int(item[0].positions[0]))
+        merged.append(SampleLayout(
+            images=[span for span, _, _ in spans], vision_inputs=images.vision_inputs + videos.vision_inputs,
+            vision_grids=[grid for _, _, grid in spans if grid is not None], image_ids=[i for _, i, _ in spans],
+        ))
+    return merged
 
 
 def supported_model_classes() -> list[str]:

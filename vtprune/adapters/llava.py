@@ -61,8 +61,8 @@ class _ClipLlavaAdapter(Adapter):
         vc = self.config.vision_config
         return (vc.image_size // vc.patch_size) ** 2
 
-    def begin_capture(self, call: dict[str, Any], store: SignalStore) -> None:
-        super().begin_capture(call, store)
+    def begin_capture(self, call: dict[str, Any], store: SignalStore, modality: str = "image") -> None:
+        super().begin_capture(call, store, modality)
         # signals are indexed like the projector's input: without the CLS token under the "default" strategy
         store.patch_offset = 1 if self._feature_strategy(call) == "default" else 0
 

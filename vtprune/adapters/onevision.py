@@ -1,4 +1,4 @@
-"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``), image path.
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): images and videos.
 
 A SigLIP tower without CLS token, an MLP projector and a Qwen2 decoder (1-D RoPE). An image is the base view
 (27 x 27 tokens at 384 px) followed by the AnyRes crops packed as one unpadded grid with an image-newline
@@ -9,6 +9,14 @@ no crops: each image is its base view plus one newline token.
 Layout: the model's own ``pack_image_features`` run on index tensors gives each token's place (so it always
 matches the model's packing); an image has two groups, the base view and the high-resolution grid (one grid,
 whatever the crop count), and newline tokens are structural (kept while their row holds a token).
+
+Videos: every sampled frame runs through the tower at the base resolution (27 x 27 patches at 384 px), is
+projected, and its grid is pooled 2 x 2 bilinearly (``apply_pooling``: 14 x 14 = 196 tokens per frame at
+384 px); the clip's frames follow each other and one image-newline token closes the video. Layout: one group
+per frame (its pooled grid), the newline structural (kept while any token of the clip survives). Signals of
+video tokens are captured per frame like the base view's and pooled with the model's own ``apply_pooling``,
+so each pooled token has the interpolated signal of its patches; ``vit_hidden`` is the projector's input
+pooled the same way (merged tokens are projected from it).
 
 Signals: there is no CLS token, so ``cls_attention`` is the mean attention each patch receives at the
 feature layer (mean over heads and over every query of its crop, from q/k; the tower stays on SDPA).
@@ -28,7 +36,15 @@ from .. import compat
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
 from ..selectors.cls_attention import mean_received_attention
-from .base import SignalStore, crop_index_features, register_adapter
+from .base import (
+    IMAGE,
+    VIDEO,
+    SignalStore,
+    crop_index_features,
+    merge_modalities,
+    register_adapter,
+    split_image_spans,
+)
 from .llava import _ClipLlavaAdapter
 
 
@@ -47,14 +63,7 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     model_class_names = ("LlavaOnevisionForConditionalGeneration",)
     provides = ("cls_attention", "vit_keys", "vit_hidden", "grid", "received_attention")  # SigLIP: no [CLS]
 
-    def has_visual_input(self, call: dict[str, Any]) -> bool:
-        encoded = compat.encoder_outputs(call)
-        if call.get("pixel_values_videos") is not None or encoded.get("video") is not None:
-            raise UnsupportedModelError(
-                "vtprune prunes LLaVA-OneVision images only; video inputs are not supported yet. Remove the "
-                "pruning (vtprune.remove) to run videos."
-            )
-        return super().has_visual_input(call)
+    vision_entry_points = (("model", compat.IMAGE_FEATURES), ("model", compat.VIDEO_FEATURES))
 
     @staticmethod
     def _attention_scores(module, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -99,6 +108,13 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
             return
         call = store.vision_call
         scalar = {name for name in names if store[name].dim() == 2}  # [crops, P] scores
+        if store.modality == VIDEO:  # every frame pooled like its features: tables [videos * frames, n, ...]
+            for name in names:
+                table = store[name].float()
+                column = table[..., None] if name in scalar else table  # [rows, P, c]
+                pooled = compat.apply_video_pooling(self.model.model, column)  # [rows, n, c]
+                store[name] = (pooled[..., 0] if name in scalar else pooled).to(store[name].dtype)
+            return
         columns = [store[name].float()[..., None] if name in scalar else store[name].float()
                    for name in names]  # each [crops, P, c]
         widths = [c.shape[-1] for c in columns]
@@ -112,6 +128,45 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
 
     # -- layout --------------------------------------------------------------------------------------------
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
+        modalities = self.visual_modalities(call)
+        images = self._image_layouts(call) if IMAGE in modalities else None
+        videos = self._video_layouts(call) if VIDEO in modalities else None
+        return merge_modalities(images, videos)
+
+    def _pooled_side(self) -> int:
+        """Side of a video frame's token grid after the model's 2 x 2 pooling."""
+        vc = self.config.vision_config
+        return math.ceil(vc.image_size // vc.patch_size / 2)
+
+    def _video_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
+        pixels = compat.video_pixels(call)
+        if pixels is None:
+            raise UnsupportedModelError("LLaVA-OneVision video inputs need pixel_values_videos; build them with the "
+                                        "model's processor.")
+        if self._feature_strategy(call) != "full":
+            raise UnsupportedModelError("LLaVA-OneVision videos are pruned under vision_feature_select_strategy="
+                                        "'full' (the checkpoints' setting) only.")
+        videos, frames = int(pixels.shape[0]), int(pixels.shape[1])
+        side = self._pooled_side()
+        per_frame = side * side
+        length = frames * per_frame + 1  # the frames' pooled grids, then one newline
+
+        def span(video_idx: int, positions: torch.Tensor) -> ImageSpan:
+            groups = []
+            for frame in range(frames):
+                members = torch.arange(frame * per_frame, (frame + 1) * per_frame)
+                groups.append(TokenGroup(members, side, side, torch.full_like(members, video_idx * frames + frame),
+                                         members - frame * per_frame))
+            structural = torch.zeros(length, dtype=torch.bool)
+            structural[-1] = True
+            return ImageSpan(positions, structural, torch.zeros(length, dtype=torch.long), groups, kind="video")
+
+        layouts = split_image_spans(call["input_ids"], self.config.video_token_id, [length] * videos, span)
+        for layout in layouts:
+            layout.vision_inputs = frames * len(layout.images)
+        return layouts
+
+    def _image_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         crops = self._crops_per_image(call)
         num_patches = self._patches_per_row() - (1 if self._feature_strategy(call) == "default" else 0)
         index_features = crop_index_features(crops, num_patches)

@@ -1,5 +1,5 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-``Qwen3VLForConditionalGeneration``), image path.
+``Qwen3VLForConditionalGeneration``): images and videos.
 
 What the three share: a ViT without CLS token that runs on all patches of all images as one packed sequence
 (attention per image), a ``PatchMerger`` that turns every 2 x 2 group of patches (consecutive in the ViT
@@ -24,11 +24,21 @@ first decoder layers at the visual positions. The engine keeps them aligned with
 tokens keep their rows, merged tokens get the same combination of rows as their embedding (the method's
 merge weights), and an explicit error is raised where that is impossible.
 
-Videos are not pruned yet: a forward with video inputs raises :class:`~vtprune.errors.UnsupportedModelError`.
+Videos: the ViT runs on ``temporal_patch_size`` (2) frames at a time, so a video of F frames has T = F / 2
+temporal groups ("frames" below), each an h x w grid of merged tokens; the layout gives every temporal group
+its own :class:`~vtprune.engine.layout.TokenGroup` (frame-major, raster order inside). The rope index gives
+the token (t, h, w) of group t the ids (start + t * interval, start + h, start + w): interval 1 on Qwen2-VL,
+``tokens_per_second * second_per_grid_ts`` on Qwen2.5-VL (the frame times of the layout are
+``t * second_per_grid_ts``). Qwen3-VL writes a timestamp (text, ``<1.5 seconds>``) and vision start/end tokens
+before each temporal group and indexes every group as a one-frame image; its video span is therefore not
+contiguous (the text between frames is never pruned) and its frame times stay in that text (None in the
+layout). Signals of video tokens come from the ViT run on the videos (attention segments are one temporal
+group each), indexed like the images' but in tables of their own.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -37,7 +47,7 @@ from .. import compat
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
 from ..selectors.cls_attention import mean_received_attention
-from .base import Adapter, SignalStore, register_adapter, split_image_spans
+from .base import IMAGE, VIDEO, Adapter, SignalStore, merge_modalities, register_adapter, split_image_spans
 
 
 def _call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
@@ -53,7 +63,7 @@ def _per_image(values: torch.Tensor, lengths: list[int]) -> torch.Tensor:
     return out
 
 
-def qwen_compact_image(grid: torch.Tensor) -> tuple[torch.Tensor, int]:
+def qwen_compact_image(grid: torch.Tensor, frame: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Qwen-VL's rope index for the kept tokens of one pruned image (``positions="compact"``).
 
     The model's rope index gives an image of t x h x w merged tokens the ids (start + t_i, start + h_i,
@@ -65,9 +75,24 @@ def qwen_compact_image(grid: torch.Tensor) -> tuple[torch.Tensor, int]:
     For a pruned sub-grid (``uniform``, ``pool``) this is exactly the rope index of an image with that grid;
     for an unpruned image it is the model's own.
 
+    A video (``frame`` LongTensor[m]: the temporal group of each kept token, several of them): each temporal
+    group is placed on its own kept sub-grid (ranks among the rows / columns that hold a kept token *of that
+    group*), the temporal index keeps its offset from the first kept group (time scaling included, so the time
+    order and spacing stay), and the next token comes ``max`` over the groups of their sub-grid's extent later.
+    Unpruned, this is again the model's own index.
+
     ``grid`` LongTensor[3, m]: the (t, h, w) ids of the kept tokens -> (offsets [3, m], advance).
     """
     temporal = grid[0] - grid[0].min()
+    if frame is not None:
+        height, width = torch.empty_like(grid[1]), torch.empty_like(grid[2])
+        advance = 0
+        for value in torch.unique(frame).tolist():
+            rows = frame == value
+            height[rows] = torch.unique(grid[1, rows], return_inverse=True)[1]
+            width[rows] = torch.unique(grid[2, rows], return_inverse=True)[1]
+            advance = max(advance, int(height[rows].max()) + 1, int(width[rows].max()) + 1)
+        return torch.stack([temporal, height, width]), advance
     height = torch.unique(grid[1], return_inverse=True)[1]  # rank among the kept rows
     width = torch.unique(grid[2], return_inverse=True)[1]  # rank among the kept columns
     advance = max(int(height.max()) + 1, int(width.max()) + 1)
@@ -77,6 +102,7 @@ def qwen_compact_image(grid: torch.Tensor) -> tuple[torch.Tensor, int]:
 class _QwenVLAdapter(Adapter):
     provides = ("cls_attention", "vit_keys", "vit_hidden", "grid", "received_attention")
     compact_image_positions = staticmethod(qwen_compact_image)
+    vision_entry_points = (("model", compat.IMAGE_FEATURES), ("model", compat.VIDEO_FEATURES))
     #: whether the ViT runs its blocks in window order (Qwen2.5-VL)
     windowed: bool = False
 
@@ -94,53 +120,83 @@ class _QwenVLAdapter(Adapter):
     def merge_size(self) -> int:
         return int(self.config.vision_config.spatial_merge_size)
 
-    def has_visual_input(self, call: dict[str, Any]) -> bool:
-        encoded = compat.encoder_outputs(call)
-        if call.get("pixel_values_videos") is not None or encoded.get("video") is not None:
-            raise UnsupportedModelError(
-                f"vtprune prunes {type(self.model).__name__} images only; video inputs are not supported yet. "
-                "Remove the pruning (vtprune.remove) to run videos."
-            )
-        return super().has_visual_input(call)
-
     # -- layout ----------------------------------------------------------------------------------------
-    def _grids(self, call: dict[str, Any]) -> list[tuple[int, int, int]]:
-        grid = call.get("image_grid_thw")
+    @staticmethod
+    def _grid_key(modality: str) -> str:
+        return "video_grid_thw" if modality == VIDEO else "image_grid_thw"
+
+    def _grids(self, call: dict[str, Any], modality: str = IMAGE) -> list[tuple[int, int, int]]:
+        grid = call.get(self._grid_key(modality))
         if grid is None:
-            raise UnsupportedModelError("Qwen-VL inputs need image_grid_thw; build them with the model's processor.")
+            raise UnsupportedModelError(f"Qwen-VL {modality} inputs need {self._grid_key(modality)}; build them "
+                                        "with the model's processor.")
         return [tuple(int(x) for x in row) for row in grid.tolist()]
 
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
-        grids = self._grids(call)
+        modalities = self.visual_modalities(call)
         merge = self.merge_size
-        lengths = [t * h * w // merge**2 for t, h, w in grids]
+        per_modality: dict[str, list[SampleLayout]] = {}
+        for modality in (IMAGE, VIDEO):
+            if modality not in modalities:
+                continue
+            grids = self._grids(call, modality)
+            lengths = [t * h * w // merge**2 for t, h, w in grids]
+            if modality == IMAGE:
+                span = functools.partial(self._image_span, grids)
+                token = self.config.image_token_id
+            else:
+                span = functools.partial(self._video_span, grids, self._frame_seconds(call, len(grids)))
+                token = self.config.video_token_id
+            layouts = split_image_spans(call["input_ids"], token, lengths, span)
+            for layout in layouts:
+                layout.vision_grids = [grids[i] for i in layout.image_ids]
+            per_modality[modality] = layouts
+        return merge_modalities(per_modality.get(IMAGE), per_modality.get(VIDEO))
 
-        def span(image_idx: int, positions: torch.Tensor) -> ImageSpan:
-            t, h, w = grids[image_idx]
-            if t != 1:
-                raise UnsupportedModelError(f"image {image_idx} has {t} temporal patches; only still images are pruned.")
-            height, width = h // merge, w // merge
-            index = torch.arange(height * width)
-            group = TokenGroup(members=index, height=height, width=width,
-                               vision_row=torch.full_like(index, image_idx), patch_index=index)
-            return ImageSpan(positions=positions, structural=torch.zeros_like(index, dtype=torch.bool),
-                             row=index // width, groups=[group])
+    def _image_span(self, grids, image_idx: int, positions: torch.Tensor) -> ImageSpan:
+        t, h, w = grids[image_idx]
+        if t != 1:
+            raise UnsupportedModelError(f"image {image_idx} has {t} temporal patches; only still images are expected.")
+        height, width = h // self.merge_size, w // self.merge_size
+        index = torch.arange(height * width)
+        group = TokenGroup(members=index, height=height, width=width,
+                           vision_row=torch.full_like(index, image_idx), patch_index=index)
+        return ImageSpan(positions=positions, structural=torch.zeros_like(index, dtype=torch.bool),
+                         row=index // width, groups=[group])
 
-        layouts = split_image_spans(call["input_ids"], self.config.image_token_id, lengths, span)
-        for layout in layouts:
-            layout.vision_grids = [grids[i] for i in layout.image_ids]
-        return layouts
+    def _video_span(self, grids, seconds: list[float | None], video_idx: int, positions: torch.Tensor) -> ImageSpan:
+        t, h, w = grids[video_idx]
+        height, width = h // self.merge_size, w // self.merge_size
+        per_frame = height * width
+        groups = []
+        for frame in range(t):  # one group per temporal group, frame-major like the ViT's and the merger's output
+            members = torch.arange(frame * per_frame, (frame + 1) * per_frame)
+            groups.append(TokenGroup(members=members, height=height, width=width,
+                                     vision_row=torch.full_like(members, video_idx), patch_index=members))
+        index = torch.arange(t * per_frame)
+        times = None if seconds[video_idx] is None else torch.arange(t, dtype=torch.float32) * seconds[video_idx]
+        return ImageSpan(positions=positions, structural=torch.zeros_like(index, dtype=torch.bool),
+                         row=index // width, groups=groups, kind="video", frame_times=times)
+
+    @staticmethod
+    def _frame_seconds(call: dict[str, Any], videos: int) -> list[float | None]:
+        """Seconds between temporal groups of each video (Qwen2.5-VL's ``second_per_grid_ts``), None if unknown."""
+        seconds = compat.seconds_per_grid(call)
+        if seconds is None:
+            return [None] * videos
+        values = seconds.tolist() if torch.is_tensor(seconds) else list(seconds)
+        return [float(v) for v in values] if len(values) == videos else [None] * videos
 
     # -- signals ---------------------------------------------------------------------------------------
     def _merged_lengths(self, store: SignalStore) -> list[int]:
-        return [t * h * w // self.merge_size**2 for t, h, w in self._grids(store.vision_call)]
+        return [t * h * w // self.merge_size**2 for t, h, w in self._grids(store.vision_call, store.modality)]
 
     def _raster_order(self, store: SignalStore, num_patches: int) -> torch.Tensor | None:
         """Permutation putting the last block's patch sequence back in raster (merger-group) order, or None."""
         if not self.windowed:
             return None
         vc = self.config.vision_config
-        grid = store.vision_call["image_grid_thw"]
+        grid = store.vision_call[self._grid_key(store.modality)]
         window_index, _ = compat.vision_window_index(grid.cpu(), vc.spatial_merge_size, vc.window_size, vc.patch_size)
         units = torch.argsort(window_index)  # raster unit u sits at window position units[u]
         group = self.merge_size**2

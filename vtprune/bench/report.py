@@ -25,7 +25,9 @@ from typing import Any
 __all__ = ["summarize", "summaries", "to_csv", "to_markdown", "print_table", "accuracy_spread", "spread_markdown",
            "SKILL_ORDER"]
 
-SKILL_ORDER = ("attribute", "existence", "counting", "spatial", "ocr", "fine_detail")
+SKILL_ORDER = ("attribute", "existence", "counting", "spatial", "ocr", "fine_detail",
+               # task synth_video (vtprune.synth.video.VIDEO_SKILLS)
+               "static_attribute", "appearance", "brief_ocr", "motion", "temporal_order", "color_change")
 
 
 def _median(block: Any) -> float | None:
@@ -75,6 +77,7 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
         "model": row["model"], "method": _method_label(row),
         "budget": "full" if row["budget"] is None else row["budget"],
         "task": row["task"], "status": row.get("status"), "stage": row.get("stage"),
+        "video_frames": (row.get("bench") or {}).get("video_frames"),
         "visual_tokens": row.get("visual_tokens"), "equivalent_tokens": row.get("equivalent_tokens"),
         "gflops": None if flops is None else flops / 1e9,
         "accuracy": row.get("accuracy"), "accuracy_stderr": row.get("accuracy_stderr"),
@@ -123,8 +126,8 @@ def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[
     """(key, header, format) of the columns that have data."""
     skills = [s for s in SKILL_ORDER if any(f"acc_{s}" in r for r in records)]
     skills += sorted({k[4:] for r in records for k in r if k.startswith("acc_")} - set(skills))
-    columns = [("model", "model", "model"), ("method", "method", "s"), ("budget", "budget", "s"),
-               ("equivalent_tokens", "eq. tokens", ".1f"), ("gflops", "prefill GFLOPs", ".4g")]
+    columns = [("model", "model", "model"), ("video_frames", "video frames", "s"), ("method", "method", "s"),
+               ("budget", "budget", "s"), ("equivalent_tokens", "eq. tokens", ".1f"), ("gflops", "prefill GFLOPs", ".4g")]
     if any(r.get("accuracy") is not None for r in records):
         columns += [("accuracy", "acc %", "pct"), ("accuracy_stderr", "± (s.e.)", "pct")]
         columns += [(f"acc_{s}", s, "pct") for s in skills]
@@ -138,6 +141,8 @@ def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[
                 ("decode_ratio_cpu", "decode ratio (CPU)", ".3f"),
                 ("kv_mib", "KV MiB", ".2f"), ("kv_expected_mib", "KV expected MiB", ".2f"),
                 ("kv_ratio", "KV ratio", ".3f"), ("peak_mib", "peak MiB", ".0f"), ("tensor_peak_mib", "tensor peak MiB", ".0f"), ("load", "load", ".2f")]
+    if any(r.get("video_frames") is not None for r in records):  # video rows: the clip's visual tokens too
+        columns.insert(4, ("visual_tokens", "visual tokens", "s"))
     return [c for c in columns if c[0] in ("model", "method", "budget") or any(r.get(c[0]) is not None for r in records)]
 
 
@@ -186,9 +191,18 @@ def to_csv(records: Sequence[dict[str, Any]]) -> str:
 
 
 def to_markdown(records: Sequence[dict[str, Any]]) -> str:
-    headers, body = _table(records)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in body]
+    """One table (records of several tasks: one table per task, under a heading, each with its own skill
+    columns), then the cells that did not run."""
+    tasks = list(dict.fromkeys(r["task"] for r in records if r.get("status") == "ok")) or [None]
+    lines: list[str] = []
+    for task in tasks:
+        headers, body = _table([r for r in records if task is None or r["task"] == task])
+        if len(tasks) > 1:
+            lines += [f"### task {task}", ""]
+        lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in body]
+        if len(tasks) > 1:
+            lines.append("")
     errors = _errors(records)
     if errors:
         lines += ["", "Cells that did not run:", ""] + [f"- {e}" for e in errors]
@@ -211,7 +225,8 @@ def compact_table(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[li
         measured = r.get("speedup")
         speedup = f"{measured:.2f}" if measured is not None else (
             f"{r['flops_speedup']:.2f} F" if r.get("flops_speedup") is not None else "")
-        body.append([_short_model(r["model"]), r["method"], str(r["budget"]), _fmt(r.get("equivalent_tokens"), ".1f"),
+        frames = f" ({r['video_frames']} frames)" if r.get("video_frames") is not None else ""
+        body.append([_short_model(r["model"]) + frames, r["method"], str(r["budget"]), _fmt(r.get("equivalent_tokens"), ".1f"),
                      *([acc] if has_acc else []), _fmt(r.get("gflops"), ".3f"),
                      *([_fmt(r.get("prefill_ms"), ".1f")] if has_ms else []), speedup])
     return headers, body

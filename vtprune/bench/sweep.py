@@ -5,6 +5,10 @@ A *cell* is ``(model, method, budget, task)``. ``method="none"`` is the unpruned
 ``synth``    accuracy on the synthetic VQA test split (:func:`vtprune.bench.accuracy.evaluate_vqa`), per skill,
              plus the prefill FLOPs, equivalent tokens and a short latency measurement on one question.
              Refused for random-weight models (presets, ``tiny:``): their answers are noise.
+``synth_video``  the same on the synthetic *video* QA test split (:mod:`vtprune.synth.video`: 210 mp4 clips of
+             16 frames, seven temporal skills; one clip per question through the processor's video path), for
+             models that take videos (the bundled ``models/micro-qwen2vl-video``); FLOPs, equivalent tokens and
+             latency on one clip. Refused for random-weight models and for models without a video processor.
 ``latency``  the full latency protocol on one benchmark input (a preset's image size and prompt, or one
              synthetic question): prefill (with the method's selection and the engine's own work timed
              separately), TTFT, per-token decode, end to end, KV-cache bytes, peak memory -- measured in
@@ -43,10 +47,12 @@ import torch
 from ..errors import VTPruneError
 
 __all__ = ["Cell", "SweepOptions", "ResultsFile", "plan_cells", "run_cell", "run_sweep", "default_models",
+           "default_video_models", "VIDEO_MODEL", "ACCURACY_TASKS",
            "parse_budget", "UNPRUNED", "result_key", "row_key", "latest_rows", "model_spec"]
 
 UNPRUNED = "none"
-TASKS = ("synth", "latency")
+TASKS = ("synth", "latency", "synth_video")
+ACCURACY_TASKS = ("synth", "synth_video")
 
 
 def parse_budget(text: str | int | float | None):
@@ -94,7 +100,7 @@ class Cell:
 class SweepOptions:
     """How every cell is measured (recorded in each row)."""
 
-    limit: int | None = None           # synth: the first N questions of the test split (None = all 600)
+    limit: int | None = None           # synth(_video): the first N questions of the test split (None = all)
     batch_size: int = 16               # synth: evaluate_vqa batch size
     repeats: int = 5
     warmup: int = 1
@@ -108,6 +114,7 @@ class SweepOptions:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options
     trust_remote_code: bool = False    # passed to from_pretrained for model directories (never prompts)
     config: str | None = None          # the sweep config file the run came from (recorded, not a result key)
+    video_frames: int | None = None    # latency: a video input of this many frames instead of an image
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,8 +124,9 @@ class SweepOptions:
         checks = (("limit", self.limit, 1, "the first N questions, or None for all"), ("batch_size", self.batch_size, 1, ""),
                   ("repeats", self.repeats, 1, ""), ("warmup", self.warmup, 0, ""),
                   ("new_tokens", self.new_tokens, 1, ""), ("threads", self.threads, 1, "or None for torch's default"))
+        checks += (("video_frames", self.video_frames, 1, "or None for an image input"),)
         for name, value, lowest, hint in checks:
-            if value is None and name in ("limit", "threads"):
+            if value is None and name in ("limit", "threads", "video_frames"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise VTPruneError(f"bench setting {name}={value!r} must be an int >= {lowest}"
@@ -131,8 +139,8 @@ class SweepOptions:
 
 #: settings that change the result of every cell / of the cells of one task (see :func:`result_key`)
 _COMMON_SETTINGS = ("device", "dtype", "seed")
-_TASK_SETTINGS = {"synth": ("limit", "batch_size"),
-                  "latency": ("repeats", "warmup", "new_tokens", "threads", "native", "paired")}
+_TASK_SETTINGS = {"synth": ("limit", "batch_size"), "synth_video": ("limit", "batch_size"),
+                  "latency": ("repeats", "warmup", "new_tokens", "threads", "native", "paired", "video_frames")}
 
 
 def model_spec(model: str) -> str:
@@ -215,6 +223,18 @@ def default_models() -> list[str]:
 
     found = [bundled_model_dir(name) for name in BUNDLED_MODELS]
     return [str(path) for path in found if path is not None]
+
+
+#: the bundled video micro-VLM (``vtprune bench`` without arguments also evaluates it on task synth_video)
+VIDEO_MODEL = "micro-qwen2vl-video"
+
+
+def default_video_models() -> list[str]:
+    """The bundled video micro-VLM if present (``models/micro-qwen2vl-video``)."""
+    from ..loading import bundled_model_dir
+
+    found = bundled_model_dir(VIDEO_MODEL)
+    return [] if found is None else [str(found)]
 
 
 def plan_cells(models: Sequence[str], methods: Sequence[str], budgets: Sequence, tasks: Sequence[str]) -> list[Cell]:
@@ -380,6 +400,7 @@ class LoadedModel:
     dtype: str
     preset: Any = None
     bench_inputs: Any = None   # the latency input (on device)
+    video_inputs: Any = None   # the latency input of task synth_video: one clip question (built on first use)
     vqa_samples: dict = field(default_factory=dict)  # limit -> test samples (loaded once per model)
     vqa_cache: dict = field(default_factory=dict)    # evaluate_vqa's processed inputs, shared by the cells
 
@@ -389,7 +410,7 @@ _MODEL_CACHE: dict[tuple, LoadedModel] = {}
 
 def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
     """Load (once per process) the model of a cell."""
-    key = (spec, options.device, options.dtype, options.seed)
+    key = (spec, options.device, options.dtype, options.seed, options.video_frames)
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     _MODEL_CACHE.clear()  # one model resident at a time
@@ -401,9 +422,11 @@ def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
         preset = load_preset(spec.split(":", 1)[1])
         dtype = options.dtype or preset.dtype
         model, processor = build_preset(preset, dtype=dtype, device=options.device, seed=options.seed)
-        inputs = preset_inputs(preset, processor, device=options.device, dtype=getattr(torch, dtype))
-        loaded = LoadedModel(spec, model, processor, f"{preset.name} (random weights, real shapes)", True, dtype,
-                             preset=preset, bench_inputs=inputs)
+        inputs = preset_inputs(preset, processor, device=options.device, dtype=getattr(torch, dtype),
+                               video_frames=options.video_frames)
+        what = "" if options.video_frames is None else f", a random {options.video_frames}-frame video"
+        loaded = LoadedModel(spec, model, processor, f"{preset.name} (random weights, real shapes{what})", True,
+                             dtype, preset=preset, bench_inputs=inputs)
     else:
         dtype = options.dtype or "float32"
         model, processor, description = load_model(spec, dtype=dtype, device=options.device,
@@ -411,7 +434,8 @@ def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
         if spec.startswith("tiny:"):
             model = model.to(getattr(torch, dtype))
         loaded = LoadedModel(spec, model, processor, description, spec.startswith("tiny:"), dtype)
-        loaded.bench_inputs = _synth_inputs(loaded, options)
+        loaded.bench_inputs = _synth_inputs(loaded, options) if options.video_frames is None \
+            else _clip_inputs(loaded, options)
         _warm_up(loaded)
     _MODEL_CACHE[key] = loaded
     return loaded
@@ -428,12 +452,34 @@ def _warm_up(loaded: LoadedModel, rounds: int = 3) -> None:
             loaded.model.generate(**loaded.bench_inputs, max_new_tokens=2, do_sample=False, pad_token_id=pad)
 
 
-def _test_samples(loaded: LoadedModel, limit: int | None) -> list:
+def _test_samples(loaded: LoadedModel, limit: int | None, task: str = "synth") -> list:
     from ..synth import load_test_split
+    from ..synth.video import load_video_test_split
 
-    if limit not in loaded.vqa_samples:
-        loaded.vqa_samples[limit] = load_test_split(limit=limit)
-    return loaded.vqa_samples[limit]
+    key = (task, limit)
+    if key not in loaded.vqa_samples:
+        loaded.vqa_samples[key] = (load_video_test_split if task == "synth_video" else load_test_split)(limit=limit)
+    return loaded.vqa_samples[key]
+
+
+def _video_inputs(loaded: LoadedModel, options: SweepOptions):
+    """One clip question of the synthetic video test split as the latency / FLOPs input of task synth_video;
+    a model whose processor takes no videos is refused."""
+    from ..synth.video import load_video_test_split
+
+    if loaded.video_inputs is not None:
+        return loaded.video_inputs
+    if getattr(loaded.processor, "video_processor", None) is None:
+        raise VTPruneError(f"{loaded.spec} takes no videos (its processor has no video processor): task "
+                           "synth_video needs a video model, e.g. models/micro-qwen2vl-video")
+    clip = load_video_test_split(limit=1)[0]
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": clip.question}]}]
+    text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = loaded.processor(videos=[clip.frames], text=[text], return_tensors="pt").to(options.device)
+    if "pixel_values_videos" in inputs:
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(getattr(torch, loaded.dtype))
+    loaded.video_inputs = inputs
+    return inputs
 
 
 def _synth_inputs(loaded: LoadedModel, options: SweepOptions):
@@ -447,6 +493,17 @@ def _synth_inputs(loaded: LoadedModel, options: SweepOptions):
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(getattr(torch, loaded.dtype))
     return inputs
+
+
+def _clip_inputs(loaded: LoadedModel, options: SweepOptions):
+    """``options.video_frames`` frames of the first shipped synthetic clip and its question, as the latency input
+    of a (non-preset) model."""
+    from ..video import load_video, shipped_clips, video_inputs
+
+    clip = shipped_clips()[0]
+    video = load_video(clip["path"], num_frames=options.video_frames)
+    return video_inputs(loaded.processor, video, clip["question"], device=options.device,
+                        dtype=getattr(torch, loaded.dtype))
 
 
 # ------------------------------------------------------------------------------------------ one cell
@@ -468,6 +525,7 @@ def _stats_summary(stats) -> dict[str, Any]:
         "visual_lengths": list(sample.visual_lengths),
         "kept": [len(stage.kept_positions) for stage in sample.stages],
         "merged": [stage.merged for stage in sample.stages],
+        "frame_kept": getattr(sample, "frame_kept", None),
         "flops": sample.flops,
         "flops_unpruned": sample.flops_unpruned,
     }
@@ -507,7 +565,7 @@ def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
         "options": None, "status": "ok", "error": None, "bench": options.to_dict(),
     }
     try:
-        if cell.task == "synth" and loaded.random_weights:
+        if cell.task in ACCURACY_TASKS and loaded.random_weights:
             raise VTPruneError(f"{cell.model} has random weights: accuracy is not reported for it; use "
                                "--tasks latency")
         if cell.method != UNPRUNED:
@@ -517,7 +575,7 @@ def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
         else:
             row["options"] = {"method": UNPRUNED}
             row["stage"] = None
-        if cell.task == "synth":
+        if cell.task in ACCURACY_TASKS:
             row.update(_synth_cell(loaded, cell, options, method_options))
         else:
             row.update(_latency_cell(loaded, cell, options, method_options))
@@ -561,8 +619,9 @@ def _synth_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method_o
     from .accuracy import evaluate_vqa
     from .latency import measure_latency
 
-    samples = _test_samples(loaded, options.limit)
-    model, inputs = loaded.model, loaded.bench_inputs
+    inputs = _video_inputs(loaded, options) if cell.task == "synth_video" else loaded.bench_inputs
+    samples = _test_samples(loaded, options.limit, cell.task)
+    model = loaded.model
     out: dict[str, Any] = {}
     if cell.method == UNPRUNED:
         out.update(_unpruned_stats(model, inputs) or {})

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BudgetError, MethodOptionError
-from ..registry import Method, Selection, VisualGroup, register_method
-from ..selectors.baselines import pool_grid, random_select, uniform_grid_select
+from ..registry import Method, Selection, VideoClip, VisualGroup, register_method
+from ..selectors.baselines import pool_grid, random_select, uniform_frames, uniform_grid_select
 from ..selectors.cls_attention import topk_select
 from ..selectors.divprune import divprune_select
 from ..selectors.visionzip import split_visionzip_budget, visionzip_select
@@ -31,7 +31,8 @@ def _require_grid(method: str, group: VisualGroup) -> tuple[int, int]:
 class RandomPrune(Method):
     """Random subset of the visual tokens (seeded) — a strong baseline that every table should report.
 
-    Default budget 64 tokens per image; ``seed=0``.
+    Default budget 64 tokens per image; ``seed=0``. Video: per frame (each frame its own seeded subset of an
+    even share of the clip's budget), the usual random-pruning baseline of the video papers.
     """
 
     name = "random"
@@ -45,7 +46,10 @@ class RandomPrune(Method):
 
 @register_method
 class UniformGrid(Method):
-    """Uniform spatial sub-grid of the patch grid (exactly ``k`` tokens spread evenly). Baseline; default 64."""
+    """Uniform spatial sub-grid of the patch grid (exactly ``k`` tokens spread evenly). Baseline; default 64.
+
+    Video: the same sub-grid in every frame (per frame, an even share of the clip's budget; spatial
+    downsampling of each frame)."""
 
     name = "uniform"
     paper = "baseline"
@@ -64,7 +68,8 @@ class AveragePool(Method):
     token takes the position of its window's top-left patch; default positions ``compact`` (as if the image
     had been smaller: on Qwen's M-RoPE exactly the rope index of an image with the pooled grid). The window
     means are returned as merge weights, so Qwen3-VL's deepstack features are pooled the same way. Default 64
-    tokens per image.
+    tokens per image. Video: every frame pooled to its even share of the clip's budget (what LLaVA-Video's
+    per-frame pooling does, to a smaller grid).
     """
 
     name = "pool"
@@ -81,6 +86,45 @@ class AveragePool(Method):
         weights = window / window.sum(dim=1, keepdim=True)  # window means
         return Selection(keep=empty, merged=pooled.tokens, anchors=pooled.anchors.to(group.features.device),
                          weights=weights)
+
+
+@register_method
+class UniformFrames(Method):
+    """Uniform frame sampling — keep every token of evenly spaced frames, as many whole frames as the budget
+    holds. Baseline for video (the reference temporal methods are compared against): it is what feeding the
+    model fewer frames does, without re-running the encoder.
+
+    Video (``video_policy="clip"``): with N tokens per frame and a budget of k tokens, m = k // N frames are
+    kept whole, at ``linspace(0, T - 1, m)`` truncated to ints (the uniform sampling of LLaVA-Video and
+    lmms-eval); the k − m·N tokens left over are not spent (the count is at most the budget). A budget below one
+    frame keeps the middle frame's uniform spatial sub-grid of k tokens (the ``uniform`` baseline on that
+    frame), so every budget is honoured. Positions ``compact`` by default (as if the shorter clip had been the
+    input; on Qwen's M-RoPE a dropped temporal group leaves its time gap, since temporal ids keep their offsets).
+    Images (one frame): the ``uniform`` sub-grid. Default budget 0.25 of the clip.
+    """
+
+    name = "frames"
+    paper = "baseline"
+    signals = ("grid",)
+    default_budget = 0.25
+    default_positions = "compact"
+    video_policy = "clip"
+    exact_count = False  # whole frames: at most the budget
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        h, w = _require_grid(self.name, group)
+        return Selection(keep=uniform_grid_select(h, w, k).to(group.features.device))
+
+    def select_clip(self, clip: VideoClip, k: int) -> Selection:
+        per_frame, device = clip.tokens_per_frame, clip.features.device
+        whole = min(k // per_frame, clip.frames)
+        if whole == 0:  # less than one frame: a uniform sub-grid of the middle frame
+            middle = clip.frames // 2
+            spatial = uniform_grid_select(clip.height, clip.width, k)
+            return Selection(keep=(middle * per_frame + spatial).to(device))
+        frames = uniform_frames(clip.frames, whole)  # [m], ascending
+        keep = (frames[:, None] * per_frame + torch.arange(per_frame)[None, :]).reshape(-1)  # [m * N]
+        return Selection(keep=keep.to(device))
 
 
 @register_method
@@ -112,6 +156,9 @@ class FasterVLM(Method):
     eager attention. Qwen-VL: one LLM token is a 2×2 PatchMerger group, so its score is the mean of its 4
     patches' scores; Qwen2.5-VL's windowed block order (``window_index``) is undone first. LLaVA-OneVision:
     scores are packed like the features (a downsampled AnyRes grid gets the interpolated scores of its tokens).
+    Video (no official code): per frame, top-k of that frame's scores for an even share of the clip's budget
+    (scores from the ViT run on the video: Qwen attends within each temporal group; OneVision frames are scored
+    like base views and the scores pooled 2x2 like the features).
     """
 
     name = "fastervlm"
@@ -168,6 +215,10 @@ class VisionZip(Method):
     order; the hidden state merged is the merger's input (the 4 patch states concatenated) and contextual
     tokens are projected by the PatchMerger. The merge is returned as weights (target 1, assigned tokens
     1/count), which Qwen3-VL's deepstack features follow.
+
+    Video: per frame, dominant + contextual tokens from an even share of the clip's budget (split 54:10), as the
+    video port of VisionZip in cokeshao/HoliTom (``visionzip/``) selects per frame on LLaVA-OneVision /
+    LLaVA-Video; the scores are the mean received attention of the frame's tokens.
     """
 
     name = "visionzip"
@@ -311,11 +362,15 @@ class DivPrune(Method):
     diagonal, which only matters for exact duplicates (the official may then re-pick a token). On LLaVA-NeXT
     the official candidates include the row-newline tokens (it selects over the whole packed image); vtprune
     treats newlines as layout (kept while their row holds a token) and selects among content tokens only.
+    Video: one selection over all the clip's tokens (``video_policy="global"``): max-min diversity is a property of
+    the whole set, so near-duplicate tokens of consecutive frames compete with each other instead of each frame
+    keeping its own share.
     """
 
     name = "divprune"
     paper = "arXiv:2503.02175"
     budget_policy = "global"
+    video_policy = "global"
     default_positions = "compact"
 
     def select(self, group: VisualGroup, k: int) -> Selection:

@@ -54,6 +54,7 @@ class LayerRun:
     position_ids: torch.Tensor | None = None  # language-model-level position ids entering layer 0
     image_of: list[torch.Tensor] | None = None  # per sample [L]: image index of each original position, -1 text
     image_rule: Any = None                      # M-RoPE: the adapter's compact_image_positions
+    frame_of: list[torch.Tensor] | None = None  # per sample [L]: frame of each original position in its video
     segments: list[Segment] = field(default_factory=list)
     previous: tuple[torch.Tensor, Any, Any] | None = None   # input (hidden, pos emb, pos ids) of the previous layer
     #: one entry per decoder layer run so far: per sample (sequence length, visual tokens) entering it
@@ -106,18 +107,22 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
     plans = []
     for b in range(batch):
         cols = columns[b]
-        image_of = None
+        image_of = frame_of = None
         if run.image_of is not None:  # image index of every current column (compact M-RoPE needs it)
             image_of = torch.full((length,), -1, dtype=torch.long, device=hidden.device)
             image_of[cols] = run.image_of[b][run.source[b]].to(hidden.device)
+        if run.frame_of is not None:  # ... and the frame of every video column
+            frame_of = torch.zeros(length, dtype=torch.long, device=hidden.device)
+            frame_of[cols] = run.frame_of[b][run.source[b]].to(hidden.device)
         selection = selections[b]
         if selection is None:
-            plans.append(SamplePlan(keep=cols, last=int(cols[-1]) if cols.numel() else -1, image_of=image_of))
+            plans.append(SamplePlan(keep=cols, last=int(cols[-1]) if cols.numel() else -1, image_of=image_of,
+                                    frame_of=frame_of))
             continue
         _check_layer_selection(run.method.name, selection, visual[b], wanted[b])
         keep = torch.sort(torch.cat([cols[~run.visual[b].to(cols.device)], selection.keep.to(cols.device)])).values
         plans.append(SamplePlan(keep=keep, merged=selection.merged, merged_anchors=selection.anchors,
-                                last=int(cols[-1]) if cols.numel() else -1, image_of=image_of))
+                                last=int(cols[-1]) if cols.numel() else -1, image_of=image_of, frame_of=frame_of))
     pruned = assemble(hidden, position_ids, plans, run.method.positions, run.pad_left, run.image_rule)
     for b in range(batch):
         # each column of the new sequence comes from a column of the old one (merged tokens: their anchor)

@@ -49,17 +49,43 @@ class TokenGroup:
 class ImageSpan:
     """All placeholder tokens of one image (or video) in one sample.
 
-    ``positions``   LongTensor[n]: sequence positions of the placeholders, ascending
-    ``structural``  BoolTensor[n]: tokens that are layout, not content (LLaVA-NeXT row newlines); never pruned
+    ``positions``   LongTensor[n]: sequence positions of the placeholders, ascending (not contiguous where text
+                    sits between them: Qwen3-VL's per-frame timestamps)
+    ``structural``  BoolTensor[n]: tokens that are layout, not content (LLaVA-NeXT row newlines, the newline
+                    closing a LLaVA-OneVision video); never pruned
     ``row``         LongTensor[n]: visual row id of each token; a structural token is kept iff a content token
                     of its row survives (or a merged token is anchored in it). -1 when rows do not apply.
-    ``groups``      the content tokens split into crops / base image
+    ``groups``      the content tokens split into crops / base image; a video: one group per frame (Qwen: per
+                    temporal group of ``temporal_patch_size`` frames), in time order
+    ``kind``        "image" or "video"
+    ``frame_times`` video: Tensor[T] seconds of each frame (group), or None when the inputs do not say
     """
 
     positions: torch.Tensor
     structural: torch.Tensor
     row: torch.Tensor
     groups: list[TokenGroup]
+    kind: str = "image"
+    frame_times: torch.Tensor | None = None
+
+    @property
+    def is_video(self) -> bool:
+        return self.kind == "video"
+
+    @property
+    def num_frames(self) -> int:
+        """Frames (temporal groups) of a video; 1 for an image."""
+        return len(self.groups) if self.is_video else 1
+
+    def frame_of(self) -> torch.Tensor:
+        """LongTensor[n]: the frame of each token of the span (0 for images; a video's structural tokens take
+        the frame before them)."""
+        frame = torch.zeros(self.num_tokens, dtype=torch.long)
+        if self.is_video:
+            for t, group in enumerate(self.groups):
+                frame[group.members] = t
+            frame = torch.cummax(frame, 0).values  # frames come in order: a structural token takes the one before
+        return frame
 
     @property
     def num_tokens(self) -> int:
@@ -82,16 +108,28 @@ class SampleLayout:
     vision_inputs: int = 0
     #: Qwen-VL families: (t, h, w) patch grid of each image, in order (the vision encoder's cost depends on it)
     vision_grids: list[tuple[int, int, int]] = field(default_factory=list)
-    #: index of each image among the vision encoder's inputs of this forward (in ``images`` order); generate()'s
-    #: beam / return-sequence copies of a sample share their sample's images
+    #: index of each image among the vision encoder's inputs of this forward (in ``images`` order; a video: its
+    #: index among the videos); generate()'s beam / return-sequence copies of a sample share their sample's images
     image_ids: list[int] = field(default_factory=list)
 
     def image_index(self, length: int) -> torch.Tensor:
-        """LongTensor[length]: index of the image each sequence position belongs to, -1 for text."""
+        """LongTensor[length]: index of the image (or video) each sequence position belongs to, -1 for text."""
         index = torch.full((length,), -1, dtype=torch.long)
         for i, image in enumerate(self.images):
             index[image.positions] = i
         return index
+
+    def frame_index(self, length: int) -> torch.Tensor:
+        """LongTensor[length]: frame of each position within its video (0 for images and text)."""
+        index = torch.zeros(length, dtype=torch.long)
+        for image in self.images:
+            if image.is_video:
+                index[image.positions] = image.frame_of()
+        return index
+
+    @property
+    def videos(self) -> list[ImageSpan]:
+        return [image for image in self.images if image.is_video]
 
     @property
     def num_visual(self) -> int:

@@ -33,9 +33,10 @@ import torch
 
 __all__ = ["pruned_positions", "compact_mrope", "rope_rows", "layer_rows", "is_mrope", "ImageRule"]
 
-#: the family's compact rope index of one pruned image: (t, h, w) ids of its kept tokens [3, m] (in order) ->
-#: (offsets from the image's start position [3, m], positions the image occupies before the next token)
-ImageRule = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+#: the family's compact rope index of one pruned image or video: (t, h, w) ids of its kept tokens [3, m] (in
+#: order), and for a video the frame (temporal group) of each token [m] (None for images) -> (offsets from the
+#: image's start position [3, m], positions the image occupies before the next token)
+ImageRule = Callable[..., tuple[torch.Tensor, int]]
 
 
 def is_mrope(position_ids: torch.Tensor) -> bool:
@@ -61,13 +62,16 @@ def layer_rows(position_ids: torch.Tensor) -> torch.Tensor | None:
     return position_ids[0] if position_ids.shape[0] == 4 else None
 
 
-def compact_mrope(rope: torch.Tensor, image_of: torch.Tensor, image_rule: ImageRule) -> torch.Tensor:
+def compact_mrope(rope: torch.Tensor, image_of: torch.Tensor, image_rule: ImageRule,
+                  frame_of: torch.Tensor | None = None) -> torch.Tensor:
     """Compact M-RoPE positions of one pruned sample (rule in the module docstring).
 
     ``rope``        LongTensor[3, n]: (t, h, w) positions of the kept tokens, in sequence order (merged tokens
                     carry their anchor's positions)
     ``image_of``    LongTensor[n]: image index of each token, -1 for text
     ``image_rule``  the family's compact rope index of one image (:data:`ImageRule`)
+    ``frame_of``    LongTensor[n] or None: frame of each token within its video (0 for images and text); a
+                    run of several frames is handed to the rule with them
     Returns LongTensor[3, n].
     """
     n = rope.shape[1]
@@ -84,14 +88,17 @@ def compact_mrope(rope: torch.Tensor, image_of: torch.Tensor, image_rule: ImageR
             out[:, start:end] = current + torch.arange(end - start, device=rope.device, dtype=rope.dtype)
             current = current + (end - start)
             continue
-        offsets, advance = image_rule(rope[:, start:end])  # [3, m], int
+        frames = None if frame_of is None else frame_of[start:end].to(rope.device)
+        if frames is not None and bool((frames == frames[0]).all()):
+            frames = None  # one frame (or an image): the image rule as is
+        offsets, advance = image_rule(rope[:, start:end]) if frames is None else image_rule(rope[:, start:end], frames)
         out[:, start:end] = current + offsets
         current = current + advance
     return out
 
 
 def pruned_positions(original: torch.Tensor, convention: str, image_of: torch.Tensor | None = None,
-                     image_rule: ImageRule | None = None) -> torch.Tensor:
+                     image_rule: ImageRule | None = None, frame_of: torch.Tensor | None = None) -> torch.Tensor:
     """Position ids of one sample's pruned sequence.
 
     ``original``    [n] (1-D) or [3|4, n] (M-RoPE): the unpruned position ids of the kept tokens, in order
@@ -99,6 +106,7 @@ def pruned_positions(original: torch.Tensor, convention: str, image_of: torch.Te
     ``convention``  "original" or "compact"
     ``image_of``    LongTensor[n]: image index of each token (-1 = text)     } needed for compact M-RoPE
     ``image_rule``  the family's compact rope index of one image             }
+    ``frame_of``    LongTensor[n]: frame of each token within its video (videos) }
     Returns a tensor shaped like ``original``.
     """
     n = original.shape[-1]
@@ -110,7 +118,7 @@ def pruned_positions(original: torch.Tensor, convention: str, image_of: torch.Te
         if image_of is None or image_rule is None:
             raise ValueError("compact M-RoPE positions need the image index of every token and the family's "
                              "image rule (the adapter's compact_image_positions)")
-        rope = compact_mrope(rope, image_of, image_rule)
+        rope = compact_mrope(rope, image_of, image_rule, frame_of)
     if original.shape[0] == 4:  # text row: a sequence index among the kept tokens
         return torch.cat([(original[0, :1] + steps)[None], rope])
     return rope

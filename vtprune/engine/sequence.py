@@ -24,6 +24,7 @@ class SamplePlan:
     ``last``            original position of the sample's last real token (decoding continues after it)
     ``image_of``        LongTensor[L] or None: image index of every input column (-1 = text); compact M-RoPE
                         positions need it (see :mod:`vtprune.engine.positions`)
+    ``frame_of``        LongTensor[L] or None: frame of every input column within its video (0 elsewhere)
     """
 
     keep: torch.Tensor
@@ -32,6 +33,7 @@ class SamplePlan:
     merged_order: torch.Tensor | None = None
     last: int = -1
     image_of: torch.Tensor | None = None
+    frame_of: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -104,7 +106,8 @@ def assemble(
         out_mask[b, slot] = 1
         original = position_ids[..., b, :][..., src_all]  # [..., n]
         image_of = plan.image_of[src_all.to(plan.image_of.device)] if plan.image_of is not None else None
-        new = pruned_positions(original, positions, image_of, image_rule)
+        frame_of = plan.frame_of[src_all.to(plan.frame_of.device)] if plan.frame_of is not None else None
+        new = pruned_positions(original, positions, image_of, image_rule, frame_of)
         if n:  # decoding continues after the last token (0 for unchanged rows, e.g. "original" rope rows)
             shift[..., b] = position_ids[..., b, plan.last] - new[..., -1]
         out_pos[..., b, slot] = new

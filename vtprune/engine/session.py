@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..adapters.base import ENGINE_SIGNALS, Adapter, SignalStore
+from ..adapters.base import ENGINE_SIGNALS, IMAGE, VIDEO, Adapter, SignalStore
 from ..budget import split_equal, split_proportional, tokens_for
 from ..engine.layer_stage import LayerRun, Segment, decode_segment_inputs, prune_at_layer, real_columns
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
@@ -33,7 +33,7 @@ from ..engine.sequence import PrunedBatch, SamplePlan, assemble
 from ..engine.side_inputs import MergedRows, gather_side_rows, merged_side_rows, visual_row_index
 from ..engine.timing import section
 from ..errors import SilentlyUnprunedError, UnsupportedModelError, VTPruneError
-from ..registry import IN_LLM, PRE_LLM, Method, Selection, VisionTower, VisualGroup
+from ..registry import IN_LLM, PRE_LLM, VIDEO_POLICIES, Method, Selection, VideoClip, VisionTower, VisualGroup
 from ..stats import PruneStats, SampleStats, StageStats
 
 SESSION_ATTRIBUTE = "_vtprune_session"
@@ -85,6 +85,27 @@ class _MergeRecord:
     anchors: torch.Tensor           # LongTensor[m] anchor positions
     group_positions: torch.Tensor   # LongTensor[N] positions of the group's tokens
     weights: torch.Tensor | None    # [m, N] or None when the method gave none
+
+
+def _set_frame_kept(sample: SampleStats, layout: SampleLayout, source: torch.Tensor,
+                    merged: torch.Tensor | None) -> None:
+    """``sample.frame_kept``: per frame of the sample's videos, the tokens of the final sequence that are its kept
+    content tokens or merged tokens anchored in it. ``source`` [n]: original position of each token of the final
+    sequence (a merged token: its anchor's), ``merged`` [n] flags the merged ones (None: none)."""
+    videos = layout.videos
+    if not videos:
+        return
+    if merged is None:
+        merged = torch.zeros_like(source, dtype=torch.bool)
+    counts, frames = [], []
+    for video in videos:
+        inside = torch.isin(source, video.positions)
+        span_index = torch.searchsorted(video.positions, source[inside])
+        counted = ~video.structural[span_index] | merged[inside]  # kept content tokens, merged tokens
+        per_frame = torch.bincount(video.frame_of()[span_index][counted], minlength=video.num_frames)
+        counts.extend(int(c) for c in per_frame)
+        frames.append(video.num_frames)
+    sample.frame_kept, sample.video_frames = counts, frames
 
 
 def _mix_seed(seed: int, *parts: int) -> int:
@@ -255,19 +276,30 @@ class PruneSession:
         """Per-instance wrappers (instance attributes shadowing the class methods; deleted on remove)."""
         for path, name in self.adapter.vision_entry_points:
             owner, original = self._internal(self.model, path, name)
-            setattr(owner, name, _Wrapper(self, "_run_vision", original))
+            handler = "_run_video" if name == compat.VIDEO_FEATURES else "_run_vision"
+            setattr(owner, name, _Wrapper(self, handler, original))
             self._wrapped.append((owner, name))
 
-    def _run_vision(self, original, call: dict[str, Any], args: tuple, kwargs: dict[str, Any]):
-        """The vision encoder, with the adapter capturing the signals the methods asked for (``call``: its
-        arguments by name)."""
-        self.adapter.begin_capture(call, self.store)
+    def _run_video(self, original, call: dict[str, Any], args: tuple, kwargs: dict[str, Any]):
+        return self._run_vision(original, call, args, kwargs, modality=VIDEO)
+
+    def _run_vision(self, original, call: dict[str, Any], args: tuple, kwargs: dict[str, Any],
+                    modality: str = IMAGE):
+        """The vision encoder on the images (or videos) of a forward, with the adapter capturing the signals the
+        methods asked for (``call``: its arguments by name). An entry point called from inside another (Qwen3-VL
+        encodes videos through its image entry point) belongs to the outer run."""
+        store = self.store
+        if store.depth:
+            return original(*args, **kwargs)
+        self.adapter.begin_capture(call, store, modality)
+        store.depth += 1
         try:
             output = original(*args, **kwargs)
         finally:
-            self.store.capturing = False
-        self.adapter.end_capture(self.store)
-        self.store.vision_output = output
+            store.depth -= 1
+            store.capturing = False
+        self.adapter.end_capture(store)
+        store.vision_output = output
         return output
 
     def _wrap_side_input_injector(self) -> None:
@@ -335,6 +367,7 @@ class PruneSession:
         if not self.adapter.has_visual_input(call):
             self._refuse_unrecognised_visual_input(call)
             return self._unpruned_decode_positions(call, args, kwargs)
+        self._refuse_video_if_unsupported(call)
         if call.get("input_ids") is None:
             if call.get("inputs_embeds") is None:
                 raise VTPruneError("a forward with images needs input_ids or inputs_embeds.")
@@ -455,12 +488,18 @@ class PruneSession:
         position_ids = kwargs.get("position_ids")
         if position_ids is None:  # what the decoder itself would use
             position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
-        if not self._vision_run_matches(pending.call):
+        modalities = self.adapter.visual_modalities(pending.call)
+        if not self._vision_run_matches(pending.call, modalities):
             raise VTPruneError(
-                "vtprune did not see the vision encoder run for this forward (were pre-computed image features "
-                "passed?); pass pixel_values so the visual tokens can be located and scored."
+                "vtprune did not see the vision encoder run for this forward (were pre-computed image or video "
+                "features passed?); pass pixel_values / pixel_values_videos so the visual tokens can be located and "
+                "scored."
             )
-        layouts = self.adapter.build_layouts({**pending.call, **self.store.vision_call})
+        vision_args: dict[str, Any] = {}
+        for modality in (IMAGE, VIDEO):  # the encoder calls' arguments (grids, sizes) complete the model call's
+            if modality in modalities:
+                vision_args.update(self.store.vision_calls[modality])
+        layouts = self.adapter.build_layouts({**pending.call, **vision_args})
         if not any(layout.num_visual for layout in layouts):
             raise self._unpruned_error("the call carried visual inputs but no visual token was found in input_ids")
         self.store.consumed = True
@@ -476,6 +515,7 @@ class PruneSession:
                 sample = SampleStats(visual_in=layout.num_visual)
                 self._merge_records.append([])
             plan.image_of = layout.image_index(length).to(embeds.device)
+            plan.frame_of = layout.frame_index(length).to(embeds.device)
             plans.append(plan)
             samples.append(sample)
         self._side = self._record_side_inputs(kwargs)
@@ -489,6 +529,7 @@ class PruneSession:
         if not changed:  # nothing pruned: leave the call untouched (bitwise-identical results)
             for b, sample in enumerate(samples):
                 self._finish_sample_stats(sample, int(real[b].sum()), num_layers, layouts[b], kwargs)
+                _set_frame_kept(sample, layouts[b], torch.nonzero(real[b]).flatten().cpu(), None)
             self.last_stats = PruneStats(self.name, samples)
             self._decode = None
             return new_kwargs
@@ -510,6 +551,7 @@ class PruneSession:
         )
         for b, sample in enumerate(samples):
             self._finish_sample_stats(sample, plans[b].length, num_layers, layouts[b], kwargs)
+            _set_frame_kept(sample, layouts[b], pruned.source[b].cpu(), pruned.merged[b].cpu())
         self.last_stats = PruneStats(self.name, samples)
         return new_kwargs
 
@@ -525,17 +567,30 @@ class PruneSession:
             )
         return padding
 
-    def _vision_run_matches(self, call: dict[str, Any]) -> bool:
-        """Whether the captured vision run belongs to this forward: a run not used by any forward yet, or the
-        run whose outputs this forward carries again (``generate(use_cache=False)`` re-sends the pre-encoded
-        images at every step; the vision encoder ran once, before the first step)."""
+    def _vision_run_matches(self, call: dict[str, Any], modalities: set[str]) -> bool:
+        """Whether the captured vision runs (one per modality the call carries) belong to this forward: runs not
+        used by any forward yet, or the runs whose outputs this forward carries again (``generate(use_cache=
+        False)`` re-sends the pre-encoded images / videos at every step; the encoder ran once, before the first
+        step)."""
         store = self.store
-        if store.vision_call is None:
+        if not modalities or any(m not in store.vision_calls for m in modalities):
             return False
         if not store.consumed:
             return True
-        carried = [v for v in compat.encoder_outputs(call).values() if v is not None]
-        return store.vision_output is not None and any(v is store.vision_output for v in carried)
+        carried = compat.encoder_outputs(call)
+        return all(store.vision_outputs.get(m) is not None and carried.get(m) is store.vision_outputs[m]
+                   for m in modalities)
+
+    def _refuse_video_if_unsupported(self, call: dict[str, Any]) -> None:
+        """A method that cannot run on video refuses a forward that carries videos, before the model runs."""
+        if VIDEO not in self.adapter.visual_modalities(call):
+            return
+        for method in self.methods:
+            if method.video_unsupported:
+                raise UnsupportedModelError(
+                    f"method {method.name!r} cannot prune videos: {method.video_unsupported} Use a method that "
+                    "supports video (see vtprune.methods()), or call vtprune.remove(model) to run videos unpruned."
+                )
 
     def _record_side_inputs(self, kwargs: dict[str, Any]) -> _SideInputs | None:
         """The prefill's per-visual-token side inputs, with the rows of the pre-LLM merged tokens."""
@@ -625,6 +680,7 @@ class PruneSession:
             merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural, text=text,
             prepared=prepared, stages=[[] for _ in range(batch)], timer=self.timer,
             position_ids=new_kwargs["position_ids"], image_of=[p.image_of.cpu() for p in plans],
+            frame_of=[p.frame_of.cpu() for p in plans],
             image_rule=self.adapter.compact_image_positions,
         )
         self._run_mask = lm_mask
@@ -705,6 +761,7 @@ class PruneSession:
             sample.layer_lengths = [run.history[i][b][0] for i in range(num_layers)]
             sample.visual_lengths = [run.history[i][b][1] for i in range(num_layers)]
             sample.stages.extend(run.stages[b])
+            _set_frame_kept(sample, self._run_layouts[b], run.source[b], run.merged[b])
             unpruned = sample.layer_lengths[0] - sample.visual_lengths[0] + sample.visual_in
             sample.flops, sample.flops_unpruned = self._flops(self._run_layouts[b], sample.layer_lengths, unpruned)
         self.last_stats = PruneStats(self.name, self._run_samples)
@@ -753,23 +810,17 @@ class PruneSession:
         budget = content if adaptive else tokens_for(method.budget, content)
         if budget >= content and not adaptive:
             return torch.ones(image.num_tokens, dtype=torch.bool), None, None, None
-        groups = [TokenGroup.concat(image.groups)] if method.budget_policy == "global" else image.groups
-        # equal shares where every group is one crop of its own (LLaVA-NeXT); LLaVA-OneVision's high-resolution
-        # group packs several crops into one grid, so its image keeps the proportional split
-        rows = [torch.unique(g.vision_row) for g in groups]
-        one_crop_each = all(r.numel() == 1 for r in rows) and torch.cat(rows).unique().numel() == len(groups)
-        split = split_equal if method.budget_policy == "equal_per_crop" and one_crop_each else split_proportional
-        shares = split(budget, [g.size for g in groups])
+        jobs = self._video_jobs(image, image_idx, embeds, budget) if image.is_video \
+            else self._image_jobs(image, image_idx, embeds, budget)
         merged, anchors, orders, row_anchors = [], [], [], []
-        for group_idx, (group, k) in enumerate(zip(groups, shares, strict=True)):
+        for group, k, run in jobs:
             if k >= group.size and not adaptive:
                 span_keep[group.members] = True
                 continue
             if k == 0:
                 continue
-            group_input = self._visual_group(image, group, embeds, image_idx, group_idx)
             with section(self.timer, "select"):
-                selection = method.select(group_input, k)
+                selection = run(k)
             self._check_selection(selection, group.size, k)
             span_keep[group.members[selection.keep.cpu()]] = True
             if selection.num_merged:
@@ -794,16 +845,70 @@ class PruneSession:
             return span_keep, None, None, None
         return span_keep, torch.cat(merged), anchor_span, torch.cat(orders)
 
+    def _image_jobs(self, image: ImageSpan, image_idx: int, embeds: torch.Tensor, budget: int):
+        """(group, kept count, selection function) per group of an image, by the method's budget policy."""
+        method = self.pre_method
+        groups = [TokenGroup.concat(image.groups)] if method.budget_policy == "global" else image.groups
+        # equal shares where every group is one crop of its own (LLaVA-NeXT); LLaVA-OneVision's high-resolution
+        # group packs several crops into one grid, so its image keeps the proportional split
+        rows = [torch.unique(g.vision_row) for g in groups]
+        one_crop_each = all(r.numel() == 1 for r in rows) and torch.cat(rows).unique().numel() == len(groups)
+        split = split_equal if method.budget_policy == "equal_per_crop" and one_crop_each else split_proportional
+        shares = split(budget, [g.size for g in groups])
+        return [(group, k, functools.partial(self._select_group, image, group, embeds, image_idx, group_idx))
+                for group_idx, (group, k) in enumerate(zip(groups, shares, strict=True))]
+
+    def _video_jobs(self, image: ImageSpan, image_idx: int, embeds: torch.Tensor, budget: int):
+        """The same for a video, by the method's ``video_policy``: "per_frame" (one group per frame, the budget
+        split evenly, remainder to the earliest frames), "global" (one group over the clip) or "clip" (the whole
+        clip to ``select_clip``)."""
+        method = self.pre_method
+        policy = method.video_policy
+        if policy == "per_frame":
+            shares = split_equal(budget, [g.size for g in image.groups])
+            return [(group, k, functools.partial(self._select_group, image, group, embeds, image_idx, t, frame=t))
+                    for t, (group, k) in enumerate(zip(image.groups, shares, strict=True))]
+        whole = TokenGroup.concat(image.groups)
+        if policy == "global":
+            return [(whole, budget, functools.partial(self._select_group, image, whole, embeds, image_idx, 0))]
+        if policy == "clip":
+            return [(whole, budget, functools.partial(self._select_clip, image, whole, embeds, image_idx))]
+        raise VTPruneError(f"method {method.name!r} has video_policy={policy!r}; use one of {VIDEO_POLICIES}.")
+
+    def _select_group(self, image: ImageSpan, group: TokenGroup, embeds: torch.Tensor, image_idx: int,
+                      group_idx: int, k: int, frame: int | None = None) -> Selection:
+        group_input = self._visual_group(image, group, embeds, image_idx, group_idx)
+        group_input.frame = frame
+        return self.pre_method.select(group_input, k)
+
+    def _select_clip(self, image: ImageSpan, whole: TokenGroup, embeds: torch.Tensor, image_idx: int,
+                     k: int) -> Selection:
+        """``select_clip`` on one video: its frames as a [T, N, ...] clip (``whole``: the frames' tokens, frame-major)."""
+        frames = len(image.groups)
+        first = image.groups[0]
+        if any((g.height, g.width, g.size) != (first.height, first.width, first.size) for g in image.groups):
+            raise UnsupportedModelError("the frames of this video have different grids; a clip needs equal frames.")
+        flat = self._visual_group(image, whole, embeds, image_idx, 0)
+        clip = VideoClip(
+            features=flat.features.reshape(frames, first.size, -1), height=first.height, width=first.width,
+            frames=frames, signals={name: value.reshape(frames, first.size, *value.shape[1:])
+                                    for name, value in flat.signals.items()},
+            project=flat.project, seed=flat.seed, timestamps=image.frame_times,
+        )
+        return self.pre_method.select_clip(clip, k)
+
     def _visual_group(self, image: ImageSpan, group: TokenGroup, embeds: torch.Tensor, image_idx: int,
                       group_idx: int) -> VisualGroup:
         positions = image.positions[group.members].to(embeds.device)
         signals = {}
+        modality = VIDEO if image.is_video else IMAGE
         for name in self.store.wanted:
-            if name not in self.store and name in self._optional:
+            captured = self.store.has(modality, name)
+            if not captured and name in self._optional:
                 continue  # an optional signal this forward has not (e.g. the [CLS] state under "full" features)
-            if name not in self.store:
-                raise VTPruneError(f"signal {name!r} was not captured during the vision forward.")
-            table = self.store[name]
+            if not captured:
+                raise VTPruneError(f"signal {name!r} was not captured during the {modality} encoder's forward.")
+            table = self.store.table(modality, name)
             signals[name] = table[group.vision_row.to(table.device), group.patch_index.to(table.device)]
         instruction, instruction_ids = None, None
         if "instruction" in self.pre_method.signals:

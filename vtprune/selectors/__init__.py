@@ -1,6 +1,6 @@
 """Pure tensor cores of the visual-token selectors (no model classes)."""
 
-from .baselines import PooledTokens, pool_grid, random_select, uniform_grid_select
+from .baselines import PooledTokens, pool_grid, random_select, uniform_frames, uniform_grid_select
 from .cls_attention import cls_attention_scores, mean_received_attention, softmax_attention_rows, topk_select
 from .dart import dart_select, pick_pivots
 from .divprune import divprune_select, pairwise_cosine_distance
@@ -25,6 +25,7 @@ __all__ = [
     "softmax_attention_rows",
     "split_visionzip_budget",
     "topk_select",
+    "uniform_frames",
     "uniform_grid_select",
     "visionzip_select",
 ]

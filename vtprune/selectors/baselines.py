@@ -1,4 +1,4 @@
-"""Method-agnostic baselines: random subset, uniform grid subset, grid average pooling.
+"""Method-agnostic baselines: random subset, uniform grid subset, grid average pooling, uniform frame sampling.
 
 All functions are pure: integers / tensors in, tensors out. Index tensors are ``torch.long`` and
 sorted ascending (raster order of the h x w token grid).
@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-__all__ = ["PooledTokens", "random_select", "uniform_grid_select", "pool_grid"]
+__all__ = ["PooledTokens", "random_select", "uniform_grid_select", "pool_grid", "uniform_frames"]
 
 # A layout (rows, cols) is "close to the grid's aspect ratio" when the aspect of its cells is within
 # this factor of the best achievable cell aspect (see ``_grid_layout``).
@@ -169,3 +169,11 @@ def pool_grid(features: torch.Tensor, height: int, width: int, k: int) -> Pooled
     counts = torch.bincount(assignment, minlength=m).to(torch.float32)  # [m], all >= 1
     tokens = (sums / counts[:, None]).to(features.dtype)
     return PooledTokens(tokens=tokens, anchors=anchors, assignment=assignment, grid=(ph, pw))
+
+
+def uniform_frames(frames: int, count: int) -> torch.Tensor:
+    """``count`` evenly spaced frame indices of ``frames`` (ascending, first and last included when count > 1):
+    ``linspace(0, frames - 1, count)`` truncated to ints, the uniform sampling of LLaVA-Video / lmms-eval."""
+    _check_k(frames, 1, 1 << 30, "frames")
+    _check_k(count, 1, frames, "count")
+    return torch.linspace(0, frames - 1, count, dtype=torch.float64).long()

@@ -20,6 +20,9 @@ across skills and (up to one cycle) across answers; everything else about a scen
 The test split is shipped as files (``eval/data/synth_vqa/test/``: PNGs + ``metadata.jsonl``), an
 "imagefolder" dataset that ``datasets.load_dataset("imagefolder", data_dir=...)`` and lmms-eval tasks read.
 Re-create it with ``python -m vtprune.synth --split test --n 600 --out eval/data/synth_vqa``.
+
+Video: :mod:`vtprune.synth.video` builds 16-frame clips from the same scenes (seven temporal skills; test split
+shipped as mp4 files in ``eval/data/synth_video/``).
 """
 
 from __future__ import annotations

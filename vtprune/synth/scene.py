@@ -75,13 +75,14 @@ def _block(box) -> tuple[int, int, int, int]:
 
 
 def place_block(rng: np.random.Generator, placed: list, cells: int, gap: int = 1, tries: int = 200,
-                accept=None) -> tuple[int, int, int, int] | None:
-    """A random block of ``cells x cells`` grid cells ``(cx0, cy0, cx1, cy1)`` that keeps ``gap`` free cells
-    to every ``placed`` pixel box and satisfies ``accept(block)``; None if none was found."""
+                accept=None, grid: int = GRID) -> tuple[int, int, int, int] | None:
+    """A random block of ``cells x cells`` grid cells ``(cx0, cy0, cx1, cy1)`` on a ``grid x grid`` board that
+    keeps ``gap`` free cells to every ``placed`` pixel box and satisfies ``accept(block)``; None if none was
+    found."""
     taken = [_block(b) for b in placed]
     for _ in range(tries):
-        cx0 = int(rng.integers(0, GRID - cells + 1))
-        cy0 = int(rng.integers(0, GRID - cells + 1))
+        cx0 = int(rng.integers(0, grid - cells + 1))
+        cy0 = int(rng.integers(0, grid - cells + 1))
         block = (cx0, cy0, cx0 + cells, cy0 + cells)
         if any(cx0 < t[2] + gap and t[0] < block[2] + gap and cy0 < t[3] + gap and t[1] < block[3] + gap
                for t in taken):
@@ -100,10 +101,11 @@ def box_in_block(block, size: int) -> tuple[int, int, int, int]:
     return x0, y0, x0 + size, y0 + size
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
-    """[128, 128, 3] float: grey-ish base with a slight tint and one of four textures (drawn at 64x64, each
-    texel 2x2 pixels: cheaper to store as PNG, and the texture stays finer than an 8 px patch)."""
-    n = IMAGE_SIZE // 2
+def background(rng: np.random.Generator, size: int = IMAGE_SIZE) -> np.ndarray:
+    """[size, size, 3] float: grey-ish base with a slight tint and one of four textures (drawn at half
+    resolution, each texel 2x2 pixels: cheaper to store, and the texture stays finer than an 8 px patch).
+    ``size`` must be a multiple of 16."""
+    n = size // 2
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float64)
     base = rng.uniform(70, 150) + rng.normal(0, 8, size=3)  # [3]
     kind = int(rng.integers(4))
@@ -125,15 +127,18 @@ def _background(rng: np.random.Generator) -> np.ndarray:
         windows = np.lib.stride_tricks.sliding_window_view(padded, (kernel, kernel))
         texture = windows.mean(axis=(-1, -2))
     image = base[None, None, :] + texture[:, :, None] + rng.normal(0, 4, size=(n, n, 3))
-    return np.kron(image, np.ones((2, 2, 1)))  # [128, 128, 3]
+    return np.kron(image, np.ones((2, 2, 1)))  # [size, size, 3]
 
 
-def _shape_mask(shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Boolean [128, 128] mask of ``shape`` inscribed in ``box``."""
+_background = background
+
+
+def shape_mask(shape: str, box: tuple[int, int, int, int], image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Boolean [image_size, image_size] mask of ``shape`` inscribed in ``box``."""
     x0, y0, x1, y1 = box
     size = x1 - x0
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float64) + 0.5  # pixel centres
+    yy, xx = np.mgrid[0:image_size, 0:image_size].astype(np.float64) + 0.5  # pixel centres
     dx, dy = xx - cx, yy - cy
     half = size / 2
     if shape == "square":
@@ -147,6 +152,9 @@ def _shape_mask(shape: str, box: tuple[int, int, int, int]) -> np.ndarray:
         arm = max(size / 6, 1.0)
         return ((np.abs(dx) <= arm) & (np.abs(dy) <= half)) | ((np.abs(dy) <= arm) & (np.abs(dx) <= half))
     raise ValueError(f"unknown shape {shape!r}")
+
+
+_shape_mask = shape_mask
 
 
 def render(objects: list[SceneObject], rng: np.random.Generator) -> np.ndarray:
@@ -182,5 +190,5 @@ def object_map(objects: list[SceneObject] | tuple[SceneObject, ...]) -> np.ndarr
 
 __all__ = [
     "CELL", "CHARACTERS", "COLORS", "GRID", "IMAGE_SIZE", "PLURALS", "SHAPES", "SceneObject", "box_in_block",
-    "object_map", "place_block", "render",
+    "background", "object_map", "place_block", "render", "shape_mask",
 ]
