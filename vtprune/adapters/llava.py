@@ -109,16 +109,49 @@ class _ClipLlavaAdapter(Adapter):
             handles.append(projector.register_forward_pre_hook(on_projector, with_kwargs=True))
         for index, wanted in self.layered_wanted(store).items():
             attention = self._vision_layers()[index].self_attn
-            hook = functools.partial(self._on_layer_attention, store, wanted)
-            handles.append(attention.register_forward_pre_hook(hook, with_kwargs=True))
+            received = [name for kind, name in wanted if kind == "received_attention"]
+            others = [(kind, name) for kind, name in wanted if kind != "received_attention"]
+            if others:
+                hook = functools.partial(self._on_layer_attention, store, others)
+                handles.append(attention.register_forward_pre_hook(hook, with_kwargs=True))
+            if received:  # from the block's own q/k projections (forward hooks: nothing is computed twice)
+                handles += self._received_attention_hooks(attention, store, received)
         return handles
+
+    @staticmethod
+    def _received_attention_hooks(attention, store: SignalStore, names: list[str]) -> list[Any]:
+        """``received_attention`` [rows, P]: the mean attention each token receives in this block, mean over heads
+        and over every query of its image / crop ([CLS] query included), from the outputs of the block's own
+        ``q_proj`` and ``k_proj`` (the attention module calls q_proj before k_proj)."""
+        queries: dict[str, torch.Tensor] = {}
+
+        def on_queries(module, args, output):
+            if store.capturing:
+                queries["q"] = output
+
+        def on_keys(module, args, output):
+            q = queries.pop("q", None)
+            if not store.capturing or q is None or q.shape != output.shape:  # e.g. another hook's CLS-only query
+                return
+            with torch.no_grad():
+                rows, tokens, _ = output.shape
+                heads, head_dim = attention.num_heads, attention.head_dim
+                q = q.view(rows, tokens, heads, head_dim)
+                k = output.view(rows, tokens, heads, head_dim)
+                scores = torch.stack([
+                    mean_received_attention(q[r].transpose(0, 1), k[r].transpose(0, 1), attention.scale)
+                    for r in range(rows)
+                ])[:, store.patch_offset:]
+                for name in names:
+                    store[name] = scores
+
+        return [attention.q_proj.register_forward_hook(on_queries), attention.k_proj.register_forward_hook(on_keys)]
 
     @staticmethod
     def _on_layer_attention(store: SignalStore, wanted: list[tuple[str, str]], module, args, kwargs) -> None:
         """Signals of one vision block (``<kind>@<layer>`` names), from its q/k, patch tokens only:
 
-        ``received_attention`` [rows, P]: mean attention each token receives, mean over heads and over every
-        query of its image / crop ([CLS] query included); ``flat_cls_attention`` [rows, P]: the [CLS] row of
+        ``flat_cls_attention`` [rows, P]: the [CLS] row of
         ``softmax(q k^T / sqrt(C))`` with q, k the full-width projections (one head spanning all C channels);
         ``flat_keys`` [rows, P, C]: the full-width keys."""
         if not store.capturing:
@@ -129,15 +162,7 @@ class _ClipLlavaAdapter(Adapter):
             rows, tokens, width = hidden.shape
             keys = module.k_proj(hidden)  # [rows, T, C]
             for kind, name in wanted:
-                if kind == "received_attention":
-                    queries = module.q_proj(hidden).view(rows, tokens, module.num_heads, module.head_dim)
-                    split_keys = keys.view(rows, tokens, module.num_heads, module.head_dim)
-                    store[name] = torch.stack([
-                        mean_received_attention(queries[r].transpose(0, 1), split_keys[r].transpose(0, 1),
-                                                module.scale)
-                        for r in range(rows)
-                    ])[:, offset:]
-                elif kind == "flat_cls_attention":
+                if kind == "flat_cls_attention":
                     cls_query = module.q_proj(hidden[:, :1])  # [rows, 1, C]
                     logits = (cls_query.float() @ keys.float().transpose(1, 2)) * width**-0.5  # [rows, 1, T]
                     store[name] = torch.softmax(logits, dim=-1)[:, 0, offset:]

@@ -138,7 +138,7 @@ class HiPrune(Method):
 
 class _PruMergeBase(Method):
     plus: bool = False
-    signals = ("cls_attention", "vit_keys", "vit_hidden")
+    signals = ("flat_cls_attention", "flat_keys", "vit_hidden")  # CLIP; without [CLS] see bind()
     options = {"layer": -1}
     default_budget = None  # the official count is adaptive (IQR outliers)
     budget_policy = "per_crop"
