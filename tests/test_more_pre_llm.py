@@ -525,3 +525,19 @@ def test_registered_names():
     for name in ("vispruner", "hiprune", "prumerge", "prumerge_plus", "cdpruner"):
         assert names[name].stage == "pre-llm"
     assert names["prumerge"].default_budget is None
+
+
+def test_composition_with_the_in_vit_stage(tiny_models):
+    """Methods reading vision attention refuse an in-ViT stage before them (it changes the tokens those blocks
+    see); CDPruner, which reads none, composes."""
+    model, processor = tiny_models["llava"]
+    for method in ("hiprune", "prumerge", "vispruner"):
+        with pytest.raises(vtprune.VTPruneError, match="reads the vision encoder's attention"):
+            vtprune.apply(model, ["tome", method], 0.2)
+        assert not vtprune.is_pruned(model)
+    inputs = tiny_inputs(processor, [tiny_image(0)], [PROMPT])
+    with vtprune.pruned(model, ["tome", "cdpruner"], budget=0.2):
+        model(**inputs)
+        sample = vtprune.stats(model).samples[0]
+    assert [s.name for s in sample.stages] == ["tome", "cdpruner"]
+    assert sample.stages[1].visual_out < sample.stages[0].visual_out

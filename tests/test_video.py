@@ -100,6 +100,9 @@ def chat_inputs(processor, samples, padding_side: str = "left", **video_kwargs):
         kwargs["images"] = images
     if videos:
         kwargs["videos"] = videos
+        if type(processor).__name__ == "Qwen2_5_VLProcessor":  # 1 frame per second: 2 s per temporal group, so
+            # the M-RoPE time scaling (tokens_per_second * second_per_grid_ts = 4 on the tiny model) is exercised
+            kwargs["video_metadata"] = [{"fps": 1.0, "total_num_frames": len(v)} for v in videos]
     return processor(**kwargs)
 
 
@@ -796,3 +799,12 @@ def test_compact_rule_per_temporal_group():
     assert torch.equal(out, expected)
     # the same ids without frame information would rank rows / columns over the whole clip
     assert not torch.equal(compact_mrope(rope, image_of, qwen_compact_image), expected)
+
+
+def test_qwen2_5_time_scaling_is_exercised(tiny_models):
+    """The Qwen2.5-VL clips of these tests are sampled at 1 fps: temporal ids step by tokens_per_second x 2 s."""
+    case = video_case("qwen2_5_vl", tiny_models)
+    assert float(case.inputs["second_per_grid_ts"][0]) == 2.0
+    temporal = case.position_ids[0, case.image_positions]
+    first = int(temporal[0])
+    assert sorted(set(temporal.tolist())) == [first, first + 4]

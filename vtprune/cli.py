@@ -150,6 +150,15 @@ def _reachable_budgets(model, processor) -> tuple[dict[str, str], str]:
     layers = len(adapter.decoder_layers)
     out = {}
     for name, info in registered_methods().items():
+        if info.stage == "in-vit":
+            try:
+                adapter.vit_layers()
+                lowest = method_class(name)().lowest_tokens(adapter)
+            except VTPruneError:
+                out[name] = "refused on this model"
+                continue
+            out[name] = f"{lowest}–{tokens} per vision input"
+            continue
         if info.stage != "in-llm":
             out[name] = f"1–{tokens}"
             continue

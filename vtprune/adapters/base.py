@@ -256,6 +256,19 @@ class Adapter:
         """
         return None
 
+    # -- in-ViT stage (vtprune/engine/vit_stage.py) ------------------------------------------------------
+    def vit_layers(self) -> nn.ModuleList:
+        """The vision encoder's blocks an in-ViT method prunes between (CLIP / SigLIP towers)."""
+        from ..engine.vit_stage import QWEN_REFUSAL
+
+        if self.family.startswith("qwen"):
+            raise UnsupportedModelError(QWEN_REFUSAL)
+        raise UnsupportedModelError(f"in-ViT pruning is not supported on the {self.family} vision encoder.")
+
+    def vision_rows_per_image(self, call: dict[str, Any]) -> list[int]:
+        """Rows of the vision tower's batch per image of a vision call (base view + crops)."""
+        return [1] * int(call["pixel_values"].shape[0])
+
     # -- FLOPs -----------------------------------------------------------------------------------------
     def flops_inputs(self, layout: SampleLayout) -> dict[str, Any]:
         """Vision-side arguments of :func:`vtprune.bench.flops.model_prefill_flops` for one sample."""

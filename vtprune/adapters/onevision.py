@@ -102,7 +102,7 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
 
     def end_capture(self, store: SignalStore) -> None:
         """Pack the per-crop signals like the features: tables indexed [image, token of the image's span]."""
-        names = [name for name in ("cls_attention", "vit_keys", "vit_hidden") if name in store]
+        names = [name for name in ("cls_attention", "vit_keys", "vit_hidden", "vit_size") if name in store]
         names += sorted(name for name in store.keys() if "@" in name)  # layer signals, e.g. received_attention@8
         if not names:
             return
@@ -125,6 +125,9 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
         for name, part in zip(names, torch.split(table, widths, dim=-1), strict=True):
             dtype = store[name].dtype
             store[name] = (part[..., 0] if name in scalar else part).to(dtype)
+
+    def vision_rows_per_image(self, call: dict[str, Any]) -> list[int]:
+        return self._crops_per_image(call)
 
     # -- layout --------------------------------------------------------------------------------------------
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:

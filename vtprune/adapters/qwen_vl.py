@@ -185,7 +185,10 @@ class _QwenVLAdapter(Adapter):
         if seconds is None:
             return [None] * videos
         values = seconds.tolist() if torch.is_tensor(seconds) else list(seconds)
-        return [float(v) for v in values] if len(values) == videos else [None] * videos
+        if not videos or len(values) % videos:
+            return [None] * videos
+        # generate() with beams / several returned sequences repeats every entry r times (rows of a sample)
+        return [float(v) for v in values[::len(values) // videos]]
 
     # -- signals ---------------------------------------------------------------------------------------
     def _merged_lengths(self, store: SignalStore) -> list[int]:

@@ -100,7 +100,9 @@ class UniformFrames(Method):
     frame keeps the middle frame's uniform spatial sub-grid of k tokens (the ``uniform`` baseline on that
     frame), so every budget is honoured. Positions ``compact`` by default (as if the shorter clip had been the
     input; on Qwen's M-RoPE a dropped temporal group leaves its time gap, since temporal ids keep their offsets).
-    Images (one frame): the ``uniform`` sub-grid. Default budget 0.25 of the clip.
+    Qwen3-VL's timestamp text of a dropped frame stays (text is never pruned). Unlike sampling fewer frames
+    before the encoder, the vision tower still runs on every frame. Images (one frame): the ``uniform``
+    sub-grid. Default budget 0.25 of the clip.
     """
 
     name = "frames"
