@@ -34,7 +34,17 @@ from ..engine.side_inputs import MergedRows, gather_side_rows, merged_side_rows,
 from ..engine.timing import section
 from ..engine.vit_stage import SIZE_TABLE, VitStage, check_composition
 from ..errors import SilentlyUnprunedError, UnsupportedModelError, VTPruneError
-from ..registry import IN_LLM, IN_VIT, PRE_LLM, VIDEO_POLICIES, Method, Selection, VideoClip, VisualGroup
+from ..registry import (
+    IN_LLM,
+    IN_VIT,
+    PRE_LLM,
+    VIDEO_POLICIES,
+    Method,
+    Selection,
+    VideoClip,
+    VisionTower,
+    VisualGroup,
+)
 from ..stats import PruneStats, SampleStats, StageStats
 
 SESSION_ATTRIBUTE = "_vtprune_session"
@@ -215,6 +225,10 @@ class PruneSession:
             )
         if layer and pre and methods.index(layer[0]) < methods.index(pre[0]):
             raise VTPruneError("list the pre-LLM method before the in-LLM method when composing.")
+        tower = VisionTower(adapter.family, adapter.vision_depth(), adapter.feature_layer_index(),
+                            "vit_cls_hidden" in adapter.provides)
+        for m in methods:
+            m.bind(tower)  # before the checks: a method's signals may depend on the model
         vit = [m for m in methods if m.stage == IN_VIT]
         check_composition(vit, methods, adapter)
         self.vit_method = vit[0] if vit else None
@@ -526,6 +540,8 @@ class PruneSession:
         self._merge_records = []
         for b, layout in enumerate(layouts):
             if self.pre_method is not None or self.vit_stage is not None:
+                if self.pre_method is not None:
+                    self._instruction_source = (pending.call.get("input_ids"), b, real[b])  # "instruction" signal
                 plan, sample = self._plan_sample(layout, embeds[b], real[b])
             else:
                 kept = torch.nonzero(real[b]).flatten()
@@ -872,16 +888,17 @@ class PruneSession:
         span_keep[image.structural] = True
         content = image.num_content
         method.check_image_tokens(content)  # warns once about a degenerate budget (keeps all / very few)
-        budget = tokens_for(method.budget, content)
-        if alive is None and budget >= content:
+        adaptive = method.budget is None  # the method decides its count per group (PruMerge's outliers)
+        budget = content if adaptive else tokens_for(method.budget, content)
+        if alive is None and budget >= content and not adaptive:
             return torch.ones(image.num_tokens, dtype=torch.bool), None, None, None
-        if alive is not None and budget >= int(alive.sum()):  # the in-ViT stage left no more than the budget
+        if alive is not None and budget >= int(alive.sum()) and not adaptive:  # the in-ViT stage left no more
             return alive | image.structural & self._rows_alive(image, alive), None, None, None
         jobs = self._video_jobs(image, image_idx, embeds, budget) if image.is_video \
             else self._image_jobs(image, image_idx, embeds, budget, alive)
         merged, anchors, orders, row_anchors = [], [], [], []
         for group, k, run in jobs:
-            if k >= group.size:
+            if k >= group.size and not adaptive:
                 span_keep[group.members] = True
                 continue
             if k == 0:
@@ -981,10 +998,29 @@ class PruneSession:
                 raise VTPruneError(f"signal {name!r} was not captured during the {modality} encoder's forward.")
             table = self.store.table(modality, name)
             signals[name] = table[group.vision_row.to(table.device), group.patch_index.to(table.device)]
+        instruction, instruction_ids = None, None
+        if "instruction" in self.pre_method.signals:
+            instruction, instruction_ids = self._instruction(image, embeds)
         return VisualGroup(
             features=embeds[positions], height=group.height, width=group.width, signals=signals,
             project=self.adapter.project, seed=_mix_seed(self.pre_method.seed, image_idx, group_idx), index=group_idx,
+            instruction=instruction, instruction_ids=instruction_ids,
         )
+
+    def _instruction(self, image: ImageSpan, embeds: torch.Tensor):
+        """Embeddings [T, D] and ids [T] of the sample's real text tokens after ``image`` (the instruction), or of
+        all its real text tokens when none follows the image."""
+        input_ids, b, real = self._instruction_source
+        text = real.clone()
+        text[image.positions.to(real.device)] = False
+        if input_ids is not None:  # no other image / video placeholder is text
+            placeholders = torch.tensor(self.adapter.placeholder_token_ids(), device=input_ids.device)
+            text &= ~torch.isin(input_ids[b], placeholders).to(real.device)
+        after = text.clone()
+        after[: int(image.positions[-1]) + 1] = False
+        chosen = torch.nonzero(after if bool(after.any()) else text).flatten()
+        ids = input_ids[b, chosen.to(input_ids.device)] if input_ids is not None else None
+        return embeds[chosen.to(embeds.device)], ids
 
     def _check_selection(self, selection: Selection, size: int, k: int) -> None:
         keep = selection.keep
