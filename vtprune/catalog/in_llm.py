@@ -783,8 +783,10 @@ class TransPrune(LayerMethod):
     Schedule: ``layers`` (official ``pruning_layer_list``, here the 0-indexed layer the drop enters: [7, 9, 12])
     with ``ratios`` (official ``image_token_ratio_list``: [0.875, 0.625, 0.125] of the N visual tokens, kept count
     ``int(N·ratio)``: 576 → 504 → 360 → 72). Without ``ratios``, an int / float budget (equivalent visual tokens
-    averaged over the layers, like the other in-LLM methods) bends the official ratios to r_i^γ, γ solved so
-    that the layer average meets the budget (γ = 1 is the official list; ``ratios`` overrides the budget).
+    averaged over the layers, like the other in-LLM methods) bends the official ratios so that the layer
+    average meets the budget: scaled to s·r_i below the official list's average (236.25 of 576 tokens on 32
+    layers), raised to r_i^γ (γ < 1) above it, so no stage keeps every token; ``ratios`` overrides the budget.
+    A budget below the tokens the first k layers process in full (k·N/L) is refused with a clear error.
 
     Deviations: (1) the official code only runs 32-layer LLaVA-1.5 (Vicuna-7B); on another depth L the default
     layers are the official ones scaled, round(l·L/32) clamped to 1..L−1 (duplicates merged, the later ratio
@@ -865,14 +867,20 @@ class TransPrune(LayerMethod):
         return list(range(layers[0] - 1, layers[-1]))
 
     @staticmethod
-    def _equivalent(gamma: float, stages: list[tuple[int, float]], num_layers: int, num_visual: int) -> float:
+    def _bent(stages: list[tuple[int, float]], t: float) -> list[float]:
+        """The official ratios bent by ``t`` ∈ [0, 2]: t·r below 1 (fewer tokens), r^(2−t) above (more tokens,
+        never reaching all of them); t = 1 is the official list, the layer average grows with t."""
+        return [ratio * t if t <= 1.0 else ratio ** (2.0 - t) for _, ratio in stages]
+
+    @staticmethod
+    def _equivalent(ratios: list[float], stages: list[tuple[int, float]], num_layers: int, num_visual: int) -> float:
         bounds = [0] + [layer for layer, _ in stages] + [num_layers]
-        ratios = [1.0] + [ratio ** gamma for _, ratio in stages]
+        ratios = [1.0, *ratios]
         return sum((bounds[i + 1] - bounds[i]) * num_visual * ratios[i] for i in range(len(ratios))) / num_layers
 
     def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
         stages = self._stages(num_layers)
-        gamma = 1.0
+        ratios = [ratio for _, ratio in stages]
         if self.config["ratios"] is None and self.budget is not None:
             target = self._target_equivalent(num_visual, num_images)
             minimum = stages[0][0] * num_visual / num_layers
@@ -882,12 +890,14 @@ class TransPrune(LayerMethod):
                     f"smallest reachable budget is {minimum:.1f} equivalent tokens; raise the budget, move the "
                     "stages earlier (layers=), or pass ratios=."
                 )
-            lo, hi = 0.0, 64.0  # the layer average falls monotonically with γ
+            lo, hi = 0.0, 2.0
             for _ in range(80):
                 mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if self._equivalent(mid, stages, num_layers, num_visual) > target else (lo, mid)
-            gamma = (lo + hi) / 2
-        return [(layer, int(num_visual * ratio ** gamma + _PDROP_EPSILON)) for layer, ratio in stages]
+                below = self._equivalent(self._bent(stages, mid), stages, num_layers, num_visual) < target
+                lo, hi = (mid, hi) if below else (lo, mid)
+            ratios = self._bent(stages, (lo + hi) / 2)
+        return [(layer, int(num_visual * ratio + _PDROP_EPSILON)) for (layer, _), ratio in zip(stages, ratios,
+                                                                                                  strict=True)]
 
     def prepare(self, inputs_embeds, real, visual, text, source) -> _Transitions:
         return _Transitions(totals=[torch.zeros(int(s.max()) + 1 if s.numel() else 0, dtype=torch.float32,
