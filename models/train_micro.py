@@ -146,15 +146,16 @@ def task_words() -> list[str]:
     return sorted(words)
 
 
-def build_tokenizer(family: str):
-    """Word-level fast tokenizer: special tokens first, then punctuation and the task's words."""
+def build_tokenizer(family: str, extra_words: tuple[str, ...] = ()):
+    """Word-level fast tokenizer: special tokens first, then punctuation and the task's words (plus
+    ``extra_words``, e.g. the video task's)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     special, extra = (LLAVA_SPECIAL, LLAVA_EXTRA) if family == "llava" else (QWEN_SPECIAL, QWEN_EXTRA)
     specials = list(dict.fromkeys([*special.values(), *extra]))
     vocab = {token: i for i, token in enumerate(specials)}
-    for token in [*".,:;?!'\"()-", *task_words()]:
+    for token in [*".,:;?!'\"()-", *sorted(set(task_words()) | {w.lower() for w in extra_words})]:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.normalizer = normalizers.Lowercase()

@@ -220,6 +220,7 @@ def test_cli_bench_without_model_uses_the_bundled_models(tmp_path, saved_tiny_ll
     from vtprune.cli import main
 
     monkeypatch.setattr(sweep, "default_models", lambda: [saved_tiny_llava])
+    monkeypatch.setattr(sweep, "default_video_models", lambda: [])
     out = tmp_path / "r.jsonl"
     assert main(["bench", "--methods", "random,fastv", "--limit", "6", "--repeats", "1", "--warmup", "0",
                  "--new-tokens", "2", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
@@ -256,6 +257,7 @@ def test_cli_bench_without_any_model_says_what_to_pass(monkeypatch, tmp_path):
     from vtprune.cli import main
 
     monkeypatch.setattr(sweep, "default_models", lambda: [])
+    monkeypatch.setattr(sweep, "default_video_models", lambda: [])
     assert main(["bench", "--out", str(tmp_path / "r.jsonl")]) == 2
 
 
@@ -411,3 +413,56 @@ def test_sweep_config_and_flag_for_the_same_setting_is_refused(tmp_path, capsys)
     config.write_text("methods: [fastv]\n")
     assert main(["bench", "--config", str(config), "--methods", "divprune"]) == 2
     assert "set it in one place" in capsys.readouterr().err
+
+
+# -- task synth_video: the video micro-model in the default bench ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_qwen2vl(tmp_path_factory) -> str:
+    """A tiny random Qwen2-VL (real video processor) saved as an HF directory: stands in for the bundled video
+    micro-VLM."""
+    pytest.importorskip("torchvision")
+    from vtprune.testing import tiny_vlm
+
+    path = tmp_path_factory.mktemp("tiny-qwen2vl")
+    model, processor = tiny_vlm("qwen2_vl")
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+def test_cli_bench_without_model_also_runs_the_video_model(tmp_path, saved_tiny_llava, saved_tiny_qwen2vl,
+                                                            monkeypatch, capsys):
+    import vtprune.bench.sweep as sweep
+    from vtprune.cli import main
+    from vtprune.synth.video import VIDEO_SKILLS
+
+    monkeypatch.setattr(sweep, "default_models", lambda: [saved_tiny_llava])
+    monkeypatch.setattr(sweep, "default_video_models", lambda: [saved_tiny_qwen2vl])
+    out = tmp_path / "r.jsonl"
+    assert main(["bench", "--methods", "frames,divprune", "--limit", "7", "--repeats", "1", "--warmup", "0",
+                 "--new-tokens", "2", "--threads", "1", "--no-progress", "--jobs", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    video = [r for r in rows if r["task"] == "synth_video"]
+    assert {r["model"] for r in video} == {saved_tiny_qwen2vl}
+    assert all(r["task"] == "synth" for r in rows if r["model"] == saved_tiny_llava)
+    # default video budgets: full, 50 %, 25 %, 10 %
+    assert sorted((r["method"], r["budget"]) for r in video) == sorted(
+        [("none", None)] + [(m, b) for m in ("frames", "divprune") for b in (0.5, 0.25, 0.1)])
+    for row in video:
+        assert row["status"] == "ok", row["error"]
+        assert row["accuracy_n"] == 7 and set(row["accuracy_per_skill"]) == set(VIDEO_SKILLS)
+        assert row["flops"] > 0 and row["latency"]["prefill_ms"]["median"] > 0
+    full = next(r for r in video if r["method"] == "none")
+    quarter = next(r for r in video if r["method"] == "frames" and r["budget"] == 0.25)
+    assert full["visual_tokens"] == quarter["visual_tokens"] > 0
+    assert quarter["equivalent_tokens"] < 0.3 * full["equivalent_tokens"] and quarter["flops"] < full["flops"]
+    markdown = (tmp_path / "r.md").read_text()
+    assert "### task synth_video" in markdown and "brief_ocr" in markdown and "### task synth" in markdown
+
+
+def test_synth_video_refuses_a_model_without_videos(tmp_path, saved_tiny_llava):
+    rows = run_sweep([Cell(saved_tiny_llava, "none", None, "synth_video")], tmp_path / "r.jsonl", FAST,
+                     progress=False)
+    assert rows[0]["status"] == "error" and "takes no videos" in rows[0]["error"]

@@ -211,7 +211,7 @@ def test_stub_video_processor_saves_as_the_real_class(tmp_path, monkeypatch):
     assert "Tiny" not in (tmp_path / "processor_config.json").read_text()
 
 
-@pytest.mark.parametrize("name", ["micro-llava", "micro-qwen2vl"])
+@pytest.mark.parametrize("name", ["micro-llava", "micro-qwen2vl", "micro-qwen2vl-video"])
 def test_shipped_processors_name_real_classes(name):
     text = (ROOT / "models" / name / "processor_config.json").read_text()
     assert "Tiny" not in text and "vtprune" not in text
@@ -222,7 +222,7 @@ def test_shipped_processors_name_real_classes(name):
                     assert hasattr(transformers, value[field]), (key, value[field])
 
 
-@pytest.mark.parametrize("name", ["micro-llava", "micro-qwen2vl"])
+@pytest.mark.parametrize("name", ["micro-llava", "micro-qwen2vl", "micro-qwen2vl-video"])
 def test_shipped_checkpoints_load_with_plain_transformers(name, monkeypatch):
     """Where torchvision is installed (the users' stack), the plain Auto classes load the bundled models and
     generate; without it vtprune.loading.load_processor is the way (tested in test_micro_models)."""
@@ -231,7 +231,7 @@ def test_shipped_checkpoints_load_with_plain_transformers(name, monkeypatch):
     directory = ROOT / "models" / name
     processor = transformers.AutoProcessor.from_pretrained(directory)
     model = transformers.AutoModelForImageTextToText.from_pretrained(directory).eval()
-    if name == "micro-qwen2vl":
+    if name.startswith("micro-qwen2vl"):
         assert type(processor.video_processor).__name__ == "Qwen2VLVideoProcessor"
     inputs = tiny_inputs(processor, [tiny_image(0, size=(128, 128))], ["What color is the small object?"])
     with torch.no_grad():

@@ -178,3 +178,30 @@ def test_lmms_task_functions():
     assert right["exact_match"] == 1.0 and right[row["skill"]] == 1.0 and wrong["exact_match"] == 0.0
     assert all(right[s] is None for s in VIDEO_SKILLS if s != row["skill"])
     assert utils.aggregate_skill([1.0, None, 0.0]) == 0.5
+
+
+def test_evaluate_vqa_takes_video_samples():
+    """evaluate_vqa runs clips through the processor's video path (one clip per question) and refuses a batch
+    that mixes images and clips."""
+    pytest.importorskip("torchvision")
+    from vtprune.bench.accuracy import evaluate_vqa
+    from vtprune.synth import generate_sample
+    from vtprune.testing import tiny_vlm
+
+    model, processor = tiny_vlm("qwen2_vl")
+    processor.tokenizer.padding_side = "left"
+    clips = generate_video_split("test", 3)
+    calls = []
+    original = model.generate
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return original(**kwargs)
+
+    model.generate = spy
+    result = evaluate_vqa(model, processor, clips, batch_size=3, max_new_tokens=2)
+    assert result.n == 3 and set(result.per_skill) == {c.skill for c in clips}
+    assert "pixel_values" not in calls[0]
+    assert calls[0]["video_grid_thw"][:, 0].tolist() == [NUM_FRAMES // 2] * 3  # 16 frames, temporal patch 2
+    with pytest.raises(ValueError, match="mixes image and video"):
+        evaluate_vqa(model, processor, [clips[0], generate_sample("test", 0)], batch_size=2)

@@ -150,6 +150,15 @@ def _reachable_budgets(model, processor) -> tuple[dict[str, str], str]:
     layers = len(adapter.decoder_layers)
     out = {}
     for name, info in registered_methods().items():
+        if info.stage == "in-vit":
+            try:
+                adapter.vit_layers()
+                lowest = method_class(name)().lowest_tokens(adapter)
+            except VTPruneError:
+                out[name] = "refused on this model"
+                continue
+            out[name] = f"{lowest}–{tokens} per vision input"
+            continue
         if info.stage != "in-llm":
             out[name] = f"1–{tokens}"
             continue
@@ -416,6 +425,7 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
             raise VTPruneError(f"--preset {name!r} is not a preset; presets: {', '.join(known_presets)} "
                                "(vtprune bench --list-presets).")
     presets = [f"preset:{name}" for name in (args.preset or [])]
+    args.default_run = not models and not presets
     if not models and not presets:
         models = default_models()
         if not models:
@@ -429,7 +439,7 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
     if unknown:
         raise VTPruneError(f"unknown method(s) {', '.join(unknown)}; registered: {', '.join(registered)}")
     tiny = [m for m in models if m.startswith("tiny:")]
-    if tiny and "synth" in _split(args.tasks or "synth"):
+    if tiny and {"synth", "synth_video"} & set(_split(args.tasks or "synth")):
         raise VTPruneError(f"{tiny[0]} has random weights: accuracy (task synth, the default for --model) is not "
                            "reported for it; pass --tasks latency, or a trained model directory.")
     if args.video_frames is not None:
@@ -515,7 +525,15 @@ def _sweep_runs(args) -> list[tuple[int, list[tuple[str, object]]]]:
 
 def cmd_bench(args) -> int:
     from .bench import report
-    from .bench.sweep import ResultsFile, SweepOptions, iter_rows, plan_cells, run_sweep
+    from .bench.sweep import (
+        ACCURACY_TASKS,
+        ResultsFile,
+        SweepOptions,
+        default_video_models,
+        iter_rows,
+        plan_cells,
+        run_sweep,
+    )
 
     if args.list_presets:
         from .bench.presets import list_presets, load_preset
@@ -540,7 +558,11 @@ def cmd_bench(args) -> int:
         options.validate()
         runs.append(options)
     cells = []
+    # without --model / --preset: the bundled image micro-VLMs on task synth and, unless --tasks says otherwise,
+    # the bundled video micro-VLM on task synth_video (every method runs on video) at full / 50 / 25 / 10 %
+    video_models = default_video_models() if args.default_run and args.tasks is None else []
     for group, default_tasks, default_budgets in ((models, "synth", "full,0.5,0.25,0.125"),
+                                                   (video_models, "synth_video", "full,0.5,0.25,0.1"),
                                                    (presets, "latency", "full,192,128,64")):
         if group:
             cells += plan_cells(group, chosen, _split(args.budgets or default_budgets),
@@ -554,7 +576,7 @@ def cmd_bench(args) -> int:
         torch.set_num_threads(args.threads)
     jobs = args.jobs
     if jobs is None:  # accuracy sweeps over several models: one process per model on a multi-core machine
-        synth_only = all(cell.task == "synth" for cell in cells)
+        synth_only = all(cell.task in ACCURACY_TASKS for cell in cells)
         jobs = min(len({cell.model for cell in cells}), os.cpu_count() or 1) if synth_only else 1
     rows = [row for options in runs
             for row in run_sweep(cells, out, options, progress=not args.no_progress, use_ray=args.ray, jobs=jobs)]
@@ -741,8 +763,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default=None,
                    help="comma-separated: 'full' (unpruned), ints (tokens), floats (fractions); default "
                         "full,0.5,0.25,0.125 for models and full,192,128,64 for presets")
-    p.add_argument("--tasks", default=None, help="synth (accuracy) and/or latency; default synth for models, "
-                                                "latency for presets")
+    p.add_argument("--tasks", default=None, help="synth (accuracy), synth_video (accuracy on the synthetic video "
+                                                "clips) and/or latency; default synth for models, latency for "
+                                                "presets; without --model/--preset also synth_video on the bundled "
+                                                "video micro-VLM (full,0.5,0.25,0.1)")
     p.add_argument("--limit", type=_int_at_least(0, "0 = all questions"), default=0,
                    help="synth: the first N questions of the test split (skill-balanced prefix); default 0 = all "
                         "600, a binomial standard error of at most 2.0 accuracy points")

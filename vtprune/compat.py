@@ -164,11 +164,6 @@ def rope_index(core, *args, **kwargs):
     return core.get_rope_index(*args, **kwargs)
 
 
-def video_grid(call: dict[str, Any]):
-    """Qwen-VL: the (t, h, w) patch grid of every video of a call (``video_grid_thw``), or None."""
-    return call.get("video_grid_thw")
-
-
 def seconds_per_grid(call: dict[str, Any]):
     """Qwen2.5-VL: seconds between consecutive temporal groups of each video (``second_per_grid_ts``), or None."""
     return call.get("second_per_grid_ts")

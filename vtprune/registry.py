@@ -21,6 +21,8 @@ from .errors import DegeneratePruningWarning, MethodOptionError, UnknownMethodEr
 
 PRE_LLM = "pre-llm"
 IN_LLM = "in-llm"
+#: inside the vision encoder, between its blocks (vtprune/engine/vit_stage.py)
+IN_VIT = "in-vit"
 POSITION_CONVENTIONS = ("original", "compact")
 #: how a pre-LLM method meets a video (``Method.video_policy``): "per_frame" — every frame (Qwen: temporal group)
 #: is a :class:`VisualGroup` of its own and the clip's budget is split evenly over the frames (remainder to the
@@ -48,6 +50,9 @@ class VisualGroup:
     ``index``     the group's place in its image: 0 for the base image (or the only group), 1, 2, ... for crops
                   (a video frame: its frame index)
     ``frame``     the frame index of a per-frame group of a video, None for images and whole-clip groups
+    ``instruction``      [T, D] or None: LLM input embeddings of the prompt's text tokens after the image (given
+                         only to methods that list the ``"instruction"`` signal)
+    ``instruction_ids``  LongTensor[T] or None: their token ids
     """
 
     features: torch.Tensor
@@ -58,6 +63,8 @@ class VisualGroup:
     seed: int = 0
     index: int = 0
     frame: int | None = None
+    instruction: torch.Tensor | None = None
+    instruction_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -189,6 +196,11 @@ class Method:
     def validate_options(self) -> None:
         """Hook for subclasses to check option values (raise MethodOptionError)."""
 
+    def bind(self, tower: VisionTower) -> None:
+        """Hook called when the method is installed on a model, before its signals are read: methods whose
+        signals depend on the vision encoder (a block index scaled to its depth, CLS or not) set ``signals`` on
+        the instance here, or refuse the model (raise UnsupportedModelError / MethodOptionError)."""
+
     def budget_overrides(self) -> list[str]:
         """Names of the options set on this instance that decide the kept count instead of the budget (e.g.
         FastV's ``ratio``); the user is warned when such an option meets an explicit budget."""
@@ -264,6 +276,18 @@ def _caller_level() -> int:
 
 
 @dataclass(frozen=True)
+class VisionTower:
+    """What a method may know of the model it is installed on: the adapter's ``family``, the vision encoder's
+    block count ``depth`` (None if unknown), the 0-based ``feature_layer`` whose output feeds the projector, and
+    whether the encoder has a [CLS] token (``has_cls``)."""
+
+    family: str
+    depth: int | None
+    feature_layer: int | None
+    has_cls: bool
+
+
+@dataclass(frozen=True)
 class MethodInfo:
     name: str
     stage: str
@@ -292,8 +316,8 @@ def methods_markdown(reachable: dict[str, str] | None = None) -> str:
         header.append("reachable budgets")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for info in infos.values():
-        applies = "layer average" if info.stage == "in-llm" else _POLICY_TEXT.get(info.budget_policy,
-                                                                                 info.budget_policy)
+        applies = "layer average" if info.stage == "in-llm" else "per ViT input" if info.stage == IN_VIT \
+            else _POLICY_TEXT.get(info.budget_policy, info.budget_policy)
         options = ", ".join(f"`{k}={v!r}`" for k, v in info.defaults.items()) or "–"
         cells = [f"`{info.name}`", info.stage, applies, info.positions, options,
                  ", ".join(info.signals) or "–", info.paper]

@@ -1,4 +1,4 @@
-"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``), image path.
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): images and videos.
 
 A SigLIP tower without CLS token, an MLP projector and a Qwen2 decoder (1-D RoPE). An image is the base view
 (27 x 27 tokens at 384 px) followed by the AnyRes crops packed as one unpadded grid with an image-newline
@@ -61,7 +61,7 @@ def _pad_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     family = "llava_onevision"
     model_class_names = ("LlavaOnevisionForConditionalGeneration",)
-    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid")  # SigLIP has no [CLS] token
+    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid", "received_attention")  # SigLIP: no [CLS]
 
     vision_entry_points = (("model", compat.IMAGE_FEATURES), ("model", compat.VIDEO_FEATURES))
 
@@ -102,18 +102,20 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
 
     def end_capture(self, store: SignalStore) -> None:
         """Pack the per-crop signals like the features: tables indexed [image, token of the image's span]."""
-        names = [name for name in ("cls_attention", "vit_keys", "vit_hidden") if name in store]
+        names = [name for name in ("cls_attention", "vit_keys", "vit_hidden", "vit_size") if name in store]
+        names += sorted(name for name in store.keys() if "@" in name)  # layer signals, e.g. received_attention@8
         if not names:
             return
         call = store.vision_call
+        scalar = {name for name in names if store[name].dim() == 2}  # [crops, P] scores
         if store.modality == VIDEO:  # every frame pooled like its features: tables [videos * frames, n, ...]
             for name in names:
                 table = store[name].float()
-                column = table[..., None] if name == "cls_attention" else table  # [rows, P, c]
+                column = table[..., None] if name in scalar else table  # [rows, P, c]
                 pooled = compat.apply_video_pooling(self.model.model, column)  # [rows, n, c]
-                store[name] = (pooled[..., 0] if name == "cls_attention" else pooled).to(store[name].dtype)
+                store[name] = (pooled[..., 0] if name in scalar else pooled).to(store[name].dtype)
             return
-        columns = [store[name].float() if name != "cls_attention" else store[name].float()[..., None]
+        columns = [store[name].float()[..., None] if name in scalar else store[name].float()
                    for name in names]  # each [crops, P, c]
         widths = [c.shape[-1] for c in columns]
         joined = torch.cat(columns, dim=-1)  # [crops, P, sum c]
@@ -122,7 +124,10 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
         table = _pad_rows(packed)  # [images, max n, sum c]
         for name, part in zip(names, torch.split(table, widths, dim=-1), strict=True):
             dtype = store[name].dtype
-            store[name] = (part[..., 0] if name == "cls_attention" else part).to(dtype)
+            store[name] = (part[..., 0] if name in scalar else part).to(dtype)
+
+    def vision_rows_per_image(self, call: dict[str, Any]) -> list[int]:
+        return self._crops_per_image(call)
 
     # -- layout --------------------------------------------------------------------------------------------
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:

@@ -64,9 +64,13 @@ class AccuracyResult:
                 "counts": dict(self.counts)}
 
 
-def _prompt(processor, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+def _prompt(processor, question: str, kind: str = "image") -> str:
+    messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _is_video(sample) -> bool:
+    return getattr(sample, "frames", None) is not None
 
 
 def _progress_callback(progress, total: int):
@@ -95,10 +99,11 @@ def evaluate_vqa(
     inputs_cache: dict | None = None,
 ) -> AccuracyResult:
     """Exact-match accuracy of ``model`` on ``samples`` (objects with ``image``, ``question``, ``answer``,
-    ``skill``, like :class:`vtprune.synth.VQASample`), overall and per skill.
+    ``skill``, like :class:`vtprune.synth.VQASample`; or with ``frames`` -- uint8 [T, H, W, 3] -- instead of
+    ``image``, like :class:`vtprune.synth.video.VideoSample`: a video question), overall and per skill.
 
-    Batched greedy ``generate`` (``do_sample=False``) with left padding, one image per question; the
-    continuation is decoded without special tokens and compared after :func:`normalize_answer`.
+    Batched greedy ``generate`` (``do_sample=False``) with left padding, one image or one clip (all its frames,
+    through the processor's video path) per question; a batch holds one kind only. The continuation is decoded without special tokens and compared after :func:`normalize_answer`.
     ``inputs_cache``: a dict kept by the caller across calls with the same processor (e.g. one per model in a
     sweep); the processor's outputs for each batch are stored in it and reused, so evaluating many pruning
     configurations on the same samples preprocesses the images and prompts once.
@@ -119,9 +124,14 @@ def evaluate_vqa(
             cached = None if inputs_cache is None else inputs_cache.get(key)
             inputs = cached[1] if cached is not None else None
             if inputs is None:
+                videos = [_is_video(s) for s in batch]
+                if any(videos) and not all(videos):
+                    raise ValueError("evaluate_vqa: a batch mixes image and video samples; evaluate them "
+                                     "separately (or sort the samples by kind)")
+                visual = {"videos": [s.frames for s in batch]} if videos[0] else {"images": [s.image for s in batch]}
                 inputs = processor(
-                    images=[s.image for s in batch],
-                    text=[_prompt(processor, s.question) for s in batch],
+                    **visual,
+                    text=[_prompt(processor, s.question, "video" if videos[0] else "image") for s in batch],
                     return_tensors="pt",
                     padding=True,
                     padding_side="left",

@@ -25,7 +25,9 @@ from typing import Any
 __all__ = ["summarize", "summaries", "to_csv", "to_markdown", "print_table", "accuracy_spread", "spread_markdown",
            "SKILL_ORDER"]
 
-SKILL_ORDER = ("attribute", "existence", "counting", "spatial", "ocr", "fine_detail")
+SKILL_ORDER = ("attribute", "existence", "counting", "spatial", "ocr", "fine_detail",
+               # task synth_video (vtprune.synth.video.VIDEO_SKILLS)
+               "static_attribute", "appearance", "brief_ocr", "motion", "temporal_order", "color_change")
 
 
 def _median(block: Any) -> float | None:
@@ -189,9 +191,18 @@ def to_csv(records: Sequence[dict[str, Any]]) -> str:
 
 
 def to_markdown(records: Sequence[dict[str, Any]]) -> str:
-    headers, body = _table(records)
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in body]
+    """One table (records of several tasks: one table per task, under a heading, each with its own skill
+    columns), then the cells that did not run."""
+    tasks = list(dict.fromkeys(r["task"] for r in records if r.get("status") == "ok")) or [None]
+    lines: list[str] = []
+    for task in tasks:
+        headers, body = _table([r for r in records if task is None or r["task"] == task])
+        if len(tasks) > 1:
+            lines += [f"### task {task}", ""]
+        lines += ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |" for line in body]
+        if len(tasks) > 1:
+            lines.append("")
     errors = _errors(records)
     if errors:
         lines += ["", "Cells that did not run:", ""] + [f"- {e}" for e in errors]

@@ -5,6 +5,10 @@ A *cell* is ``(model, method, budget, task)``. ``method="none"`` is the unpruned
 ``synth``    accuracy on the synthetic VQA test split (:func:`vtprune.bench.accuracy.evaluate_vqa`), per skill,
              plus the prefill FLOPs, equivalent tokens and a short latency measurement on one question.
              Refused for random-weight models (presets, ``tiny:``): their answers are noise.
+``synth_video``  the same on the synthetic *video* QA test split (:mod:`vtprune.synth.video`: 210 mp4 clips of
+             16 frames, seven temporal skills; one clip per question through the processor's video path), for
+             models that take videos (the bundled ``models/micro-qwen2vl-video``); FLOPs, equivalent tokens and
+             latency on one clip. Refused for random-weight models and for models without a video processor.
 ``latency``  the full latency protocol on one benchmark input (a preset's image size and prompt, or one
              synthetic question): prefill (with the method's selection and the engine's own work timed
              separately), TTFT, per-token decode, end to end, KV-cache bytes, peak memory -- measured in
@@ -43,10 +47,12 @@ import torch
 from ..errors import VTPruneError
 
 __all__ = ["Cell", "SweepOptions", "ResultsFile", "plan_cells", "run_cell", "run_sweep", "default_models",
+           "default_video_models", "VIDEO_MODEL", "ACCURACY_TASKS",
            "parse_budget", "UNPRUNED", "result_key", "row_key", "latest_rows", "model_spec"]
 
 UNPRUNED = "none"
-TASKS = ("synth", "latency")
+TASKS = ("synth", "latency", "synth_video")
+ACCURACY_TASKS = ("synth", "synth_video")
 
 
 def parse_budget(text: str | int | float | None):
@@ -94,7 +100,7 @@ class Cell:
 class SweepOptions:
     """How every cell is measured (recorded in each row)."""
 
-    limit: int | None = None           # synth: the first N questions of the test split (None = all 600)
+    limit: int | None = None           # synth(_video): the first N questions of the test split (None = all)
     batch_size: int = 16               # synth: evaluate_vqa batch size
     repeats: int = 5
     warmup: int = 1
@@ -133,7 +139,7 @@ class SweepOptions:
 
 #: settings that change the result of every cell / of the cells of one task (see :func:`result_key`)
 _COMMON_SETTINGS = ("device", "dtype", "seed")
-_TASK_SETTINGS = {"synth": ("limit", "batch_size"),
+_TASK_SETTINGS = {"synth": ("limit", "batch_size"), "synth_video": ("limit", "batch_size"),
                   "latency": ("repeats", "warmup", "new_tokens", "threads", "native", "paired", "video_frames")}
 
 
@@ -217,6 +223,18 @@ def default_models() -> list[str]:
 
     found = [bundled_model_dir(name) for name in BUNDLED_MODELS]
     return [str(path) for path in found if path is not None]
+
+
+#: the bundled video micro-VLM (``vtprune bench`` without arguments also evaluates it on task synth_video)
+VIDEO_MODEL = "micro-qwen2vl-video"
+
+
+def default_video_models() -> list[str]:
+    """The bundled video micro-VLM if present (``models/micro-qwen2vl-video``)."""
+    from ..loading import bundled_model_dir
+
+    found = bundled_model_dir(VIDEO_MODEL)
+    return [] if found is None else [str(found)]
 
 
 def plan_cells(models: Sequence[str], methods: Sequence[str], budgets: Sequence, tasks: Sequence[str]) -> list[Cell]:
@@ -382,6 +400,7 @@ class LoadedModel:
     dtype: str
     preset: Any = None
     bench_inputs: Any = None   # the latency input (on device)
+    video_inputs: Any = None   # the latency input of task synth_video: one clip question (built on first use)
     vqa_samples: dict = field(default_factory=dict)  # limit -> test samples (loaded once per model)
     vqa_cache: dict = field(default_factory=dict)    # evaluate_vqa's processed inputs, shared by the cells
 
@@ -433,12 +452,34 @@ def _warm_up(loaded: LoadedModel, rounds: int = 3) -> None:
             loaded.model.generate(**loaded.bench_inputs, max_new_tokens=2, do_sample=False, pad_token_id=pad)
 
 
-def _test_samples(loaded: LoadedModel, limit: int | None) -> list:
+def _test_samples(loaded: LoadedModel, limit: int | None, task: str = "synth") -> list:
     from ..synth import load_test_split
+    from ..synth.video import load_video_test_split
 
-    if limit not in loaded.vqa_samples:
-        loaded.vqa_samples[limit] = load_test_split(limit=limit)
-    return loaded.vqa_samples[limit]
+    key = (task, limit)
+    if key not in loaded.vqa_samples:
+        loaded.vqa_samples[key] = (load_video_test_split if task == "synth_video" else load_test_split)(limit=limit)
+    return loaded.vqa_samples[key]
+
+
+def _video_inputs(loaded: LoadedModel, options: SweepOptions):
+    """One clip question of the synthetic video test split as the latency / FLOPs input of task synth_video;
+    a model whose processor takes no videos is refused."""
+    from ..synth.video import load_video_test_split
+
+    if loaded.video_inputs is not None:
+        return loaded.video_inputs
+    if getattr(loaded.processor, "video_processor", None) is None:
+        raise VTPruneError(f"{loaded.spec} takes no videos (its processor has no video processor): task "
+                           "synth_video needs a video model, e.g. models/micro-qwen2vl-video")
+    clip = load_video_test_split(limit=1)[0]
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": clip.question}]}]
+    text = loaded.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    inputs = loaded.processor(videos=[clip.frames], text=[text], return_tensors="pt").to(options.device)
+    if "pixel_values_videos" in inputs:
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(getattr(torch, loaded.dtype))
+    loaded.video_inputs = inputs
+    return inputs
 
 
 def _synth_inputs(loaded: LoadedModel, options: SweepOptions):
@@ -524,7 +565,7 @@ def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
         "options": None, "status": "ok", "error": None, "bench": options.to_dict(),
     }
     try:
-        if cell.task == "synth" and loaded.random_weights:
+        if cell.task in ACCURACY_TASKS and loaded.random_weights:
             raise VTPruneError(f"{cell.model} has random weights: accuracy is not reported for it; use "
                                "--tasks latency")
         if cell.method != UNPRUNED:
@@ -534,7 +575,7 @@ def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
         else:
             row["options"] = {"method": UNPRUNED}
             row["stage"] = None
-        if cell.task == "synth":
+        if cell.task in ACCURACY_TASKS:
             row.update(_synth_cell(loaded, cell, options, method_options))
         else:
             row.update(_latency_cell(loaded, cell, options, method_options))
@@ -578,8 +619,9 @@ def _synth_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method_o
     from .accuracy import evaluate_vqa
     from .latency import measure_latency
 
-    samples = _test_samples(loaded, options.limit)
-    model, inputs = loaded.model, loaded.bench_inputs
+    inputs = _video_inputs(loaded, options) if cell.task == "synth_video" else loaded.bench_inputs
+    samples = _test_samples(loaded, options.limit, cell.task)
+    model = loaded.model
     out: dict[str, Any] = {}
     if cell.method == UNPRUNED:
         out.update(_unpruned_stats(model, inputs) or {})
