@@ -300,6 +300,7 @@ def files(tmp_path):
     f.llama = model_dir("llama", {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
     f.custom = model_dir("custom", {"model_type": "my_vlm", "auto_map": {"AutoConfig": "my.MyConfig"}})
     f.unknown_type = model_dir("unknown_type", {"model_type": "no_such_type"})
+    f.llava_dir = model_dir("llava_dir", {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]})
     f.png = _png(tmp_path / "ok.png")
     data = _png(tmp_path / "big.png", (64, 64)).read_bytes()
     f.truncated = tmp_path / "truncated.png"
@@ -310,6 +311,9 @@ def files(tmp_path):
     f.corrupted = _rows_file(tmp_path / "corrupted.jsonl", [_ok_row("none", None, 0.9)],
                              "not json\n" + json.dumps(_ok_row("random", 0.5, 0.5)) + "\n")
     f.not_rows = _rows_file(tmp_path / "not_rows.jsonl", [{"hello": "world"}])
+    f.clip = str(Path(__file__).resolve().parents[1] / "eval" / "data" / "clips" / "moving_square.mp4")  # 64 frames
+    f.junk_video = tmp_path / "junk.mp4"
+    f.junk_video.write_bytes(b"\x00not a video" * 40)
     f.only_errors = _rows_file(tmp_path / "errors.jsonl", [{**_ok_row("fastv", 4, 0.0), "status": "error"}])
     f.torn = _rows_file(tmp_path / "torn.jsonl", [_ok_row("none", None, 0.9), _ok_row("random", 0.5, 0.6),
                                                    _ok_row("divprune", 0.5, 0.8)], '{"model": "/m/micro", "met')
@@ -404,6 +408,29 @@ CLI_ERRORS = [
     Row("run: unknown positions", lambda f: [*RUN, "--positions", "middle"], 2, "invalid choice"),
     Row("run: unsupported dtype", lambda f: [*RUN, "--dtype", "float64"], 2, "invalid choice"),
     Row("run: --show is a directory", lambda f: [*RUN, "--show", str(f.empty_dir)], 2, "is a directory"),
+    # run: the video
+    Row("run: --frames without --video", lambda f: [*RUN, "--frames", "8"], 2, "pass --video FILE too"),
+    Row("run: --fps without --video", lambda f: [*RUN, "--fps", "1"], 2, "pass --video FILE too"),
+    Row("run: --video and --image", lambda f: ["run", "--video", f.clip, "--image", str(f.png)], 2, "not both"),
+    Row("run: missing video", lambda f: ["run", "--video", f.missing], 2, "does not exist"),
+    Row("run: video is a directory", lambda f: ["run", "--video", str(f.empty_dir)], 2, "not a file"),
+    Row("run: video is not a video", lambda f: ["run", "--video", str(f.junk_video)], 2, "could not read"),
+    Row("run: --frames 0", lambda f: ["run", "--video", f.clip, "--frames", "0"], 2, "--frames"),
+    Row("run: --fps -1", lambda f: ["run", "--video", f.clip, "--fps", "-1"], 2, "positive number"),
+    Row("run: --fps nan", lambda f: ["run", "--video", f.clip, "--fps", "nan"], 2, "positive number"),
+    Row("run: --frames and --fps", lambda f: ["run", "--video", f.clip, "--frames", "8", "--fps", "1"], 2,
+        "not both"),
+    Row("run: more frames than the clip has", lambda f: ["run", "--video", f.clip, "--frames", "65"], 2,
+        "pass num_frames <= 64"),
+    Row("run: --fps above the clip's", lambda f: ["run", "--video", f.clip, "--fps", "30"], 2, "pass fps <= 8"),
+    Row("run: --max-pixels without --video", lambda f: [*RUN, "--max-pixels", "151200"], 2, "pass --video FILE too"),
+    Row("run: --max-pixels on LLaVA-OneVision", lambda f: ["run", "--model", "tiny:llava_onevision", "--video", f.clip,
+                                                         "--max-pixels", "151200"], 2, "drop --max-pixels"),
+    Row("run: --max-pixels below one patch", lambda f: ["run", "--video", f.clip, "--max-pixels", "100"], 2,
+        "--max-pixels"),
+    Row("run: video into an image-only model", lambda f: [*RUN, "--video", f.clip], 2, "takes no videos"),
+    Row("run: video into an image-only model directory", lambda f: ["run", "--model", f.llava_dir, "--video", f.clip],
+        2, "takes no videos"),
     Row("unknown command", lambda f: ["prune"], 2, "invalid choice"),
     Row("no command", lambda f: [], 2, "required"),
     # bench
@@ -434,6 +461,11 @@ CLI_ERRORS = [
         "cannot write the results file"),
     Row("bench: --out is a directory", lambda f: [*BENCH, "--out", str(f.empty_dir)], 2, "cannot write"),
     Row("bench: --device bogus", lambda f: [*BENCH, "--device", "bogus"], 2, "is not a device"),
+    Row("bench: --video-frames 0", lambda f: [*BENCH, "--video-frames", "0"], 2, "--video-frames"),
+    Row("bench: --video-frames with accuracy", lambda f: ["bench", "--model", "tiny:qwen2_vl", "--tasks", "synth",
+                                                         "--video-frames", "4"], 2, "pass --tasks latency"),
+    Row("bench: --video-frames on an image-only preset", lambda f: ["bench", "--preset", "llava-1.5-7b",
+                                                                   "--video-frames", "8"], 2, "no video shape"),
     # plot
     Row("plot: missing results file", lambda f: ["plot", f.missing, "--out", str(f.tmp / "p")], 2, "not found"),
     Row("plot: results file is a directory", lambda f: ["plot", str(f.empty_dir), "--out", str(f.tmp / "p")], 2,

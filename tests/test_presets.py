@@ -16,7 +16,7 @@ from vtprune.bench.presets import build_preset, list_presets, load_preset, prese
 PUBLISHED = {
     "llava-1.5-7b": 7.06, "llava-1.5-13b": 13.35, "llava-next-7b": 7.06, "llava-onevision-0.5b": 0.89,
     "llava-onevision-7b": 8.03, "qwen2-vl-2b": 2.21, "qwen2-vl-7b": 8.29, "qwen2.5-vl-3b": 3.75,
-    "qwen2.5-vl-7b": 8.29, "llava-cpu-0.5b": 0.46,
+    "qwen2.5-vl-7b": 8.29, "llava-cpu-0.5b": 0.46, "llava-onevision-cpu-0.5b": 0.58,
 }
 #: image tokens of the preset's benchmark input (LLaVA-1.5 layout: 24x24 patches; Qwen: 48x48 patches / 2x2)
 IMAGE_TOKENS = {"llava-1.5-7b": 576, "llava-1.5-13b": 576, "llava-cpu-0.5b": 576, "qwen2-vl-2b": 576,
@@ -83,3 +83,41 @@ def test_preset_forward_runs_pruned():
         model(**inputs)
         stats = vtprune.stats(model).samples[0]
     assert stats.visual_in == 576 and stats.equivalent_tokens == 64
+
+
+#: video presets: (frames, visual tokens of their video input) -- OneVision 196 per 384 px frame + 1 newline;
+#: Qwen2.5-VL at the model card's max_pixels 360*420: 336x420 frames, 16 temporal groups x 12x15 merged tokens
+VIDEO_TOKENS = {"llava-onevision-0.5b": (32, 32 * 196 + 1), "llava-onevision-7b": (32, 32 * 196 + 1),
+                "llava-onevision-cpu-0.5b": (16, 16 * 196 + 1), "qwen2.5-vl-7b": (32, 16 * 12 * 15),
+                "qwen2.5-vl-3b": (32, 16 * 12 * 15)}
+
+
+@pytest.mark.parametrize("name", sorted(VIDEO_TOKENS))
+def test_video_preset_shapes(name):
+    pytest.importorskip("torchvision")
+    from vtprune.bench.presets import video_frames_default
+
+    model, processor = build_preset(name, device="meta")
+    frames, tokens = VIDEO_TOKENS[name]
+    assert video_frames_default(name) == frames
+    inputs = preset_inputs(name, processor, video_frames=frames)
+    assert int((inputs["input_ids"] == model.config.video_token_id).sum()) == tokens
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 0
+    if name.startswith("qwen"):
+        assert inputs["video_grid_thw"].tolist() == [[16, 24, 30]]
+        assert inputs["second_per_grid_ts"].tolist() == [2.0]  # 2 frames per group at 1 fps
+    else:
+        assert inputs["pixel_values_videos"].shape == (1, frames, 3, 384, 384)
+    # --video-frames overrides the count
+    fewer = preset_inputs(name, processor, video_frames=8)
+    per_frame = (tokens - (0 if name.startswith("qwen") else 1)) // frames
+    assert int((fewer["input_ids"] == model.config.video_token_id).sum()) == \
+        8 * per_frame + (0 if name.startswith("qwen") else 1)
+
+
+def test_image_only_preset_refuses_video():
+    from vtprune.bench.presets import video_frames_default
+    from vtprune.errors import VTPruneError
+
+    with pytest.raises(VTPruneError, match="no video shape; video presets: .*llava-onevision-0.5b"):
+        video_frames_default("llava-1.5-7b")

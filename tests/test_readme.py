@@ -26,7 +26,11 @@ PLACEHOLDERS = {
     "path/to/llava-1.5-7b-hf": str(ROOT / "models" / "micro-llava"),
     "path/to/llava-1.5": str(ROOT / "models" / "micro-llava"),
     "path/to/llava-next": "tiny:llava_next",
+    "path/to/qwen2.5-vl-3b": "tiny:qwen2_5_vl",
+    "path/to/llava-onevision": "tiny:llava_onevision",
 }
+#: ``clip.mp4`` in a command stands for a shipped synthetic clip (64 frames at 8 fps)
+CLIP = ROOT / "eval" / "data" / "clips" / "moving_square.mp4"
 
 
 class _WouldStartWork(Exception):
@@ -78,7 +82,8 @@ def _argv(command: str, image: Path, tmp: Path) -> list[str]:
     for placeholder, replacement in PLACEHOLDERS.items():
         command = command.replace(placeholder, replacement)
     argv = shlex.split(command)[1:]
-    argv = [str(image) if a == "cat.jpg" else a for a in argv]
+    argv = [str(image) if a == "cat.jpg" else str(CLIP) if a == "clip.mp4" else a for a in argv]
+    argv = [str(ROOT / a) if a.startswith("eval/data/") else a for a in argv]  # commands run in a scratch dir
     if argv[0] == "plot" and not Path(argv[1]).exists():  # the README plots a sweep's output: use the committed one
         argv[1] = str(ROOT / "eval" / "results" / "micro-bench" / "results.jsonl")
     if argv[0] in ("plot",) and "--out" not in argv:

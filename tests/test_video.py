@@ -42,7 +42,7 @@ from reference_runs import (
 import vtprune
 from vtprune.budget import split_equal
 from vtprune.registry import Method, VisualGroup, method_class
-from vtprune.testing import FAMILIES, tiny_image
+from vtprune.testing import FAMILIES, tiny_image, tiny_video
 
 VIDEO_FAMILIES = tuple(f for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision") if f in FAMILIES)
 MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
@@ -81,14 +81,8 @@ def _no_grad():
 # ---------------------------------------------------------------------------------------------------------
 
 
-def clip(seed: int, frames: int = 4, size: tuple[int, int] = (56, 56)) -> np.ndarray:
-    """A deterministic uint8 clip [frames, H, W, 3]: noise plus a box that moves from frame to frame."""
-    rng = np.random.default_rng(seed)
-    out = rng.integers(0, 256, size=(frames, *size, 3), dtype=np.uint8)
-    for t in range(frames):
-        y, x = (4 * t) % (size[0] - 8), (6 * t) % (size[1] - 8)
-        out[t, y:y + 8, x:x + 8] = (255, 0, 0)
-    return out
+#: a deterministic uint8 clip [frames, H, W, 3] (noise and a moving box)
+clip = tiny_video
 
 
 def chat_inputs(processor, samples, padding_side: str = "left", **video_kwargs):
@@ -106,6 +100,9 @@ def chat_inputs(processor, samples, padding_side: str = "left", **video_kwargs):
         kwargs["images"] = images
     if videos:
         kwargs["videos"] = videos
+        if type(processor).__name__ == "Qwen2_5_VLProcessor":  # 1 frame per second: 2 s per temporal group, so
+            # the M-RoPE time scaling (tokens_per_second * second_per_grid_ts = 4 on the tiny model) is exercised
+            kwargs["video_metadata"] = [{"fps": 1.0, "total_num_frames": len(v)} for v in videos]
     return processor(**kwargs)
 
 
@@ -342,11 +339,12 @@ def test_keep_all_is_unwrapped(vcase, method):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _check_budget(case: VideoCase, method: str, sample) -> None:
-    """The clip's budget: a fraction of its content tokens, split evenly over frames for per-frame methods."""
+def _check_budget(case: VideoCase, method: str, sample, budget=BUDGET) -> None:
+    """The clip's budget: a fraction of its content tokens (an int: its tokens), split evenly over frames for
+    per-frame methods."""
     cls = method_class(method)
     total = case.per_frame * case.frames
-    k = max(1, round(BUDGET * total))
+    k = min(budget, total) if isinstance(budget, int) else max(1, round(budget * total))
     assert sum(sample.frame_kept) <= k
     if cls.video_policy == "per_frame":
         shares = split_equal(k, [case.per_frame] * case.frames)
@@ -360,16 +358,32 @@ def _check_budget(case: VideoCase, method: str, sample) -> None:
 @pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("method", VIDEO_PRE)
 def test_reference_equivalence(vcase, method, positions, monkeypatch):
+    check_reference(vcase, method, positions, BUDGET, monkeypatch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", [0.1, 0.3, 0.8, "frame+3"])
+@pytest.mark.parametrize("positions", POSITIONS)
+@pytest.mark.parametrize("method", VIDEO_PRE)
+def test_reference_equivalence_budget_grid(vcase, method, positions, budget, monkeypatch):
+    """The exhaustive grid: fractions from a tenth of the clip to most of it, and an int budget (one frame's
+    tokens + 3, uneven over the frames)."""
+    if budget == "frame+3":
+        budget = vcase.per_frame + 3
+    check_reference(vcase, method, positions, budget, monkeypatch)
+
+
+def check_reference(vcase, method, positions, budget, monkeypatch):
     model = vcase.model
     with monkeypatch.context() as patch:
         spy = _Spy(patch, method)
-        logits, call, stats = pruned_run(vcase, method, positions)
+        logits, call, stats = pruned_run(vcase, method, positions, budget=budget)
     (sample,) = stats.samples
     (stage,) = sample.stages
     kept = stage.kept_positions
     assert bool((kept[1:] > kept[:-1]).all()) and bool(torch.isin(kept, vcase.image_positions).all())
     assert sample.pruned and sample.video_frames == [vcase.frames]
-    _check_budget(vcase, method, sample)
+    _check_budget(vcase, method, sample, budget)
     merged, anchors, merged_side = merged_tokens(vcase, spy.records)
     order = merged_order(spy.records)
     assert merged.shape[0] == stage.merged
@@ -429,7 +443,7 @@ _ALONE: dict[tuple, tuple] = {}
 
 
 def run_alone(family, model, processor, method, kwargs, positions, index, with_generation):
-    key = (family, method, positions, index, with_generation)
+    key = (family, str(method), positions, index, with_generation)
     if key not in _ALONE:
         inputs = chat_inputs(processor, [batch_samples(family)[index]])
         tokens = None
@@ -443,9 +457,9 @@ def run_alone(family, model, processor, method, kwargs, positions, index, with_g
     return _ALONE[key]
 
 
-def check_batch(family, tiny_models, method, padding_side, positions):
+def check_batch(family, tiny_models, method, padding_side, positions, **kwargs):
     model, processor = tiny_models[family]
-    kwargs = method_kwargs(family, method)
+    kwargs = kwargs or method_kwargs(family, method)
     samples = batch_samples(family)
     inputs = chat_inputs(processor, samples, padding_side)
     mask = inputs["attention_mask"]
@@ -488,6 +502,20 @@ def test_batch_equals_alone(family, method, tiny_models):
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
 def test_batch_equals_alone_right_padding(family, method, tiny_models):
     check_batch(family, tiny_models, method, "right", "original")
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_composition_batch_equals_alone(family, tiny_models):
+    """A whole-clip pre-LLM method (frames) composed with an in-LLM one (fastv) on the mixed batch: both stages
+    prune the videos and every sample equals its run alone."""
+    model, processor = tiny_models[family]
+    with vtprune.pruned(model, ["frames", "fastv"], budget=0.2):  # frames keeps 0.4 of each clip, fastv 0.5 of it
+        model(**chat_inputs(processor, batch_samples(family)[:1]))
+        sample = vtprune.stats(model).samples[0]
+    names = [stage.name for stage in sample.stages]
+    assert names[0] == "frames" and set(names[1:]) == {"fastv"} and len(names) > 1
+    assert sample.stages[0].visual_out < sample.visual_in and sample.layer_lengths[-1] < sample.layer_lengths[0]
+    check_batch(family, tiny_models, ["frames", "fastv"], "left", "original", budget=0.2)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -542,6 +570,8 @@ def test_generate_modes(vcase, method):
         torch.manual_seed(7)
         top1 = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=1)
         assert torch.equal(top1, greedy)
+        static = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, cache_implementation="static")
+        assert torch.equal(static, greedy)
         if method not in IN_LLM:  # an in-LLM method re-scores at every uncached step (the last token changes)
             no_cache = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=False)
             assert torch.equal(no_cache, greedy)
@@ -699,3 +729,82 @@ def test_qwen_video_frame_signals_equal_the_frame_as_an_image(family, tiny_model
             for name in signals:
                 torch.testing.assert_close(video_tables[name][0, tokens], store.table("image", name)[0],
                                            rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# vtprune.testing: videos through the families' real video processors
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_tiny_vlm_takes_videos(family, tiny_models):
+    from vtprune.testing import _stub_video_processor_class, tiny_inputs
+
+    model, processor = tiny_models[family]
+    assert not isinstance(processor.video_processor, _stub_video_processor_class())  # torchvision is installed
+    inputs = tiny_inputs(processor, [tiny_image(0), None], ["What is this?", "Hi"], videos=[tiny_video(0), None])
+    assert "pixel_values_videos" in inputs and "pixel_values" in inputs
+    counts = (inputs["input_ids"] == video_token(model)).sum(-1).tolist()
+    expected = 65 if family == "llava_onevision" else 32  # 4 pooled 4x4 frames + newline; 2 groups of 4x4
+    assert counts == [expected, 0]
+    logits = model(**inputs).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and bool(torch.isfinite(logits).all())
+    np.testing.assert_array_equal(tiny_video(3), tiny_video(3))
+    assert tiny_video(3, frames=6, size=(40, 48)).shape == (6, 40, 48, 3)
+
+
+@pytest.mark.parametrize("method", ["random", "frames"])
+def test_loss_on_kept_positions(vcase, method):
+    """``labels`` with a video: the loss is the causal-LM loss of the pruned sequence, each kept column's target
+    taken from the caller's labels (Qwen3-VL's timestamps between frames keep their labels)."""
+    import torch.nn.functional as F
+
+    model, inputs = vcase.model, vcase.inputs
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == video_token(model), -100)
+    with vtprune.pruned(model, method, budget=BUDGET):
+        out = model(**inputs, labels=labels)
+        (stage,) = vtprune.stats(model).samples[0].stages
+    assert stage.merged == 0
+    kept = torch.sort(torch.cat([vcase.text_positions, stage.kept_positions])).values
+    pruned_labels = labels[0, kept]
+    assert out.logits.shape[1] == kept.numel()
+    expected = F.cross_entropy(out.logits[0, :-1], pruned_labels[1:], ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected, rtol=0, atol=1e-5)
+
+
+def test_compact_rule_per_temporal_group():
+    """The compact rope index of a pruned Qwen video, on hand-made ids: each temporal group ranks its own kept rows
+    and columns, temporal offsets (time scaling 2 here) are kept from the first kept group, the advance is the
+    largest kept sub-grid; one frame alone (or an image) is the image rule."""
+    from vtprune.adapters.qwen_vl import qwen_compact_image
+    from vtprune.engine.positions import compact_mrope
+
+    start = 10
+    # frame 0 keeps (row 1, col 0), (1, 2); frame 1 keeps (0, 1), (2, 1), (2, 2); temporal ids start + 2t
+    t = torch.tensor([0, 0, 2, 2, 2]) + start
+    h = torch.tensor([1, 1, 0, 2, 2]) + start
+    w = torch.tensor([0, 2, 1, 1, 2]) + start
+    grid, frame = torch.stack([t, h, w]), torch.tensor([0, 0, 1, 1, 1])
+    offsets, advance = qwen_compact_image(grid, frame)
+    assert offsets.tolist() == [[0, 0, 2, 2, 2], [0, 0, 0, 1, 1], [0, 1, 0, 0, 1]]
+    assert advance == 2
+    alone, alone_advance = qwen_compact_image(grid[:, 2:])  # one frame: the image rule
+    assert alone.tolist() == [[0, 0, 0], [0, 1, 1], [0, 0, 1]] and alone_advance == 2
+    # in a sequence: text, the video, text
+    rope = torch.cat([torch.full((3, 1), start - 1), grid, torch.full((3, 1), start + 5)], dim=1)
+    image_of = torch.tensor([-1, 0, 0, 0, 0, 0, -1])
+    frame_of = torch.tensor([0, 0, 0, 1, 1, 1, 0])
+    out = compact_mrope(rope, image_of, qwen_compact_image, frame_of)
+    expected = torch.cat([torch.full((3, 1), start - 1), offsets + start, torch.full((3, 1), start + 2)], dim=1)
+    assert torch.equal(out, expected)
+    # the same ids without frame information would rank rows / columns over the whole clip
+    assert not torch.equal(compact_mrope(rope, image_of, qwen_compact_image), expected)
+
+
+def test_qwen2_5_time_scaling_is_exercised(tiny_models):
+    """The Qwen2.5-VL clips of these tests are sampled at 1 fps: temporal ids step by tokens_per_second x 2 s."""
+    case = video_case("qwen2_5_vl", tiny_models)
+    assert float(case.inputs["second_per_grid_ts"][0]) == 2.0
+    temporal = case.position_ids[0, case.image_positions]
+    first = int(temporal[0])
+    assert sorted(set(temporal.tolist())) == [first, first + 4]

@@ -10,7 +10,7 @@ from torch import nn
 
 from . import compat
 from .adapters.base import adapter_for
-from .budget import Budget, split_composed_budget, validate_budget
+from .budget import Budget, split_composed_budget, tokens_for, validate_budget
 from .engine.session import SESSION_ATTRIBUTE, PruneSession
 from .errors import MethodOptionError, UnknownMethodError, VTPruneError
 from .registry import Method, MethodInfo, build_method, method_class, registered_methods
@@ -110,7 +110,9 @@ def _check_fixed_images(built: list[Method], num_layers: int, tokens: int) -> No
     degenerate plans warn at apply(). The per-image plan is the plan of any sample: budgets scale with images."""
     count, exact = tokens, True
     for m in built:
-        if m.stage == "pre-llm":
+        if m.stage == "in-vit":
+            count = min(count, m.budget if isinstance(m.budget, int) else tokens_for(m.budget, count))
+        elif m.stage == "pre-llm":
             count, exact = m.check_image_tokens(count), m.exact_count
         elif count and exact:  # after a stage that may keep fewer than its budget, the forward decides
             m.schedule(num_layers, count, 1)

@@ -6,6 +6,11 @@
   counted and are kept for every row that still holds a token.
 * ``float`` in (0, 1] — a fraction of each image's visual tokens.
 * ``None``  — the method's paper default.
+
+A **video** counts as one image whose visual tokens are the whole clip's: an int is the clip's (equivalent)
+visual tokens, a float a fraction of them. Pre-LLM methods then spend it by their ``video_policy`` (split
+evenly over the frames with :func:`split_equal`, or over the clip at once); in-LLM methods see the clip as one
+span.
 """
 
 from __future__ import annotations
@@ -98,19 +103,28 @@ PRE_LLM_SHARE = 2
 
 
 def split_composed_budget(budget: Budget, stages: Sequence[str]) -> list[Budget]:
-    """Each stage's budget when one budget is given for a composition (stages: "pre-llm" / "in-llm").
+    """Each stage's budget when one budget is given for a composition (stages: "in-vit" / "pre-llm" / "in-llm").
 
-    Rule: the pre-LLM stage keeps twice the budget (int B → 2B tokens per image; fraction f → min(1, 2f)) and
-    the in-LLM stage brings the layer-averaged visual count down to the budget (int B stays B, which in-LLM
-    methods read as equivalent tokens per image; f becomes f / min(1, 2f) of what the pre-LLM stage left).
-    A single-stage list keeps the budget as is. Override with ``vtprune.apply(..., stage_budgets=[...])``.
+    Rule: each token-dropping stage before the last keeps twice what the next one keeps (int B → 2B tokens per
+    image; fraction f → min(1, 2f), fractions of the image's tokens), and the in-LLM stage brings the
+    layer-averaged visual count down to the budget (int B stays B, which in-LLM methods read as equivalent
+    tokens per image; f becomes f / min(1, 2f) of what the earlier stages left). So [pre-LLM, in-LLM] gives the
+    pre-LLM stage 2B, [in-ViT, pre-LLM] gives the in-ViT stage 2B and the pre-LLM stage B, and [in-ViT,
+    pre-LLM, in-LLM] gives 4B, 2B, B. A single-stage list keeps the budget as is. Override with
+    ``vtprune.apply(..., stage_budgets=[...])``.
     """
     validate_budget(budget)
-    if budget is None or "pre-llm" not in stages or "in-llm" not in stages:
+    if budget is None or len(stages) < 2:
         return [budget for _ in stages]
-    if isinstance(budget, int):
-        pre, post = PRE_LLM_SHARE * budget, budget
-    else:
-        pre = min(1.0, PRE_LLM_SHARE * budget)
-        post = budget / pre
-    return [pre if stage == "pre-llm" else post for stage in stages]
+    shares: list[Budget] = [None] * len(stages)
+    after = budget  # what the following stage keeps, in the image's terms
+    for i in range(len(stages) - 1, -1, -1):
+        if i == len(stages) - 1:
+            shares[i] = budget if stages[i] != "in-llm" else None
+            continue
+        after = PRE_LLM_SHARE * after if isinstance(after, int) else min(1.0, PRE_LLM_SHARE * after)
+        shares[i] = after
+    if stages[-1] == "in-llm":
+        before = shares[-2]
+        shares[-1] = budget if isinstance(budget, int) else budget / before
+    return shares

@@ -61,6 +61,22 @@ def _int_at_least(lowest: int, meaning: str = ""):
     return parse
 
 
+def _positive_float(meaning: str):
+    """argparse type: a finite float > 0."""
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{text} must be a positive number ({meaning})")
+        return value
+    parse.__name__ = "float"
+    return parse
+
+
 def _parse_option(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"option {text!r} must look like name=value, e.g. dominant=54")
@@ -134,6 +150,15 @@ def _reachable_budgets(model, processor) -> tuple[dict[str, str], str]:
     layers = len(adapter.decoder_layers)
     out = {}
     for name, info in registered_methods().items():
+        if info.stage == "in-vit":
+            try:
+                adapter.vit_layers()
+                lowest = method_class(name)().lowest_tokens(adapter)
+            except VTPruneError:
+                out[name] = "refused on this model"
+                continue
+            out[name] = f"{lowest}–{tokens} per vision input"
+            continue
         if info.stage != "in-llm":
             out[name] = f"1–{tokens}"
             continue
@@ -171,17 +196,69 @@ def _method_names(text: str) -> list[str]:
 
 def _check_run_args(args):
     """Everything about ``vtprune run``'s arguments that can be checked without a model; returns the image
-    (loaded, or None for the default test image)."""
+    (loaded, or None for the default test image), or for ``--video`` the sampled clip (decoding a clip is
+    seconds at most, loading a model can be minutes: a bad clip fails first)."""
+    from .errors import VTPruneError
     from .loading import check_device, check_model_spec, load_image
 
+    if args.video is None and (args.frames is not None or args.fps is not None or args.max_pixels is not None):
+        flag = "--frames" if args.frames is not None else "--fps" if args.fps is not None else "--max-pixels"
+        raise VTPruneError(f"{flag} samples a video: pass --video FILE too (images take no {flag}).")
+    if args.video is not None and args.image is not None:
+        raise VTPruneError("pass --image or --video, not both (one visual input per run).")
+    if args.video is not None and args.model is None:
+        args.model = default_video_model()
     check_model_spec(args.model, trust_remote_code=args.trust_remote_code)
+    if args.video is not None:
+        _check_video_model(args.model, args.max_pixels)
     args.device = check_device(args.device)
     names = _method_names(args.method)
     _check_methods(names, budget=args.budget, positions=args.positions, seed=args.seed,
                    options=dict(args.option or []))
     if args.show:
         _check_writable_file(args.show, "--show")
+    if args.video is not None:
+        from .video import check_sampling, load_video
+
+        check_sampling(args.frames, args.fps)
+        return load_video(args.video, num_frames=args.frames, fps=args.fps)
     return load_image(args.image) if args.image else None
+
+
+#: model types whose processor and vtprune adapter take videos
+VIDEO_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")
+#: the bundled video micro-model (trained on the synthetic clips), used by ``run --video`` when present
+VIDEO_MICRO_MODEL = "micro-qwen2vl-video"
+#: ``run --video``'s fallback when no bundled video model is present
+VIDEO_TINY_MODEL = "tiny:qwen2_vl"
+
+
+def default_video_model() -> str:
+    from .loading import bundled_model_dir
+
+    bundled = bundled_model_dir(VIDEO_MICRO_MODEL)
+    return str(bundled) if bundled is not None else VIDEO_TINY_MODEL
+
+
+def _check_video_model(model: str, max_pixels: int | None = None) -> None:
+    """A model given for ``--video`` must be of a family that takes videos (hub ids are checked at loading);
+    ``--max-pixels`` needs a Qwen-VL family."""
+    from .errors import VTPruneError
+
+    if model.startswith("tiny:"):
+        model_type = model.split(":", 1)[1]
+    else:
+        config = Path(model).expanduser() / "config.json"
+        if not config.is_file():
+            return  # a hub id: from_pretrained resolves it
+        model_type = json.loads(config.read_text()).get("model_type")
+    if model_type not in VIDEO_MODEL_TYPES:
+        raise VTPruneError(f"--model {model!r} ({model_type}) takes no videos; --video needs one of "
+                           f"{', '.join(VIDEO_MODEL_TYPES)} (e.g. Qwen/Qwen2.5-VL-3B-Instruct, "
+                           "llava-hf/llava-onevision-qwen2-0.5b-ov-hf, or tiny:qwen2_vl).")
+    if max_pixels is not None and not model_type.startswith("qwen"):
+        raise VTPruneError(f"--max-pixels caps Qwen-VL video frames; {model_type} resizes every frame to its vision "
+                           "tower's input size: drop --max-pixels.")
 
 
 def _check_writable_file(path: str, flag: str) -> None:
@@ -213,6 +290,8 @@ def cmd_run(args) -> int:
 
     from .loading import load_model
 
+    if args.video is not None:
+        return _run_video(args)
     image = _check_run_args(args)
     model, processor, description = load_model(args.model, dtype=args.dtype, device=args.device,
                                                trust_remote_code=args.trust_remote_code)
@@ -247,6 +326,79 @@ def cmd_run(args) -> int:
                    f"Q: {args.prompt}\nA: {answer.strip()}")
         path = save_overlay(args.show, model, inputs, image, processor=processor, caption=caption)
         print(f"kept tokens drawn to {path}")
+    return 0
+
+
+def _run_video(args) -> int:
+    """``vtprune run --video``: one clip + prompt through the pruned model; the answer, the visual tokens (per
+    frame), the prefill time (to the first token's logits) and, with ``--show``, a strip of the frames with the
+    kept tokens."""
+    from transformers import LogitsProcessorList
+
+    import vtprune
+
+    from .bench.latency import Clock, StepClock
+    from .errors import VTPruneError
+    from .loading import load_model
+    from .video import shipped_clips, video_inputs
+
+    video = _check_run_args(args)
+    reference = None
+    try:
+        clips = shipped_clips() if args.prompt is None else []
+    except VTPruneError:  # not a source checkout: no shipped clips to recognise
+        clips = []
+    for clip in clips:
+        if Path(clip["path"]).resolve() == video.path.resolve():
+            args.prompt, reference = clip["question"], clip["answer"]
+    if args.prompt is None:
+        args.prompt = "What happens in the video?"
+    model, processor, description = load_model(args.model, dtype=args.dtype, device=args.device,
+                                               trust_remote_code=args.trust_remote_code)
+    inputs = video_inputs(processor, video, args.prompt, device=args.device, dtype=getattr(torch, args.dtype),
+                          max_pixels=args.max_pixels)
+    names = _method_names(args.method)
+    vtprune.apply(model, names[0] if len(names) == 1 else names, budget=args.budget, positions=args.positions,
+                  seed=args.seed, **dict(args.option or []))
+    clock = Clock(args.device)
+    steps = StepClock(clock)
+    with torch.inference_mode():
+        start = clock.mark()
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                logits_processor=LogitsProcessorList([steps]))
+        end = clock.mark()
+        clock.synchronize()
+    prefill_ms = clock.elapsed_ms(start, steps.marks[0]) if steps.marks else float("nan")
+    total_ms = clock.elapsed_ms(start, end)
+    stats = vtprune.stats(model)
+    sample = stats.samples[0]
+    answer = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+    random_weights = str(description).startswith("tiny:")
+    print(f"video:  {video.describe()}")
+    print(f"model:  {description}  ({next(model.parameters()).dtype})")
+    if random_weights:
+        print("        random weights: answers are noise (the token counts, FLOPs and times are real)")
+    print(f"method: {args.method}  budget: {args.budget}")
+    print(f"prompt: {args.prompt}")
+    print(f"answer: {answer}" + (f"   (reference: {reference})" if reference is not None else ""))
+    frames = getattr(sample, "frame_kept", None)
+    print(f"visual tokens: {sample.visual_in} -> {sample.equivalent_tokens:.1f} equivalent tokens"
+          + (f"; per frame: {' '.join(str(n) for n in frames)}" if frames else ""))
+    if sample.flops is not None and sample.flops_unpruned:
+        print(f"prefill FLOPs: {sample.flops / 1e9:.3f} / {sample.flops_unpruned / 1e9:.3f} GFLOPs unpruned "
+              f"({sample.flops_unpruned / max(sample.flops, 1):.2f}x fewer)")
+    print(f"prefill: {prefill_ms:.1f} ms (to the first token)   generate: {total_ms:.1f} ms for "
+          f"{output.shape[1] - inputs['input_ids'].shape[1]} new tokens")
+    print(stats.summary())
+    if args.show:
+        from .viz import save_strip
+
+        name = args.model if random_weights else Path(str(description)).name
+        caption = (f"{args.method} at budget {args.budget} on {name}"
+                   + (" (random weights: answers are noise)" if random_weights else "")
+                   + f"\nQ: {args.prompt}\nA: {answer}")
+        path = save_strip(args.show, model, inputs, video, caption=caption)
+        print(f"kept tokens per frame drawn to {path}")
     return 0
 
 
@@ -290,6 +442,14 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
     if tiny and {"synth", "synth_video"} & set(_split(args.tasks or "synth")):
         raise VTPruneError(f"{tiny[0]} has random weights: accuracy (task synth, the default for --model) is not "
                            "reported for it; pass --tasks latency, or a trained model directory.")
+    if args.video_frames is not None:
+        from .bench.presets import video_frames_default
+
+        if "synth" in _split(args.tasks or ("synth" if models else "latency")):
+            raise VTPruneError("--video-frames measures latency on a video input; accuracy (task synth) is image "
+                               "questions: pass --tasks latency.")
+        for name in args.preset or []:
+            video_frames_default(name)  # an image-only preset: a clear error naming the video presets
     for text in _split(args.budgets):
         parse_budget(text)
     if args.budgets is not None and not _split(args.budgets):
@@ -305,6 +465,7 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
 
 #: sweep-config keys -> the ``vtprune bench`` argument each one sets
 _CONFIG_KEYS = {"models": "model", "presets": "preset", "methods": "methods", "budgets": "budgets", "tasks": "tasks",
+                "video_frames": "video_frames",
                 "limit": "limit", "batch_size": "batch_size", "repeats": "repeats", "warmup": "warmup",
                 "new_tokens": "new_tokens", "threads": "threads", "device": "device", "dtype": "dtype",
                 "out": "out", "jobs": "jobs"}
@@ -379,7 +540,9 @@ def cmd_bench(args) -> int:
 
         for name in list_presets():
             preset = load_preset(name)
-            print(f"{name:<22} {preset.family:<16} {preset.dtype:<9} {preset.reference or '-':<44} {preset.notes}")
+            video = "-" if preset.video is None else f"{preset.video['frames']} frames"
+            print(f"{name:<25} {preset.family:<16} {preset.dtype:<9} {preset.reference or '-':<44} video: {video:<10} "
+                  f"{preset.notes}")
         return 0
     runs = []
     for seed, option_pairs in _sweep_runs(args):
@@ -390,7 +553,7 @@ def cmd_bench(args) -> int:
             warmup=args.warmup, new_tokens=args.new_tokens, threads=args.threads, device=args.device,
             dtype=args.dtype, native=not args.no_native, paired=not args.no_paired, seed=seed,
             method_options=method_options, trust_remote_code=args.trust_remote_code,
-            config=str(Path(args.config).resolve()) if args.config else None,
+            config=str(Path(args.config).resolve()) if args.config else None, video_frames=args.video_frames,
         )
         options.validate()
         runs.append(options)
@@ -559,6 +722,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None,
                    help="HF directory or hub id; 'tiny:<family>' for a random tiny model; default: bundled model")
     p.add_argument("--image", default=None, help="image file (default: a generated test image)")
+    p.add_argument("--video", default=None, metavar="CLIP",
+                   help="a video file instead of an image (decoded with decord, else PyAV), e.g. "
+                        "eval/data/clips/moving_square.mp4; without --model: the bundled video micro-model, else "
+                        "tiny:qwen2_vl")
+    p.add_argument("--frames", type=_int_at_least(1, "frames sampled from the video"), default=None,
+                   help="--video: frames sampled uniformly over the clip (default: 16)")
+    p.add_argument("--fps", type=_positive_float("frames sampled per second of the video"), default=None,
+                   help="--video: sample this many frames per second of the clip instead of --frames")
+    p.add_argument("--max-pixels", type=_int_at_least(784, "pixels per video frame"), default=None,
+                   help="--video on Qwen-VL: the most pixels a frame keeps (the model card's max_pixels, e.g. "
+                        "151200 = 360*420); default: the processor's")
     p.add_argument("--prompt", default=None,
                    help="default: the question of the default image, or 'What is in the image?'")
     p.add_argument("--method", default="divprune")
@@ -572,7 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--show", default=None, metavar="OUT.png",
-                   help="save the image with the kept tokens of each stage highlighted")
+                   help="save the image (a video: a strip of its frames) with the kept tokens of each stage "
+                        "highlighted")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a checkpoint's own Python code (off: such checkpoints are refused, never prompted)")
     p.set_defaults(func=cmd_run)
@@ -601,6 +776,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=_int_at_least(1), default=8, help="tokens generated per timed generate")
     p.add_argument("--threads", type=_int_at_least(1, "torch threads"), default=None,
                    help="torch threads (recorded in every row)")
+    p.add_argument("--video-frames", type=_int_at_least(1, "frames of the video input"), default=None, metavar="N",
+                   help="latency on a video of N frames instead of an image: presets with a video shape (random "
+                        "frames at the preset's frame size, e.g. --preset llava-onevision-0.5b --video-frames 32), "
+                        "or N frames of a shipped synthetic clip for model directories and tiny: models")
     p.add_argument("--no-native", action="store_true", help="latency: skip the native-K reference")
     p.add_argument("--no-paired", action="store_true", help="latency: skip the interleaved unpruned reference")
     p.add_argument("--option", type=_parse_option, action="append", metavar="METHOD.NAME=VALUE",

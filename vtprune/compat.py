@@ -22,7 +22,8 @@ Unchanged across the range, but still internals (listed so that a change is foun
 ``get_rope_index`` / ``rope_deltas``, ``get_vision_window_index`` (Qwen2.5-VL), ``apply_rotary_pos_emb_vision``
 and ``apply_rotary_pos_emb`` of each modeling module, Qwen3-VL's ``_deepstack_process``, the decoder's
 ``rotary_emb`` / ``layers`` / ``norm``, the PIL image-processor classes (``<Name>Pil``) and
-``VideoProcessorMixin``.
+``VideoProcessorMixin``, and the video loading of ``transformers.video_utils`` (``load_video``, its backends and
+``default_sample_indices_fn``; ``VideoMetadata``).
 """
 
 from __future__ import annotations
@@ -163,11 +164,6 @@ def rope_index(core, *args, **kwargs):
     return core.get_rope_index(*args, **kwargs)
 
 
-def video_grid(call: dict[str, Any]):
-    """Qwen-VL: the (t, h, w) patch grid of every video of a call (``video_grid_thw``), or None."""
-    return call.get("video_grid_thw")
-
-
 def seconds_per_grid(call: dict[str, Any]):
     """Qwen2.5-VL: seconds between consecutive temporal groups of each video (``second_per_grid_ts``), or None."""
     return call.get("second_per_grid_ts")
@@ -241,3 +237,40 @@ def video_processor_mixin():
     from transformers.video_processing_utils import VideoProcessorMixin
 
     return VideoProcessorMixin
+
+
+# -- video files -----------------------------------------------------------------------------------------
+#: the decoders vtprune lets transformers' ``load_video`` use, in order of preference
+VIDEO_BACKENDS = ("decord", "pyav")
+
+
+def video_backend_available(backend: str) -> bool:
+    """Whether transformers finds the package behind a ``load_video`` backend (``decord`` or ``pyav``)."""
+    from transformers.utils import import_utils
+
+    check = {"decord": "is_decord_available", "pyav": "is_av_available"}[backend]
+    return bool(getattr(import_utils, check)())
+
+
+def load_video(path: str, backend: str, sample_indices_fn):
+    """``transformers.video_utils.load_video``: ``(frames [T, H, W, 3] uint8, VideoMetadata)``, the frames
+    chosen by ``sample_indices_fn(metadata=...)`` (called with the file's metadata before any frame is
+    decoded)."""
+    from transformers.video_utils import load_video as hf_load_video
+
+    return hf_load_video(path, backend=backend, sample_indices_fn=sample_indices_fn)
+
+
+def uniform_frame_indices(metadata, num_frames: int | None = None, fps: float | None = None):
+    """transformers' own uniform sampling (``default_sample_indices_fn``): ``num_frames`` evenly spaced frames
+    (index ``i * total // num_frames``), or ``fps`` frames per second of the clip."""
+    from transformers.video_utils import default_sample_indices_fn
+
+    return default_sample_indices_fn(metadata, num_frames=num_frames, fps=fps)
+
+
+def video_metadata(**fields):
+    """A ``transformers.video_utils.VideoMetadata`` (what ``load_video`` returns and processors read)."""
+    from transformers.video_utils import VideoMetadata
+
+    return VideoMetadata(**fields)

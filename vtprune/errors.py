@@ -30,3 +30,7 @@ class SilentlyUnprunedError(RuntimeError):
 class DegeneratePruningWarning(UserWarning):
     """Pruning that runs but hardly means what was asked: a stage that keeps fewer than a handful of visual
     tokens per image, a budget that keeps every token, or an option that overrides the budget."""
+
+
+class VideoError(VTPruneError):
+    """A video that cannot be used: missing, unreadable, corrupt or empty file, or bad sampling arguments."""

@@ -21,6 +21,8 @@ from .errors import DegeneratePruningWarning, MethodOptionError, UnknownMethodEr
 
 PRE_LLM = "pre-llm"
 IN_LLM = "in-llm"
+#: inside the vision encoder, between its blocks (vtprune/engine/vit_stage.py)
+IN_VIT = "in-vit"
 POSITION_CONVENTIONS = ("original", "compact")
 #: how a pre-LLM method meets a video (``Method.video_policy``): "per_frame" — every frame (Qwen: temporal group)
 #: is a :class:`VisualGroup` of its own and the clip's budget is split evenly over the frames (remainder to the
@@ -292,8 +294,8 @@ def methods_markdown(reachable: dict[str, str] | None = None) -> str:
         header.append("reachable budgets")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for info in infos.values():
-        applies = "layer average" if info.stage == "in-llm" else _POLICY_TEXT.get(info.budget_policy,
-                                                                                 info.budget_policy)
+        applies = "layer average" if info.stage == "in-llm" else "per ViT input" if info.stage == IN_VIT \
+            else _POLICY_TEXT.get(info.budget_policy, info.budget_policy)
         options = ", ".join(f"`{k}={v!r}`" for k, v in info.defaults.items()) or "–"
         cells = [f"`{info.name}`", info.stage, applies, info.positions, options,
                  ", ".join(info.signals) or "–", info.paper]

@@ -18,6 +18,12 @@ Default visual tokens for ``tiny_image()`` (48x64): LLaVA 64, LLaVA-NeXT 268 (ba
 crops, unpadded, with newline tokens), LLaVA-OneVision 268, Qwen2-VL / Qwen2.5-VL 20 (4x5 merged
 grid), Qwen3-VL 20.
 
+Videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, LLaVA-OneVision) go through the families' real video processors
+(they need torchvision; without it a video raises a clear error): ``tiny_video()`` (4 frames of 56x56)
+gives Qwen2-VL / Qwen2.5-VL / Qwen3-VL 2 temporal groups of 4x4 tokens (32), LLaVA-OneVision 4 frames of
+4x4 pooled tokens plus one newline (65). ``tiny_inputs(processor, None, prompt, videos=[clip])`` or the
+processor itself (``processor(videos=[clip], text=...)``, chat items ``{"type": "video"}``).
+
 Example::
 
     import torch
@@ -43,7 +49,7 @@ import torch
 
 from . import compat
 
-__all__ = ["FAMILIES", "tiny_image", "tiny_inputs", "tiny_vlm"]
+__all__ = ["FAMILIES", "tiny_image", "tiny_inputs", "tiny_video", "tiny_vlm"]
 
 # Family name -> (transformers.models submodule, model class, config class), in priority order.
 _CLASSES = {
@@ -651,35 +657,55 @@ def tiny_image(seed: int = 0, size: tuple[int, int] = (48, 64)):
     return Image.fromarray(arr).convert("RGB")
 
 
-def tiny_inputs(processor, images, prompts, padding_side: str = "left"):
+def tiny_video(seed: int = 0, frames: int = 4, size: tuple[int, int] = (56, 56)) -> np.ndarray:
+    """A deterministic clip, uint8 ``[frames, height, width, 3]``: noise plus a box moving across the frames
+    (what the video processors take, like a decoded clip)."""
+    height, width = (int(s) for s in size)
+    if frames < 1 or height < 8 or width < 8:
+        raise ValueError(f"a tiny video needs >= 1 frame of at least 8x8 pixels, got {frames} x {size!r}")
+    rng = np.random.default_rng(seed)
+    clip = rng.integers(0, 256, size=(frames, height, width, 3), dtype=np.uint8)
+    colour = rng.integers(0, 256, size=3, dtype=np.uint8)
+    for t in range(frames):
+        y, x = (4 * t) % (height - 7), (6 * t) % (width - 7)
+        clip[t, y:y + 8, x:x + 8] = colour
+    return clip
+
+
+def _per_sample(values, count: int, what: str) -> list[list]:
+    if values is None:
+        return [[] for _ in range(count)]
+    if not isinstance(values, Sequence) or isinstance(values, str) or isinstance(values, np.ndarray):
+        values = [values]  # a single item for a single prompt
+    if len(values) != count:
+        raise ValueError(f"got {len(values)} {what} entries for {count} prompts")
+    return [[] if v is None else list(v) if isinstance(v, (list, tuple)) else [v] for v in values]
+
+
+def tiny_inputs(processor, images, prompts, padding_side: str = "left", videos=None):
     """Chat-format ``prompts`` and run ``processor`` on the batch; returns its ``BatchFeature`` (pt).
 
     ``prompts`` is a string or a list of strings; ``images`` is aligned with it: per sample a PIL
     image, a list of images, or ``None`` for a text-only sample (``images=None``: all text-only).
-    Each sample becomes one user turn holding one image placeholder per image followed by the
-    prompt, rendered with ``processor.apply_chat_template(..., add_generation_prompt=True)``. The
+    ``videos`` likewise (clips as ``[frames, H, W, 3]`` arrays, e.g. :func:`tiny_video`; video families).
+    Each sample becomes one user turn holding one placeholder per image, then one per video, followed by
+    the prompt, rendered with ``processor.apply_chat_template(..., add_generation_prompt=True)``. The
     batch is padded on ``padding_side`` (the processor's own default is left untouched).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
-    if images is None:
-        images = [None] * len(prompts)
-    elif not isinstance(images, Sequence) or isinstance(images, str):
-        images = [images]  # a single image for a single prompt
-    if len(images) != len(prompts):
-        raise ValueError(f"got {len(images)} image entries for {len(prompts)} prompts")
+    per_images = _per_sample(images, len(prompts), "image")
+    per_videos = _per_sample(videos, len(prompts), "video")
 
-    texts, flat_images = [], []
-    for sample_images, prompt in zip(images, prompts, strict=True):
-        if sample_images is None:
-            sample_images = []
-        elif not isinstance(sample_images, (list, tuple)):
-            sample_images = [sample_images]
-        content = [{"type": "image"} for _ in sample_images] + [{"type": "text", "text": prompt}]
+    texts, flat_images, flat_videos = [], [], []
+    for sample_images, sample_videos, prompt in zip(per_images, per_videos, prompts, strict=True):
+        content = ([{"type": "image"} for _ in sample_images] + [{"type": "video"} for _ in sample_videos]
+                   + [{"type": "text", "text": prompt}])
         messages = [{"role": "user", "content": content}]
         texts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
         flat_images.extend(sample_images)
+        flat_videos.extend(sample_videos)
 
     kwargs: dict[str, Any] = {
         "text": texts,
@@ -689,4 +715,6 @@ def tiny_inputs(processor, images, prompts, padding_side: str = "left"):
     }
     if flat_images:
         kwargs["images"] = flat_images
+    if flat_videos:
+        kwargs["videos"] = flat_videos
     return processor(**kwargs)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["overlay", "save_overlay"]
+__all__ = ["overlay", "save_overlay", "save_strip", "strip"]
 
 _KEPT = (40, 220, 90)
 _MERGED = (255, 150, 30)
@@ -67,11 +67,12 @@ def _vit_grid(model) -> int | None:
 
 
 def _panel(base: Image.Image, height: int, width: int, cells: np.ndarray, kept: np.ndarray, merged_into: bool,
-           merged: np.ndarray | None, title: str, outlines: bool = True) -> Image.Image:
+           merged: np.ndarray | None, title: str, outlines: bool = True, side: int = _PANEL,
+           title_height: int = _TITLE) -> Image.Image:
     """One panel: ``base`` resized so the long side is _PANEL px with a ``height x width`` token grid on top.
     ``cells`` (int [n], raster index) are the grid cells that are tokens, ``kept`` (bool [n]) which of them
     the stage kept, ``merged`` (bool [n] or None) which took a merged token; other cells are hatched."""
-    scale = _PANEL / max(height, width)
+    scale = side / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     picture = np.asarray(base.convert("RGB").resize(size, Image.NEAREST), dtype=np.float32).copy()
     state = np.full(height * width, -1)  # -1: no token, 0: pruned, 1: kept
@@ -87,14 +88,14 @@ def _panel(base: Image.Image, height: int, width: int, cells: np.ndarray, kept: 
     absent = pixel_state < 0
     stripes = ((np.arange(size[1])[:, None] + np.arange(size[0])[None, :]) // 4) % 2 == 0
     picture[absent] = np.where(stripes[absent][:, None], 200.0, 235.0)
-    canvas = Image.new("RGB", (size[0], size[1] + _TITLE), (255, 255, 255))
-    canvas.paste(Image.fromarray(picture.round().astype(np.uint8)), (0, _TITLE))
+    canvas = Image.new("RGB", (size[0], size[1] + title_height), (255, 255, 255))
+    canvas.paste(Image.fromarray(picture.round().astype(np.uint8)), (0, title_height))
     draw = ImageDraw.Draw(canvas)
 
     def outline(index: int, color, width_px: int) -> None:
         r, c = divmod(int(index), width)
-        draw.rectangle((c * scale, _TITLE + r * scale, (c + 1) * scale - 1, _TITLE + (r + 1) * scale - 1),
-                       outline=color, width=width_px)
+        draw.rectangle((c * scale, title_height + r * scale, (c + 1) * scale - 1,
+                        title_height + (r + 1) * scale - 1), outline=color, width=width_px)
 
     for index in cells[kept] if outlines else ():  # the input panel shows the picture itself
         outline(index, _KEPT, 1 if scale < 12 else 2)
@@ -102,7 +103,7 @@ def _panel(base: Image.Image, height: int, width: int, cells: np.ndarray, kept: 
         for index in cells[merged]:
             outline(index, _MERGED, 2)
     font = ImageFont.load_default()
-    for line_index, line in enumerate(title.split("\n")[:2]):
+    for line_index, line in enumerate(title.split("\n")[:max(1, (title_height - 4) // 13)]):
         draw.text((3, 2 + 13 * line_index), line, fill=(0, 0, 0), font=font)
     return canvas
 
@@ -246,4 +247,107 @@ def save_overlay(path: str | Path, model, inputs: dict[str, Any], image: Image.I
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     overlay(model, inputs, image, sample, processor, caption).save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ video strips
+
+_STRIP_PANEL = 120   # long side of one frame's panel
+_STRIP_COLUMNS = 8   # frames per row of the strip
+
+
+def strip(model, inputs: dict[str, Any], video, sample: int = 0, caption: str | None = None,
+          columns: int = _STRIP_COLUMNS) -> Image.Image:
+    """A PIL image of the visual tokens of the last pruned forward of ``model`` on a video, frame by frame.
+
+    One block per pruning stage of ``vtprune.stats(model)``; in a block one panel per frame (Qwen-VL: per temporal
+    group of 2 frames, drawn over its first frame), ``columns`` panels a row, each titled with the frame's time
+    and its kept / total tokens. Colours as in :func:`overlay`: kept tokens bright with a green outline, pruned
+    ones darkened, or tinted blue when the stage merged tokens (their content lives on in the merged ones), and
+    the places merged tokens took outlined orange. ``video``: the :class:`vtprune.video.Video` (or uint8 frames
+    [T, H, W, 3]) the inputs were made from.
+    """
+    from .adapters.base import adapter_for
+    from .api import stats as prune_stats
+
+    stats = prune_stats(model)
+    if not 0 <= sample < len(stats.samples):
+        raise IndexError(f"sample {sample} is not in the last batch ({len(stats.samples)} samples)")
+    sample_stats = stats.samples[sample]
+    layout = adapter_for(model).build_layouts(dict(inputs))[sample]
+    spans = [span for span in layout.images if getattr(span, "kind", "image") == "video"]
+    if not spans:
+        raise ValueError("this sample has no video tokens; use overlay() for images.")
+    span = spans[0]
+    frames = np.asarray(getattr(video, "frames", video))  # [T, H, W, 3]
+    per_group = max(1, round(len(frames) / len(span.groups)))
+    times = getattr(video, "timestamps", None)
+    span_times = getattr(span, "frame_times", None)
+    stages = list(sample_stats.stages)
+    if not stages:
+        raise ValueError("no pruning stage ran on this sample; nothing to draw.")
+    blocks, any_merged = [], False
+    for stage in stages:
+        kept_positions = stage.kept_positions.cpu()
+        anchors = getattr(stage, "merged_positions", None)
+        panels, kept_total = [], 0
+        for t, group in enumerate(span.groups):
+            positions = span.positions[group.members].cpu()  # [g]
+            kept = torch.isin(positions, kept_positions).numpy()
+            merged = torch.isin(positions, anchors.cpu()).numpy() if anchors is not None else None
+            kept_total += int(kept.sum())
+            first = min(t * per_group, len(frames) - 1)
+            if span_times is not None:
+                when = float(span_times[t])
+            elif times is not None:
+                when = float(times[first])
+            else:
+                when = None
+            label = (f"frames {first}-{first + per_group - 1}" if per_group > 1 else f"frame {first}") + \
+                (f", {when:.1f} s" if when is not None else "")
+            height, width = group.height, group.width
+            if not (height and width):
+                raise ValueError("the video tokens of this model have no 2-D grid per frame to draw.")
+            panels.append(_panel(Image.fromarray(frames[first]), height, width, np.arange(group.size), kept,
+                                 stage.merged > 0, merged, f"{label}\nkept {int(kept.sum())}/{group.size}",
+                                 side=_STRIP_PANEL))
+        total = sum(group.size for group in span.groups)
+        title = f"{stage.name} @L{stage.layer}: kept {kept_total}/{total} video tokens over {len(span.groups)} frames"
+        if per_group > 1:
+            title += f" ({per_group} frames per temporal group)"
+        if stage.merged:
+            title += f", +{stage.merged} merged tokens (blue: merged away)"
+            any_merged = True
+        blocks.append((title, panels))
+
+    gap = 4
+    width = max(min(len(p), columns) * (p[0].width + gap) for _, p in blocks) - gap
+    parts: list[Image.Image] = []
+    if caption:
+        parts.append(_caption(width, caption))
+    for title, panels in blocks:
+        parts.append(_caption(width, title))
+        for row_start in range(0, len(panels), columns):
+            row = panels[row_start:row_start + columns]
+            line = Image.new("RGB", (width, max(p.height for p in row) + gap), (255, 255, 255))
+            x = 0
+            for panel in row:
+                line.paste(panel, (x, 0))
+                x += panel.width + gap
+            parts.append(line)
+    parts.append(_legend(width, any_merged))
+    sheet = Image.new("RGB", (width, sum(p.height for p in parts)), (255, 255, 255))
+    y = 0
+    for part in parts:
+        sheet.paste(part, (0, y))
+        y += part.height
+    return sheet
+
+
+def save_strip(path: str | Path, model, inputs: dict[str, Any], video, sample: int = 0,
+               caption: str | None = None, columns: int = _STRIP_COLUMNS) -> Path:
+    """Write :func:`strip` to ``path`` (format from the suffix, e.g. .png) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    strip(model, inputs, video, sample, caption, columns).save(path)
     return path

@@ -179,7 +179,7 @@ class Adapter:
         found = {name for name, value in encoded.items() if value is not None and name in (IMAGE, VIDEO)}
         if call.get("pixel_values") is not None:
             found.add(IMAGE)
-        if call.get("pixel_values_videos") is not None:
+        if compat.video_pixels(call) is not None:
             found.add(VIDEO)
         return found
 
@@ -242,6 +242,19 @@ class Adapter:
         M-RoPE with ``rope_deltas``) return them here, since the pruned cache is shorter.
         """
         return None
+
+    # -- in-ViT stage (vtprune/engine/vit_stage.py) ------------------------------------------------------
+    def vit_layers(self) -> nn.ModuleList:
+        """The vision encoder's blocks an in-ViT method prunes between (CLIP / SigLIP towers)."""
+        from ..engine.vit_stage import QWEN_REFUSAL
+
+        if self.family.startswith("qwen"):
+            raise UnsupportedModelError(QWEN_REFUSAL)
+        raise UnsupportedModelError(f"in-ViT pruning is not supported on the {self.family} vision encoder.")
+
+    def vision_rows_per_image(self, call: dict[str, Any]) -> list[int]:
+        """Rows of the vision tower's batch per image of a vision call (base view + crops)."""
+        return [1] * int(call["pixel_values"].shape[0])
 
     # -- FLOPs -----------------------------------------------------------------------------------------
     def flops_inputs(self, layout: SampleLayout) -> dict[str, Any]:

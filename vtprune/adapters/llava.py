@@ -116,6 +116,26 @@ class _ClipLlavaAdapter(Adapter):
     def project(self, vision_hidden: torch.Tensor) -> torch.Tensor:
         return self.model.model.multi_modal_projector(vision_hidden)
 
+    # -- in-ViT stage ------------------------------------------------------------------------------
+    def vit_layers(self):
+        layers = self._vision_layers()
+        attn = layers[0].self_attn
+        if not all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "out_proj", "scale")) or not all(
+                hasattr(layers[0], name) for name in ("layer_norm1", "layer_norm2", "mlp")):
+            raise UnsupportedModelError(f"{type(layers[0]).__name__}: not a CLIP/SigLIP encoder layer; in-ViT "
+                                        "pruning needs one.")
+        self._feature_layer_index()  # a single feature layer (raises otherwise)
+        return layers
+
+    def vit_feature_index(self) -> int:
+        return self._feature_layer_index()
+
+    def vit_has_class_token(self) -> bool:
+        return self.config.vision_config.model_type == "clip_vision_model"
+
+    def vit_patch_offset(self, store: SignalStore) -> int:
+        return store.patch_offset
+
     # -- layout ------------------------------------------------------------------------------------
     def _split_spans(self, call, image_lengths: list[int], spans_builder) -> list[SampleLayout]:
         return split_image_spans(call["input_ids"], self.config.image_token_id, image_lengths, spans_builder)
@@ -157,6 +177,12 @@ class LlavaNextAdapter(_ClipLlavaAdapter):
 
     family = "llava_next"
     model_class_names = ("LlavaNextForConditionalGeneration",)
+
+    def vision_rows_per_image(self, call: dict[str, Any]) -> list[int]:
+        image_size_to_num_patches = compat.image_size_to_num_patches("llava_next")
+        return [image_size_to_num_patches(image_size=size, grid_pinpoints=self.config.image_grid_pinpoints,
+                                          patch_size=self.config.vision_config.image_size)
+                for size in call["image_sizes"]]
 
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:
         image_size_to_num_patches = compat.image_size_to_num_patches("llava_next")

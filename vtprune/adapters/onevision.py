@@ -1,4 +1,4 @@
-"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``), image path.
+"""LLaVA-OneVision (``LlavaOnevisionForConditionalGeneration``): images and videos.
 
 A SigLIP tower without CLS token, an MLP projector and a Qwen2 decoder (1-D RoPE). An image is the base view
 (27 x 27 tokens at 384 px) followed by the AnyRes crops packed as one unpadded grid with an image-newline
@@ -102,18 +102,19 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
 
     def end_capture(self, store: SignalStore) -> None:
         """Pack the per-crop signals like the features: tables indexed [image, token of the image's span]."""
-        names = [name for name in ("cls_attention", "vit_keys", "vit_hidden") if name in store]
+        names = [name for name in ("cls_attention", "vit_keys", "vit_hidden", "vit_size") if name in store]
+        scalar = ("cls_attention", "vit_size")  # one value per token (vit_size: the in-ViT stage's token sizes)
         if not names:
             return
         call = store.vision_call
         if store.modality == VIDEO:  # every frame pooled like its features: tables [videos * frames, n, ...]
             for name in names:
                 table = store[name].float()
-                column = table[..., None] if name == "cls_attention" else table  # [rows, P, c]
+                column = table[..., None] if name in scalar else table  # [rows, P, c]
                 pooled = compat.apply_video_pooling(self.model.model, column)  # [rows, n, c]
-                store[name] = (pooled[..., 0] if name == "cls_attention" else pooled).to(store[name].dtype)
+                store[name] = (pooled[..., 0] if name in scalar else pooled).to(store[name].dtype)
             return
-        columns = [store[name].float() if name != "cls_attention" else store[name].float()[..., None]
+        columns = [store[name].float() if name not in scalar else store[name].float()[..., None]
                    for name in names]  # each [crops, P, c]
         widths = [c.shape[-1] for c in columns]
         joined = torch.cat(columns, dim=-1)  # [crops, P, sum c]
@@ -122,7 +123,10 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
         table = _pad_rows(packed)  # [images, max n, sum c]
         for name, part in zip(names, torch.split(table, widths, dim=-1), strict=True):
             dtype = store[name].dtype
-            store[name] = (part[..., 0] if name == "cls_attention" else part).to(dtype)
+            store[name] = (part[..., 0] if name in scalar else part).to(dtype)
+
+    def vision_rows_per_image(self, call: dict[str, Any]) -> list[int]:
+        return self._crops_per_image(call)
 
     # -- layout --------------------------------------------------------------------------------------------
     def build_layouts(self, call: dict[str, Any]) -> list[SampleLayout]:

@@ -1,5 +1,5 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3-VL (``Qwen2VLForConditionalGeneration``, ``Qwen2_5_VLForConditionalGeneration``,
-``Qwen3VLForConditionalGeneration``), image path.
+``Qwen3VLForConditionalGeneration``): images and videos.
 
 What the three share: a ViT without CLS token that runs on all patches of all images as one packed sequence
 (attention per image), a ``PatchMerger`` that turns every 2 x 2 group of patches (consecutive in the ViT
@@ -179,7 +179,10 @@ class _QwenVLAdapter(Adapter):
         if seconds is None:
             return [None] * videos
         values = seconds.tolist() if torch.is_tensor(seconds) else list(seconds)
-        return [float(v) for v in values] if len(values) == videos else [None] * videos
+        if not videos or len(values) % videos:
+            return [None] * videos
+        # generate() with beams / several returned sequences repeats every entry r times (rows of a sample)
+        return [float(v) for v in values[::len(values) // videos]]
 
     # -- signals ---------------------------------------------------------------------------------------
     def _merged_lengths(self, store: SignalStore) -> list[int]:

@@ -326,18 +326,29 @@ def _vit_seq_len(vc: Any) -> tuple[int, int]:
     return patches, patches + cls
 
 
-def _vit_flops(vc: Any, num_images: int) -> int:
+def _vit_flops(vc: Any, num_images: int, layer_lengths: Sequence[Sequence[int]] | None = None) -> int:
+    """``layer_lengths``: per input, the tokens entering each encoder layer (in-ViT pruning); None: all."""
     patches, seq = _vit_seq_len(vc)
     dim, mlp = int(vc.hidden_size), int(vc.intermediate_size)
     ph, pw = _pair(vc.patch_size)
-    per_image = _linear(patches, int(vc.num_channels) * ph * pw, dim)  # patch-embedding conv
-    per_image += int(vc.num_hidden_layers) * _vit_layer(seq, dim, mlp)
-    if _model_type(vc) == "siglip_vision_model" and getattr(vc, "vision_use_head", False):
-        # SiglipMultiheadAttentionPoolingHead: one probe query; nn.MultiheadAttention projects q (1 token)
-        # and k, v (seq tokens), attends, out-projects, then an MLP on the probe token
-        per_image += _linear(1, dim, dim) + _linear(seq, dim, 2 * dim) + _attention(1, seq, 1, dim)
-        per_image += _linear(1, dim, dim) + 2 * _linear(1, dim, mlp)
-    return num_images * per_image
+    num_layers = int(vc.num_hidden_layers)
+    if layer_lengths is None:
+        layer_lengths = [[seq] * num_layers] * num_images
+    if len(layer_lengths) != num_images or any(len(row) != num_layers for row in layer_lengths):
+        raise ValueError(f"vit_layer_lengths needs {num_images} rows of {num_layers} per-layer token counts")
+    total = 0
+    for row in layer_lengths:
+        total += _linear(patches, int(vc.num_channels) * ph * pw, dim)  # patch-embedding conv
+        for n in row:  # an int, or (tokens through attention, tokens through the MLP) when a block merged
+            a, m = (int(n), int(n)) if isinstance(n, int) else (int(n[0]), int(n[1]))
+            total += _linear(a, dim, 4 * dim) + _attention(a, a, 1, dim) + 2 * _linear(m, dim, mlp)
+        if _model_type(vc) == "siglip_vision_model" and getattr(vc, "vision_use_head", False):
+            # SiglipMultiheadAttentionPoolingHead: one probe query; nn.MultiheadAttention projects q (1 token)
+            # and k, v (the last layer's tokens), attends, out-projects, then an MLP on the probe token
+            last = (row[-1] if isinstance(row[-1], int) else row[-1][1]) if row else seq
+            total += _linear(1, dim, dim) + _linear(last, dim, 2 * dim) + _attention(1, last, 1, dim)
+            total += _linear(1, dim, dim) + 2 * _linear(1, dim, mlp)
+    return total
 
 
 def _qwen_window_lengths(h: int, w: int, vc: Any) -> list[int]:
@@ -403,8 +414,14 @@ def vision_flops(
     num_images: int | None = None,
     *,
     grid_thw: Sequence[Sequence[int]] | None = None,
+    vit_layer_lengths: Sequence[Sequence[int]] | None = None,
 ) -> int:
     """FLOPs of the vision encoder (patch embedding + every encoder layer that runs), without projector.
+
+    ``vit_layer_lengths`` (CLIP / SigLIP towers): per vision input, the number of tokens entering each encoder
+    layer when an in-ViT method reduced them, or ``(attention tokens, MLP tokens)`` for a block that merged
+    between its attention and its MLP (ToMe) (merging and pruning cost nothing here: they are O(t·c)
+    comparisons and gathers next to the blocks' matrix products); None = every layer on all tokens.
 
     * LLaVA families (``llava``, ``llava_next``, ``llava_onevision``): ``num_images`` is the number of
       vision-tower inputs (LLaVA-1.5: images; LLaVA-NeXT/OneVision: base + crops of all images).
@@ -430,7 +447,7 @@ def vision_flops(
     if num_images is None:
         raise ValueError("num_images is required")
     _check_nonneg(num_images=num_images)
-    return _vit_flops(vc, int(num_images))
+    return _vit_flops(vc, int(num_images), vit_layer_lengths)
 
 
 def vision_tokens_per_input(model_config: Any) -> int:
@@ -487,6 +504,7 @@ def model_prefill_flops(
     logits_positions: int,
     *,
     grid_thw: Sequence[Sequence[int]] | None = None,
+    vit_layer_lengths: Sequence[Sequence[int]] | None = None,
 ) -> FlopsBreakdown:
     """FLOPs of one (possibly pruned) prefill forward of a VLM, split by component.
 
@@ -494,7 +512,8 @@ def model_prefill_flops(
     inputs (see :func:`vision_flops`); ``num_projected_tokens``: vision features through the projector
     (see :func:`projector_flops`); ``logits_positions``: positions the LM head is applied to (all
     positions for ``model(**inputs)``, 1 for ``generate``'s prefill). Qwen-VL families also need
-    ``grid_thw`` (``num_vision_inputs`` must then equal ``len(grid_thw)``). Pass ``num_vision_inputs=0``,
+    ``grid_thw`` (``num_vision_inputs`` must then equal ``len(grid_thw)``); an in-ViT stage passes
+    ``vit_layer_lengths`` (see :func:`vision_flops`). Pass ``num_vision_inputs=0``,
     ``num_projected_tokens=0`` (and no/empty ``grid_thw``) for a text-only forward.
     """
     mt = _composite_type(model_config)
@@ -503,7 +522,8 @@ def model_prefill_flops(
             model_config, num_vision_inputs, grid_thw=grid_thw if grid_thw is not None else []
         )
     else:
-        vision = vision_flops(model_config, num_vision_inputs, grid_thw=grid_thw)
+        vision = vision_flops(model_config, num_vision_inputs, grid_thw=grid_thw,
+                              vit_layer_lengths=vit_layer_lengths)
     return FlopsBreakdown(
         vision=vision,
         projector=projector_flops(model_config, num_projected_tokens),

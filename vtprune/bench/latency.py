@@ -508,12 +508,20 @@ def measure_paired(
 # ------------------------------------------------------------------------------------------- native-K
 
 
-def _image_token_id(config: Any) -> int:
-    for name in ("image_token_id", "image_token_index"):
+def _is_video(inputs: dict[str, Any]) -> bool:
+    """Whether the visual input of ``inputs`` is a video (``pixel_values_videos``, no image pixels)."""
+    return inputs.get("pixel_values_videos") is not None and inputs.get("pixel_values") is None
+
+
+def _image_token_id(config: Any, video: bool = False) -> int:
+    """The placeholder id of an image (or, with ``video``, of a video) in the input ids."""
+    names = ("video_token_id", "video_token_index") if video else ("image_token_id", "image_token_index")
+    for name in names:
         value = getattr(config, name, None)
         if value is not None:
             return int(value)
-    raise ValueError(f"{type(config).__name__} has no image_token_id; native-K needs the image placeholder id")
+    kind = "video" if video else "image"
+    raise ValueError(f"{type(config).__name__} has no {kind}_token_id; native-K needs the {kind} placeholder id")
 
 
 def _language_parts(model: nn.Module):
@@ -533,10 +541,11 @@ def native_k_inputs(model: nn.Module, inputs: dict[str, Any], k: int) -> dict[st
     Keeps every text token and the first ``k`` image placeholders of each sample (batch rows must hold the
     same number of image tokens), with their embeddings; the vision features are filled in by
     :func:`native_k_prefill`. Returns ``input_ids`` [B, L'], ``attention_mask`` [B, L'] and ``visual`` [B, L']
-    (bool, the kept placeholder columns).
+    (bool, the kept placeholder columns). A video input (``pixel_values_videos``) keeps the first ``k`` video
+    placeholders: its first frames (frame-major order).
     """
     ids = inputs["input_ids"]
-    is_image = ids == _image_token_id(model.config)
+    is_image = ids == _image_token_id(model.config, video=_is_video(inputs))
     counts = is_image.sum(-1)
     if bool((counts != counts[0]).any()):
         raise ValueError("native-K needs the same number of image tokens in every row of the batch")
@@ -566,13 +575,15 @@ def native_k_prefill(model: nn.Module, inputs: dict[str, Any], k: int) -> Callab
     """A function running the native-K prefill of ``model`` on ``inputs`` (see the module docstring).
 
     The returned callable runs: the model's own ``get_image_features`` on the full image (vision tower +
-    projector, same cost as in the pruned and the unpruned forward), the input embedding of the shortened
-    sequence with the first ``k`` feature rows of each sample in its visual slots, the decoder with a fresh
-    KV cache, and the LM head on the last position. It returns the last-position logits.
+    projector, same cost as in the pruned and the unpruned forward; for a video ``get_video_features`` on every
+    frame, incl. OneVision's pooling), the input embedding of the shortened sequence with the first ``k``
+    feature rows of each sample in its visual slots, the decoder with a fresh KV cache, and the LM head on the
+    last position. It returns the last-position logits.
     """
     lm, lm_head, embed = _language_parts(model)
     core = getattr(model, "model", model)
-    get_features = getattr(core, compat.IMAGE_FEATURES, None) or getattr(model, compat.IMAGE_FEATURES)
+    entry = compat.VIDEO_FEATURES if _is_video(inputs) else compat.IMAGE_FEATURES
+    get_features = getattr(core, entry, None) or getattr(model, entry)
     accepted = set(inspect.signature(get_features).parameters)
     vision_kwargs = {name: value for name, value in inputs.items()
                      if name in accepted and name not in ("input_ids", "attention_mask")}

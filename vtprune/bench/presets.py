@@ -14,6 +14,15 @@ processor is the family's real processor class around the local tokenizer of :mo
 the placeholder expansion (AnyRes crops, unpadding, Qwen's dynamic resolution) is the real one; the
 special-token ids of the config are remapped to that tokenizer (shapes are untouched).
 
+A preset may also carry the shape of a video input (``"video"``)::
+
+    "video": {"frames": 32, "frame_size": [384, 384], "fps": 1.0, "max_pixels": null, "notes": "..."}
+
+``frames``: sampled frames (``vtprune bench --video-frames N`` overrides it); ``frame_size``: (height, width) of each
+decoded frame; ``fps``: the sampling rate the frames stand for (it sets the metadata the processor reads: Qwen2.5-VL's
+``second_per_grid_ts``); ``max_pixels``: Qwen-VL's per-frame pixel cap of the video processor. :func:`preset_inputs`
+with ``video_frames`` builds a random clip of that shape through the real video processor.
+
 Random weights give meaningless answers: accuracy is never reported for a preset (the benchmark refuses).
 """
 
@@ -30,7 +39,8 @@ import torch
 from .. import compat
 from ..errors import VTPruneError
 
-__all__ = ["Preset", "preset_dir", "list_presets", "load_preset", "build_preset", "preset_inputs"]
+__all__ = ["Preset", "preset_dir", "list_presets", "load_preset", "build_preset", "preset_inputs", "preset_video",
+           "preset_video_inputs", "video_frames_default"]
 
 _MODEL_CLASSES = {
     "llava": ("LlavaForConditionalGeneration", "LlavaConfig"),
@@ -52,6 +62,7 @@ class Preset:
     reference: str | None = None
     notes: str = ""
     path: Path | None = None
+    video: dict[str, Any] | None = None  # the video input shape (see the module docstring), None: images only
 
     def hf_config(self):
         """The transformers config object (token ids as in the file)."""
@@ -87,7 +98,19 @@ def load_preset(name_or_path: str | Path) -> Preset:
         raise VTPruneError(f"preset {path.name}: family {family!r} is not one of {', '.join(_MODEL_CLASSES)}.")
     return Preset(name=data["name"], family=family, config=data["config"], dtype=data.get("dtype", "bfloat16"),
                   image_size=tuple(data.get("image_size", (336, 336))), prompt_tokens=int(data.get("prompt_tokens", 64)),
-                  reference=data.get("reference"), notes=data.get("notes", ""), path=path)
+                  reference=data.get("reference"), notes=data.get("notes", ""), path=path,
+                  video=_check_video_shape(path.name, data.get("video")))
+
+
+def _check_video_shape(name: str, video: Any) -> dict[str, Any] | None:
+    if video is None:
+        return None
+    frames, size = video.get("frames"), video.get("frame_size")
+    if not (isinstance(frames, int) and frames >= 1 and isinstance(size, list) and len(size) == 2
+            and all(isinstance(v, int) and v > 0 for v in size)):
+        raise VTPruneError(f"preset {name}: 'video' needs frames (int >= 1) and frame_size [height, width], got "
+                           f"{video!r}.")
+    return dict(video)
 
 
 def _local_tokenizer(family: str):
@@ -121,14 +144,18 @@ def _remap_token_ids(family: str, config: dict[str, Any], tokenizer) -> dict[str
     return config
 
 
-def _qwen_processor_limits(processor, image_size: tuple[int, int]) -> None:
-    """Let the Qwen image processor keep the preset's image size (the local processor is set up for tiny
-    images)."""
+def _qwen_processor_limits(processor, image_size: tuple[int, int], video: dict[str, Any] | None = None) -> None:
+    """Let the Qwen image processor keep the preset's image size, and the video processor its frames up to the
+    preset's per-frame ``max_pixels`` (the local processor is set up for tiny images)."""
     pixels = image_size[0] * image_size[1]
-    for target in (processor.image_processor,):
-        target.size = {"shortest_edge": min(pixels, 56 * 56), "longest_edge": max(pixels, 56 * 56)}
+    limits = [(processor.image_processor, pixels)]
+    if video is not None:
+        frame = video["frame_size"][0] * video["frame_size"][1]
+        limits.append((processor.video_processor, video.get("max_pixels") or frame))
+    for target, most in limits:
+        target.size = {"shortest_edge": min(most, 56 * 56), "longest_edge": max(most, 56 * 56)}
         for attr in ("min_pixels", "max_pixels"):
-            if hasattr(target, attr):
+            if getattr(target, attr, None) is not None:
                 setattr(target, attr, target.size["shortest_edge" if attr == "min_pixels" else "longest_edge"])
 
 
@@ -169,7 +196,7 @@ def build_preset(preset: str | Preset, *, dtype: str | torch.dtype | None = None
     gen.do_sample = False
     processor = _build_processor(preset.family, tokenizer, model.config)
     if preset.family.startswith("qwen"):
-        _qwen_processor_limits(processor, preset.image_size)
+        _qwen_processor_limits(processor, preset.image_size, preset.video)
     return model, processor
 
 
@@ -184,13 +211,18 @@ def _prompt_text(tokens: int) -> str:
 
 
 def preset_inputs(preset: str | Preset, processor, *, batch: int = 1, seed: int = 0,
-                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+                  device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+                  video_frames: int | None = None):
     """A benchmark input: ``batch`` copies of one random image at the preset's ``image_size`` with a chat
-    prompt of about ``prompt_tokens`` text tokens, through the real processor."""
+    prompt of about ``prompt_tokens`` text tokens, through the real processor. With ``video_frames``, a random
+    clip of that many frames at the preset's video ``frame_size`` instead of the image (:func:`preset_video`)."""
     from PIL import Image
 
     if not isinstance(preset, Preset):
         preset = load_preset(preset)
+    if video_frames is not None:
+        return preset_video_inputs(preset, processor, video_frames, batch=batch, seed=seed, device=device,
+                                   dtype=dtype)
     height, width = preset.image_size
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
@@ -201,3 +233,48 @@ def preset_inputs(preset: str | Preset, processor, *, batch: int = 1, seed: int 
     if dtype is not None and "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return inputs
+
+
+def video_frames_default(preset: str | Preset) -> int:
+    """The preset's own frame count (its ``video.frames``); a clear error for an image-only preset."""
+    if not isinstance(preset, Preset):
+        preset = load_preset(preset)
+    if preset.video is None:
+        with_video = [name for name in list_presets() if load_preset(name).video is not None]
+        raise VTPruneError(f"preset {preset.name!r} has no video shape; video presets: {', '.join(with_video)}.")
+    return int(preset.video["frames"])
+
+
+def preset_video(preset: str | Preset, frames: int | None = None, seed: int = 0):
+    """A random clip in the preset's video shape: a :class:`vtprune.video.Video` of ``frames`` (default: the
+    preset's) uint8 frames at ``frame_size``, with transformers' metadata as if sampled at the preset's ``fps``
+    (default 1 frame per second) from a clip of exactly those frames."""
+    from ..video import Video
+
+    if not isinstance(preset, Preset):
+        preset = load_preset(preset)
+    count = video_frames_default(preset) if frames is None else int(frames)
+    if count < 1:
+        raise VTPruneError(f"video frames must be >= 1, got {frames!r}.")
+    height, width = preset.video["frame_size"]
+    fps = float(preset.video.get("fps") or 1.0)
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(count, height, width, 3), dtype=np.uint8)
+    metadata = compat.video_metadata(total_num_frames=count, fps=fps, duration=count / fps, height=height,
+                                     width=width, frames_indices=list(range(count)), video_backend="synthetic")
+    return Video(frames=pixels, metadata=metadata, path=Path(f"{preset.name}-random-{count}-frames"))
+
+
+def preset_video_inputs(preset: str | Preset, processor, frames: int | None = None, *, batch: int = 1,
+                        seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """``batch`` copies of one random clip (:func:`preset_video`) with the preset's benchmark prompt, through
+    the real processor (video placeholders expanded by it: OneVision 196 tokens per 384 px frame + 1 newline,
+    Qwen-VL one group of merged tokens per 2 frames)."""
+    from ..video import video_inputs
+
+    if not isinstance(preset, Preset):
+        preset = load_preset(preset)
+    clip = preset_video(preset, frames, seed=seed)
+    prompt = _prompt_text(preset.prompt_tokens)
+    return video_inputs(processor, [clip] * batch, [prompt] * batch, padding_side="left", device=device,
+                        dtype=dtype)

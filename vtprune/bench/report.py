@@ -77,6 +77,7 @@ def summarize(row: dict[str, Any]) -> dict[str, Any]:
         "model": row["model"], "method": _method_label(row),
         "budget": "full" if row["budget"] is None else row["budget"],
         "task": row["task"], "status": row.get("status"), "stage": row.get("stage"),
+        "video_frames": (row.get("bench") or {}).get("video_frames"),
         "visual_tokens": row.get("visual_tokens"), "equivalent_tokens": row.get("equivalent_tokens"),
         "gflops": None if flops is None else flops / 1e9,
         "accuracy": row.get("accuracy"), "accuracy_stderr": row.get("accuracy_stderr"),
@@ -125,8 +126,8 @@ def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[
     """(key, header, format) of the columns that have data."""
     skills = [s for s in SKILL_ORDER if any(f"acc_{s}" in r for r in records)]
     skills += sorted({k[4:] for r in records for k in r if k.startswith("acc_")} - set(skills))
-    columns = [("model", "model", "model"), ("method", "method", "s"), ("budget", "budget", "s"),
-               ("equivalent_tokens", "eq. tokens", ".1f"), ("gflops", "prefill GFLOPs", ".4g")]
+    columns = [("model", "model", "model"), ("video_frames", "video frames", "s"), ("method", "method", "s"),
+               ("budget", "budget", "s"), ("equivalent_tokens", "eq. tokens", ".1f"), ("gflops", "prefill GFLOPs", ".4g")]
     if any(r.get("accuracy") is not None for r in records):
         columns += [("accuracy", "acc %", "pct"), ("accuracy_stderr", "± (s.e.)", "pct")]
         columns += [(f"acc_{s}", s, "pct") for s in skills]
@@ -140,6 +141,8 @@ def _columns(records: Sequence[dict[str, Any]], task: str | None) -> list[tuple[
                 ("decode_ratio_cpu", "decode ratio (CPU)", ".3f"),
                 ("kv_mib", "KV MiB", ".2f"), ("kv_expected_mib", "KV expected MiB", ".2f"),
                 ("kv_ratio", "KV ratio", ".3f"), ("peak_mib", "peak MiB", ".0f"), ("tensor_peak_mib", "tensor peak MiB", ".0f"), ("load", "load", ".2f")]
+    if any(r.get("video_frames") is not None for r in records):  # video rows: the clip's visual tokens too
+        columns.insert(4, ("visual_tokens", "visual tokens", "s"))
     return [c for c in columns if c[0] in ("model", "method", "budget") or any(r.get(c[0]) is not None for r in records)]
 
 
@@ -222,7 +225,8 @@ def compact_table(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[li
         measured = r.get("speedup")
         speedup = f"{measured:.2f}" if measured is not None else (
             f"{r['flops_speedup']:.2f} F" if r.get("flops_speedup") is not None else "")
-        body.append([_short_model(r["model"]), r["method"], str(r["budget"]), _fmt(r.get("equivalent_tokens"), ".1f"),
+        frames = f" ({r['video_frames']} frames)" if r.get("video_frames") is not None else ""
+        body.append([_short_model(r["model"]) + frames, r["method"], str(r["budget"]), _fmt(r.get("equivalent_tokens"), ".1f"),
                      *([acc] if has_acc else []), _fmt(r.get("gflops"), ".3f"),
                      *([_fmt(r.get("prefill_ms"), ".1f")] if has_ms else []), speedup])
     return headers, body

@@ -114,6 +114,7 @@ class SweepOptions:
     method_options: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> options
     trust_remote_code: bool = False    # passed to from_pretrained for model directories (never prompts)
     config: str | None = None          # the sweep config file the run came from (recorded, not a result key)
+    video_frames: int | None = None    # latency: a video input of this many frames instead of an image
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,8 +124,9 @@ class SweepOptions:
         checks = (("limit", self.limit, 1, "the first N questions, or None for all"), ("batch_size", self.batch_size, 1, ""),
                   ("repeats", self.repeats, 1, ""), ("warmup", self.warmup, 0, ""),
                   ("new_tokens", self.new_tokens, 1, ""), ("threads", self.threads, 1, "or None for torch's default"))
+        checks += (("video_frames", self.video_frames, 1, "or None for an image input"),)
         for name, value, lowest, hint in checks:
-            if value is None and name in ("limit", "threads"):
+            if value is None and name in ("limit", "threads", "video_frames"):
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
                 raise VTPruneError(f"bench setting {name}={value!r} must be an int >= {lowest}"
@@ -138,7 +140,7 @@ class SweepOptions:
 #: settings that change the result of every cell / of the cells of one task (see :func:`result_key`)
 _COMMON_SETTINGS = ("device", "dtype", "seed")
 _TASK_SETTINGS = {"synth": ("limit", "batch_size"), "synth_video": ("limit", "batch_size"),
-                  "latency": ("repeats", "warmup", "new_tokens", "threads", "native", "paired")}
+                  "latency": ("repeats", "warmup", "new_tokens", "threads", "native", "paired", "video_frames")}
 
 
 def model_spec(model: str) -> str:
@@ -408,7 +410,7 @@ _MODEL_CACHE: dict[tuple, LoadedModel] = {}
 
 def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
     """Load (once per process) the model of a cell."""
-    key = (spec, options.device, options.dtype, options.seed)
+    key = (spec, options.device, options.dtype, options.seed, options.video_frames)
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key]
     _MODEL_CACHE.clear()  # one model resident at a time
@@ -420,9 +422,11 @@ def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
         preset = load_preset(spec.split(":", 1)[1])
         dtype = options.dtype or preset.dtype
         model, processor = build_preset(preset, dtype=dtype, device=options.device, seed=options.seed)
-        inputs = preset_inputs(preset, processor, device=options.device, dtype=getattr(torch, dtype))
-        loaded = LoadedModel(spec, model, processor, f"{preset.name} (random weights, real shapes)", True, dtype,
-                             preset=preset, bench_inputs=inputs)
+        inputs = preset_inputs(preset, processor, device=options.device, dtype=getattr(torch, dtype),
+                               video_frames=options.video_frames)
+        what = "" if options.video_frames is None else f", a random {options.video_frames}-frame video"
+        loaded = LoadedModel(spec, model, processor, f"{preset.name} (random weights, real shapes{what})", True,
+                             dtype, preset=preset, bench_inputs=inputs)
     else:
         dtype = options.dtype or "float32"
         model, processor, description = load_model(spec, dtype=dtype, device=options.device,
@@ -430,7 +434,8 @@ def load_for_bench(spec: str, options: SweepOptions) -> LoadedModel:
         if spec.startswith("tiny:"):
             model = model.to(getattr(torch, dtype))
         loaded = LoadedModel(spec, model, processor, description, spec.startswith("tiny:"), dtype)
-        loaded.bench_inputs = _synth_inputs(loaded, options)
+        loaded.bench_inputs = _synth_inputs(loaded, options) if options.video_frames is None \
+            else _clip_inputs(loaded, options)
         _warm_up(loaded)
     _MODEL_CACHE[key] = loaded
     return loaded
@@ -490,6 +495,17 @@ def _synth_inputs(loaded: LoadedModel, options: SweepOptions):
     return inputs
 
 
+def _clip_inputs(loaded: LoadedModel, options: SweepOptions):
+    """``options.video_frames`` frames of the first shipped synthetic clip and its question, as the latency input
+    of a (non-preset) model."""
+    from ..video import load_video, shipped_clips, video_inputs
+
+    clip = shipped_clips()[0]
+    video = load_video(clip["path"], num_frames=options.video_frames)
+    return video_inputs(loaded.processor, video, clip["question"], device=options.device,
+                        dtype=getattr(torch, loaded.dtype))
+
+
 # ------------------------------------------------------------------------------------------ one cell
 
 
@@ -509,6 +525,7 @@ def _stats_summary(stats) -> dict[str, Any]:
         "visual_lengths": list(sample.visual_lengths),
         "kept": [len(stage.kept_positions) for stage in sample.stages],
         "merged": [stage.merged for stage in sample.stages],
+        "frame_kept": getattr(sample, "frame_kept", None),
         "flops": sample.flops,
         "flops_unpruned": sample.flops_unpruned,
     }

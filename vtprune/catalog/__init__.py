@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them."""
 
-from . import in_llm, pre_llm  # noqa: F401
+from . import in_llm, in_vit, pre_llm  # noqa: F401

@@ -31,7 +31,8 @@ def _require_grid(method: str, group: VisualGroup) -> tuple[int, int]:
 class RandomPrune(Method):
     """Random subset of the visual tokens (seeded) — a strong baseline that every table should report.
 
-    Default budget 64 tokens per image; ``seed=0``.
+    Default budget 64 tokens per image; ``seed=0``. Video: per frame (each frame its own seeded subset of an
+    even share of the clip's budget), the usual random-pruning baseline of the video papers.
     """
 
     name = "random"
@@ -45,7 +46,10 @@ class RandomPrune(Method):
 
 @register_method
 class UniformGrid(Method):
-    """Uniform spatial sub-grid of the patch grid (exactly ``k`` tokens spread evenly). Baseline; default 64."""
+    """Uniform spatial sub-grid of the patch grid (exactly ``k`` tokens spread evenly). Baseline; default 64.
+
+    Video: the same sub-grid in every frame (per frame, an even share of the clip's budget; spatial
+    downsampling of each frame)."""
 
     name = "uniform"
     paper = "baseline"
@@ -64,7 +68,8 @@ class AveragePool(Method):
     token takes the position of its window's top-left patch; default positions ``compact`` (as if the image
     had been smaller: on Qwen's M-RoPE exactly the rope index of an image with the pooled grid). The window
     means are returned as merge weights, so Qwen3-VL's deepstack features are pooled the same way. Default 64
-    tokens per image.
+    tokens per image. Video: every frame pooled to its even share of the clip's budget (what LLaVA-Video's
+    per-frame pooling does, to a smaller grid).
     """
 
     name = "pool"
@@ -95,7 +100,9 @@ class UniformFrames(Method):
     frame keeps the middle frame's uniform spatial sub-grid of k tokens (the ``uniform`` baseline on that
     frame), so every budget is honoured. Positions ``compact`` by default (as if the shorter clip had been the
     input; on Qwen's M-RoPE a dropped temporal group leaves its time gap, since temporal ids keep their offsets).
-    Images (one frame): the ``uniform`` sub-grid. Default budget 0.25 of the clip.
+    Qwen3-VL's timestamp text of a dropped frame stays (text is never pruned). Unlike sampling fewer frames
+    before the encoder, the vision tower still runs on every frame. Images (one frame): the ``uniform``
+    sub-grid. Default budget 0.25 of the clip.
     """
 
     name = "frames"
@@ -151,6 +158,9 @@ class FasterVLM(Method):
     eager attention. Qwen-VL: one LLM token is a 2×2 PatchMerger group, so its score is the mean of its 4
     patches' scores; Qwen2.5-VL's windowed block order (``window_index``) is undone first. LLaVA-OneVision:
     scores are packed like the features (a downsampled AnyRes grid gets the interpolated scores of its tokens).
+    Video (no official code): per frame, top-k of that frame's scores for an even share of the clip's budget
+    (scores from the ViT run on the video: Qwen attends within each temporal group; OneVision frames are scored
+    like base views and the scores pooled 2x2 like the features).
     """
 
     name = "fastervlm"
@@ -207,6 +217,10 @@ class VisionZip(Method):
     order; the hidden state merged is the merger's input (the 4 patch states concatenated) and contextual
     tokens are projected by the PatchMerger. The merge is returned as weights (target 1, assigned tokens
     1/count), which Qwen3-VL's deepstack features follow.
+
+    Video: per frame, dominant + contextual tokens from an even share of the clip's budget (split 54:10), as the
+    video port of VisionZip in cokeshao/HoliTom (``visionzip/``) selects per frame on LLaVA-OneVision /
+    LLaVA-Video; the scores are the mean received attention of the frame's tokens.
     """
 
     name = "visionzip"

@@ -84,10 +84,7 @@ class ImageSpan:
         if self.is_video:
             for t, group in enumerate(self.groups):
                 frame[group.members] = t
-            content = torch.zeros(self.num_tokens, dtype=torch.bool)
-            for group in self.groups:
-                content[group.members] = True
-            frame = torch.cummax(torch.where(content, frame, torch.zeros_like(frame)), 0).values
+            frame = torch.cummax(frame, 0).values  # frames come in order: a structural token takes the one before
         return frame
 
     @property

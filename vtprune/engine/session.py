@@ -32,8 +32,9 @@ from ..engine.positions import layer_rows
 from ..engine.sequence import PrunedBatch, SamplePlan, assemble
 from ..engine.side_inputs import MergedRows, gather_side_rows, merged_side_rows, visual_row_index
 from ..engine.timing import section
+from ..engine.vit_stage import SIZE_TABLE, VitStage, check_composition
 from ..errors import SilentlyUnprunedError, UnsupportedModelError, VTPruneError
-from ..registry import IN_LLM, PRE_LLM, Method, Selection, VideoClip, VisualGroup
+from ..registry import IN_LLM, IN_VIT, PRE_LLM, VIDEO_POLICIES, Method, Selection, VideoClip, VisualGroup
 from ..stats import PruneStats, SampleStats, StageStats
 
 SESSION_ATTRIBUTE = "_vtprune_session"
@@ -87,6 +88,14 @@ class _MergeRecord:
     weights: torch.Tensor | None    # [m, N] or None when the method gave none
 
 
+def _alive_subgroup(group: TokenGroup, alive: torch.Tensor) -> TokenGroup:
+    """The tokens of ``group`` still alive after an in-ViT stage (a grid only when all are)."""
+    keep = alive[group.members]
+    if bool(keep.all()):
+        return group
+    return TokenGroup(group.members[keep], None, None, group.vision_row[keep], group.patch_index[keep])
+
+
 def _set_frame_kept(sample: SampleStats, layout: SampleLayout, source: torch.Tensor,
                     merged: torch.Tensor | None) -> None:
     """``sample.frame_kept``: per frame of the sample's videos, the tokens of the final sequence that are its kept
@@ -99,14 +108,10 @@ def _set_frame_kept(sample: SampleStats, layout: SampleLayout, source: torch.Ten
         merged = torch.zeros_like(source, dtype=torch.bool)
     counts, frames = [], []
     for video in videos:
-        frame = video.frame_of()
-        content = torch.zeros(video.num_tokens, dtype=torch.bool)
-        for group in video.groups:
-            content[group.members] = True
         inside = torch.isin(source, video.positions)
         span_index = torch.searchsorted(video.positions, source[inside])
-        counted = content[span_index] | merged[inside]
-        per_frame = torch.bincount(frame[span_index][counted], minlength=video.num_frames)
+        counted = ~video.structural[span_index] | merged[inside]  # kept content tokens, merged tokens
+        per_frame = torch.bincount(video.frame_of()[span_index][counted], minlength=video.num_frames)
         counts.extend(int(c) for c in per_frame)
         frames.append(video.num_frames)
     sample.frame_kept, sample.video_frames = counts, frames
@@ -210,6 +215,9 @@ class PruneSession:
             )
         if layer and pre and methods.index(layer[0]) < methods.index(pre[0]):
             raise VTPruneError("list the pre-LLM method before the in-LLM method when composing.")
+        vit = [m for m in methods if m.stage == IN_VIT]
+        check_composition(vit, methods, adapter)
+        self.vit_method = vit[0] if vit else None
         self.pre_method = pre[0] if pre else None
         self.layer_method = layer[0] if layer else None
         self._local = _CallState()
@@ -219,6 +227,8 @@ class PruneSession:
         self.store.wanted |= self._optional
         for m in methods:
             adapter.check_signals(set(m.signals), m.name)
+        #: the in-ViT stage (None without an in-ViT method); refuses unsupported towers here, before installing
+        self.vit_stage = VitStage(self.vit_method, adapter, self.store, self) if self.vit_method is not None else None
         self._handles: list[Any] = []
         self._signature = inspect.signature(model.forward)
         self._flops_warned = False
@@ -239,6 +249,8 @@ class PruneSession:
         try:
             lm = self.adapter.language_model
             self._wrap_vision_entry_points()
+            if self.vit_stage is not None:
+                self._wrapped += self.vit_stage.install()
             self._wrap_side_input_injector()
             self._handles += [
                 self.model.register_forward_pre_hook(self._on_model_call, with_kwargs=True),
@@ -292,6 +304,13 @@ class PruneSession:
         if store.depth:
             return original(*args, **kwargs)
         self.adapter.begin_capture(call, store, modality)
+        if self.vit_stage is not None:
+            if modality == VIDEO:
+                raise UnsupportedModelError(
+                    f"the in-ViT method {self.vit_method.name!r} prunes images only; a video reached the vision "
+                    "encoder. Use a pre-LLM or in-LLM method for videos."
+                )
+            self.vit_stage.begin(call)
         store.depth += 1
         try:
             output = original(*args, **kwargs)
@@ -367,6 +386,7 @@ class PruneSession:
         if not self.adapter.has_visual_input(call):
             self._refuse_unrecognised_visual_input(call)
             return self._unpruned_decode_positions(call, args, kwargs)
+        self._refuse_video_if_unsupported(call)
         if call.get("input_ids") is None:
             if call.get("inputs_embeds") is None:
                 raise VTPruneError("a forward with images needs input_ids or inputs_embeds.")
@@ -499,14 +519,13 @@ class PruneSession:
             if modality in modalities:
                 vision_args.update(self.store.vision_calls[modality])
         layouts = self.adapter.build_layouts({**pending.call, **vision_args})
-        self._refuse_video_if_unsupported(layouts)
         if not any(layout.num_visual for layout in layouts):
             raise self._unpruned_error("the call carried visual inputs but no visual token was found in input_ids")
         self.store.consumed = True
         plans, samples = [], []
         self._merge_records = []
         for b, layout in enumerate(layouts):
-            if self.pre_method is not None:
+            if self.pre_method is not None or self.vit_stage is not None:
                 plan, sample = self._plan_sample(layout, embeds[b], real[b])
             else:
                 kept = torch.nonzero(real[b]).flatten()
@@ -532,7 +551,7 @@ class PruneSession:
             self.last_stats = PruneStats(self.name, samples)
             self._decode = None
             return new_kwargs
-        pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left,
+        pruned = assemble(embeds, position_ids, plans, self._drop_positions(), pad_left,
                           self.adapter.compact_image_positions)
         self._batch = pruned
         pruned_mask = pruned.attention_mask
@@ -580,9 +599,9 @@ class PruneSession:
         return all(store.vision_outputs.get(m) is not None and carried.get(m) is store.vision_outputs[m]
                    for m in modalities)
 
-    def _refuse_video_if_unsupported(self, layouts: list[SampleLayout]) -> None:
-        """A method that cannot run on video refuses a forward with a video, before any selection runs."""
-        if not any(layout.videos for layout in layouts):
+    def _refuse_video_if_unsupported(self, call: dict[str, Any]) -> None:
+        """A method that cannot run on video refuses a forward that carries videos, before the model runs."""
+        if VIDEO not in self.adapter.visual_modalities(call):
             return
         for method in self.methods:
             if method.video_unsupported:
@@ -640,7 +659,7 @@ class PruneSession:
         new_kwargs = dict(kwargs)
         cache = self._cache_for(lm, kwargs)
         if changed:
-            pruned = assemble(embeds, position_ids, plans, self.pre_method.positions, pad_left,
+            pruned = assemble(embeds, position_ids, plans, self._drop_positions(), pad_left,
                               self.adapter.compact_image_positions)
             self._batch = pruned
             lm_mask, lm_positions, shift = pruned.attention_mask, pruned.position_ids, pruned.position_shift
@@ -772,8 +791,22 @@ class PruneSession:
         merged, anchors, orders = [], [], []
         kept_visual, num_merged = [], 0
         self._merge_records.append([])
+        vit_kept, vit_merged = [], 0
+        if self.vit_stage is not None and not self.vit_stage.started():
+            raise self._unpruned_error(f"the in-ViT stage {self.vit_method.name!r} saw no vision-encoder block run")
         for image_idx, image in enumerate(layout.images):
-            span_keep, image_merged, image_anchors, image_order = self._select_image(image, image_idx, embeds)
+            alive, sizes = self._vit_alive(image, layout.image_ids[image_idx] if layout.image_ids else image_idx)
+            if alive is not None:
+                whole = alive & (sizes == 1) | image.structural & self._rows_alive(image, alive)
+                vit_kept.append(image.positions[whole])
+                vit_merged += int((sizes > 1).sum())
+            if self.pre_method is None:
+                span_keep = torch.ones(image.num_tokens, dtype=torch.bool) if alive is None else \
+                    alive | image.structural & self._rows_alive(image, alive)
+                image_merged = image_anchors = image_order = None
+            else:
+                span_keep, image_merged, image_anchors, image_order = self._select_image(image, image_idx, embeds,
+                                                                                         alive)
             keep[image.positions[~span_keep].to(keep.device)] = False
             kept_visual.append(image.positions[span_keep])
             if image_merged is not None:
@@ -791,25 +824,61 @@ class PruneSession:
         )
         kept_positions = torch.sort(torch.cat(kept_visual)).values if kept_visual else torch.empty(0, dtype=torch.long)
         sample = SampleStats(visual_in=layout.num_visual)
-        sample.stages.append(StageStats(
-            name=self.pre_method.name, layer=0, kept_positions=kept_positions, merged=num_merged,
-            visual_out=int(kept_positions.numel()) + num_merged,
-        ))
+        if self.vit_method is not None:
+            # in-ViT: the positions of the tokens kept whole (row newlines included); ``merged`` counts the merged
+            # tokens, each at the position of its representative patch
+            vit_positions = torch.sort(torch.cat(vit_kept)).values if vit_kept else layout.visual_positions()
+            sample.stages.append(StageStats(name=self.vit_method.name, layer=0, kept_positions=vit_positions,
+                                            merged=vit_merged, visual_out=int(vit_positions.numel()) + vit_merged))
+        if self.pre_method is not None:
+            sample.stages.append(StageStats(
+                name=self.pre_method.name, layer=0, kept_positions=kept_positions, merged=num_merged,
+                visual_out=int(kept_positions.numel()) + num_merged,
+            ))
         return plan, sample
 
-    def _select_image(self, image: ImageSpan, image_idx: int, embeds: torch.Tensor):
-        """Run the pre-LLM method on one image. Returns (BoolTensor[n] kept over the span, merged, anchors (span
-        indices), placement of the merged tokens at their anchors)."""
+    def _drop_positions(self) -> str:
+        """The position convention of the stages that drop tokens before the decoder (pre-LLM, else in-ViT)."""
+        return (self.pre_method or self.vit_method).positions
+
+    def _vit_alive(self, image: ImageSpan, image_id: int):
+        """(BoolTensor[n] over the image's span: content tokens alive after the in-ViT stage, sizes [n]) or
+        (None, None) when no in-ViT stage pruned this forward."""
+        if self.vit_stage is None or SIZE_TABLE not in self.store:
+            return None, None
+        table = self.store[SIZE_TABLE]
+        sizes = torch.zeros(image.num_tokens)
+        for group in image.groups:
+            sizes[group.members] = table[group.vision_row, group.patch_index].float()
+        if bool((sizes != sizes.round()).any()):
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} blended vision tokens after the encoder (LLaVA-OneVision downsamples a "
+                f"large image's crop grid), which mixes removed and kept tokens of the in-ViT stage "
+                f"{self.vit_method.name!r}; use a smaller image (fewer crops) or a pre-LLM method."
+            )
+        return (sizes > 0) & ~image.structural, sizes
+
+    @staticmethod
+    def _rows_alive(image: ImageSpan, alive: torch.Tensor) -> torch.Tensor:
+        """BoolTensor[n]: tokens whose row still holds an alive content token (row newlines follow their row)."""
+        return torch.isin(image.row, image.row[alive])
+
+    def _select_image(self, image: ImageSpan, image_idx: int, embeds: torch.Tensor, alive: torch.Tensor | None = None):
+        """Run the pre-LLM method on one image (``alive``: the tokens an in-ViT stage left, or None). Returns
+        (BoolTensor[n] kept over the span, merged, anchors (span indices), placement of the merged tokens at their
+        anchors)."""
         method = self.pre_method
         span_keep = torch.zeros(image.num_tokens, dtype=torch.bool)
         span_keep[image.structural] = True
         content = image.num_content
         method.check_image_tokens(content)  # warns once about a degenerate budget (keeps all / very few)
         budget = tokens_for(method.budget, content)
-        if budget >= content:
+        if alive is None and budget >= content:
             return torch.ones(image.num_tokens, dtype=torch.bool), None, None, None
+        if alive is not None and budget >= int(alive.sum()):  # the in-ViT stage left no more than the budget
+            return alive | image.structural & self._rows_alive(image, alive), None, None, None
         jobs = self._video_jobs(image, image_idx, embeds, budget) if image.is_video \
-            else self._image_jobs(image, image_idx, embeds, budget)
+            else self._image_jobs(image, image_idx, embeds, budget, alive)
         merged, anchors, orders, row_anchors = [], [], [], []
         for group, k, run in jobs:
             if k >= group.size:
@@ -843,10 +912,14 @@ class PruneSession:
             return span_keep, None, None, None
         return span_keep, torch.cat(merged), anchor_span, torch.cat(orders)
 
-    def _image_jobs(self, image: ImageSpan, image_idx: int, embeds: torch.Tensor, budget: int):
-        """(group, kept count, selection function) per group of an image, by the method's budget policy."""
+    def _image_jobs(self, image: ImageSpan, image_idx: int, embeds: torch.Tensor, budget: int,
+                    alive: torch.Tensor | None = None):
+        """(group, kept count, selection function) per group of an image, by the method's budget policy
+        (``alive``: the tokens an in-ViT stage left, among which the method selects; None: all)."""
         method = self.pre_method
         groups = [TokenGroup.concat(image.groups)] if method.budget_policy == "global" else image.groups
+        if alive is not None:
+            groups = [g for g in (_alive_subgroup(g, alive) for g in groups) if g.size]
         # equal shares where every group is one crop of its own (LLaVA-NeXT); LLaVA-OneVision's high-resolution
         # group packs several crops into one grid, so its image keeps the proportional split
         rows = [torch.unique(g.vision_row) for g in groups]
@@ -869,7 +942,9 @@ class PruneSession:
         whole = TokenGroup.concat(image.groups)
         if policy == "global":
             return [(whole, budget, functools.partial(self._select_group, image, whole, embeds, image_idx, 0))]
-        return [(whole, budget, functools.partial(self._select_clip, image, whole, embeds, image_idx))]
+        if policy == "clip":
+            return [(whole, budget, functools.partial(self._select_clip, image, whole, embeds, image_idx))]
+        raise VTPruneError(f"method {method.name!r} has video_policy={policy!r}; use one of {VIDEO_POLICIES}.")
 
     def _select_group(self, image: ImageSpan, group: TokenGroup, embeds: torch.Tensor, image_idx: int,
                       group_idx: int, k: int, frame: int | None = None) -> Selection:
@@ -969,8 +1044,10 @@ class PruneSession:
         num_layers = len(layer_lengths)
         try:
             vision = self.adapter.flops_inputs(layout)
+            lengths = self.vit_stage.layer_lengths() if self.vit_stage is not None else None
+            vit = {} if lengths is None else {"vit_layer_lengths": self.vit_stage.sample_lengths(layout, lengths)}
             pruned = model_prefill_flops(self.model.config, layer_lengths, logits_positions=layer_lengths[-1]
-                                         if layer_lengths else 0, **vision)
+                                         if layer_lengths else 0, **vision, **vit)
             full = model_prefill_flops(self.model.config, [unpruned_length] * num_layers,
                                        logits_positions=unpruned_length, **vision)
         except Exception as error:  # noqa: BLE001  (any failure of the statistics must not abort the forward)

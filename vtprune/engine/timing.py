@@ -3,7 +3,7 @@
 The engine brackets two kinds of work with :func:`section`:
 
 * ``"select"``  the method's selection itself: ``Method.select`` for pre-LLM methods, ``LayerMethod.score``
-  plus the top-k for in-LLM methods;
+  plus the top-k for in-LLM methods, the matching / scoring inside each vision block for in-ViT methods;
 * ``"engine"``  everything the engine adds to a prefill (locating the visual tokens, planning, the calls to
   the method, gathering the kept tokens, positions, masks); it contains ``"select"``.
 

@@ -1,0 +1,181 @@
+"""In-ViT methods: reduce the tokens between the blocks of the vision encoder (``vtprune/engine/vit_stage.py``).
+
+Each class is registry glue: it turns the budget into a per-layer plan and calls the pure cores of
+``vtprune.selectors.tome`` / ``vtprune.selectors.flowcut`` on the q/k/v the engine computed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import BudgetError, MethodOptionError
+from ..registry import IN_VIT, Method, register_method
+from ..selectors.flowcut import adaptive_prune_count, flowcut_keep, flowcut_layer_signals, flowcut_score
+from ..selectors.tome import MergePlan, bipartite_soft_matching, parse_r, schedule_for_target
+
+
+class InVitMethod(Method):
+    """Base of the in-ViT methods. The engine calls, per image (its rows of the tower batch) and per block:
+    ``vit_start(cohort)`` once, ``vit_merge`` after the block's attention (a :class:`MergePlan` or None) and
+    ``vit_prune`` after its MLP (indices of the tokens kept, in their new order, or None)."""
+
+    stage = IN_VIT
+    default_positions = "compact"
+    #: add log(size) of the keys to the attention logits (ToMe's proportional attention)
+    proportional_attention: ClassVar[bool] = False
+    #: the method scores tokens with the encoder's [CLS] token
+    needs_class_token: ClassVar[bool] = False
+
+    def lowest_tokens(self, adapter) -> int:
+        """The fewest visual tokens per vision input this method can leave on ``adapter``'s tower."""
+        if self.needs_class_token and not adapter.vit_has_class_token():
+            from ..errors import UnsupportedModelError
+
+            raise UnsupportedModelError(f"{self.name!r} needs a [CLS] token")
+        return 1
+
+    def vit_start(self, cohort) -> None:
+        """Plan the image's pruning (``cohort.target`` tokens per row after the feature layer)."""
+
+    def vit_merge(self, cohort, inputs) -> MergePlan | None:
+        return None
+
+    def vit_prune(self, cohort, inputs) -> torch.Tensor | None:
+        return None
+
+
+@register_method
+class ToMe(InVitMethod):
+    """ToMe — Token Merging inside every vision-encoder block (Bolya et al., ICLR 2023, arXiv 2210.09461;
+    official code facebookresearch/ToMe @ af95e4b, ``tome/merge.py`` L18-97 and L210-224, ``tome/patch/timm.py``
+    L21-96, ``tome/utils.py`` L80-105; VLM port: ModelTC/LightCompress ``token_reduction/tome.py``).
+
+    In each block, between attention and MLP: the tokens alternate into sets A and B, each A token is matched to
+    its most similar B token by the cosine of the block's keys averaged over heads, and the ``r`` best-matched A
+    tokens are merged into their match by a size-weighted average; the [CLS] token is never merged; sizes are
+    tracked over blocks and, with ``prop_attn=True`` (the official default for off-the-shelf models), log(size)
+    of every key is added to the attention logits (an additive float mask given to SDPA; no eager attention).
+    The token order is the official one ([CLS], unmerged A, then B), which decides the next block's A/B split.
+
+    Budget: tokens per image reaching the LLM (int; LLaVA-NeXT / OneVision: split evenly over the image's base view
+    and crops, each of which is merged on its own) or a fraction of each input's patches. The per-block ``r`` is
+    derived from it: every block up to the feature layer merges an even share of what is left (capped at half
+    the tokens, as official). ``r`` (int, ``(r, inflection)`` or a list, the official ``parse_r`` forms over all
+    encoder blocks) overrides the budget. A merged token takes the position (and placeholder) of the B token the
+    others were merged into; default positions ``compact`` (the LLM gets contiguous positions, as in LLaVA).
+
+    Deviations: the official code patches timm ViTs (and LightCompress, LLaVA's CLIP without proportional
+    attention or size propagation); vtprune runs the official algorithm on HF CLIP/SigLIP towers with sizes and
+    proportional attention. Blocks after the feature layer (LLaVA's last CLIP block, unused by the LLM) run on
+    the merged tokens without merging. SigLIP has no [CLS]: nothing is protected there.
+    """
+
+    name = "tome"
+    paper = "arXiv:2210.09461"
+    options = {"r": None, "prop_attn": True}
+    default_budget = 64
+
+    @property
+    def proportional_attention(self) -> bool:  # type: ignore[override]
+        return bool(self.config["prop_attn"])
+
+    def validate_options(self) -> None:
+        r = self.config["r"]
+        ok = r is None or (isinstance(r, int) and not isinstance(r, bool) and r >= 0) or (
+            isinstance(r, tuple) and len(r) == 2 and isinstance(r[0], int) and -1 <= float(r[1]) <= 1) or (
+            isinstance(r, list) and all(isinstance(v, int) and v >= 0 for v in r))
+        if not ok:
+            raise MethodOptionError(f"tome option r={r!r} must be a non-negative int, an (r, inflection) tuple with "
+                                    "inflection in [-1, 1], or a list of ints (tokens merged per block).")
+        if not isinstance(self.config["prop_attn"], bool):
+            raise MethodOptionError(f"tome option prop_attn={self.config['prop_attn']!r} must be True or False.")
+
+    def budget_overrides(self) -> list[str]:
+        return ["r"] if self.config["r"] is not None else []
+
+    def lowest_tokens(self, adapter) -> int:
+        vc = adapter.config.vision_config
+        tokens = (vc.image_size // vc.patch_size) ** 2 + (1 if adapter.vit_has_class_token() else 0)
+        protected = 1 if adapter.vit_has_class_token() else 0
+        for _ in range(adapter.vit_feature_index() + 1):  # every block merging half of its tokens
+            tokens -= max(0, (tokens - protected) // 2)
+        return max(1, tokens - (1 if adapter.config.vision_feature_select_strategy == "default" else 0))
+
+    def vit_start(self, cohort) -> None:
+        layers = cohort.feature_index + 1
+        r = self.config["r"]
+        if r is not None:
+            schedule = parse_r(cohort.num_layers, r)[:layers]
+            cohort.state["forced"] = any(schedule)
+        else:
+            protected = 1 if cohort.class_token else 0
+            try:
+                schedule = schedule_for_target(cohort.num_tokens, cohort.target, layers, protected)
+            except ValueError as error:
+                raise BudgetError(f"tome: budget={self.budget!r} is unreachable: {error}; raise the budget.") from None
+        cohort.state["schedule"] = schedule
+
+    def vit_merge(self, cohort, inputs) -> MergePlan | None:
+        schedule = cohort.state["schedule"]
+        r = schedule[inputs.index] if inputs.index < len(schedule) else 0
+        if r <= 0:
+            return None
+        metric = inputs.k.mean(1)  # [R, t, dh]: keys averaged over heads
+        return bipartite_soft_matching(metric, r, cohort.class_token)
+
+
+@register_method
+class FlowCut(InVitMethod):
+    """FlowCut — progressive pruning inside the vision encoder by information flow (Tong et al., NeurIPS 2025,
+    arXiv 2505.19536; official code TungChintao/FlowCut @ a2ecd24, ``flowcut/modeling_clip_flowcut.py`` L14-172,
+    ``flowcut/utils_flowcut.py``, ``flowcut/main.py``).
+
+    After each block up to the feature layer (CLIP's penultimate for LLaVA), while more than the target remain:
+    score = (CLS-attention share + CLS-value "semantic" attention share) × ‖head-mean value‖₁ per patch, from
+    the block's q/k/v (CLS row only; the block runs on SDPA); cumulative score = ½ previous + ½ current. With
+    ``rpl`` = blocks left before the feature layer, on even ``rpl`` the block prunes
+    r = round((n − target) / √rpl × (1 − H²)) patches (H = entropy of the CLS attention / log n; the maximum over
+    the image's rows, as the official maximum over its batch of one image's crops), keeping at least the target
+    by top cumulative score in original order; at ``rpl = 0`` it prunes to the target. The [CLS] token is kept.
+
+    Budget: tokens per image reaching the LLM (int; LLaVA-NeXT: split evenly over the base view and crops, each
+    pruned on its own) or a fraction of each input's patches. Positions ``compact`` (LLaVA: contiguous).
+
+    Deviations: LLaVA-NeXT's official second stage (pruning to the budget at decoder layer 1 by the last
+    instruction token, each crop keeping budget/2 in the ViT) is not implemented: each crop keeps its share of
+    the budget in the ViT; compose with an in-LLM method for a second stage. The official code computes the
+    scores in the model's dtype (fp16); vtprune in float32. Encoders without a [CLS] token (SigLIP,
+    LLaVA-OneVision) are refused: FlowCut's scores are defined by the CLS query and value. Qwen's ViT is refused
+    by the engine (see ``vtprune/engine/vit_stage.py``).
+    """
+
+    name = "flowcut"
+    paper = "arXiv:2505.19536"
+    options: ClassVar[dict[str, Any]] = {}
+    default_budget = 64
+    needs_class_token = True
+
+    def vit_start(self, cohort) -> None:
+        cohort.state["cumulative"] = None
+
+    def vit_prune(self, cohort, inputs) -> torch.Tensor | None:
+        t = cohort.num_tokens
+        if t <= cohort.target:
+            return None
+        rpl = cohort.feature_index - inputs.index - 1
+        cls_attention, semantic, value = flowcut_layer_signals(inputs.q, inputs.k, inputs.v, inputs.scale)
+        scores = flowcut_score(cls_attention, semantic, value)  # [R, t-1]
+        previous = cohort.state["cumulative"]
+        cumulative = scores if previous is None else 0.5 * previous + 0.5 * scores
+        cohort.state["cumulative"] = cumulative
+        if rpl < 0 or rpl % 2:
+            return None
+        prune = adaptive_prune_count(cls_attention, rpl, cohort.target - 1) if rpl else t
+        keep_total = max(t - prune, cohort.target)
+        patches = flowcut_keep(cumulative, keep_total - 1)  # [R, keep_total - 1] patch indices, ascending
+        cohort.state["cumulative"] = cumulative.gather(1, patches)
+        cls = torch.zeros(patches.shape[0], 1, dtype=patches.dtype, device=patches.device)
+        return torch.cat([cls, patches + 1], dim=1)
+
