@@ -277,6 +277,11 @@ class PruneSession:
                 for index, layer in enumerate(self.adapter.decoder_layers):
                     hook = functools.partial(self._on_decoder_layer, index)
                     self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+                layers = self.adapter.decoder_layers
+                for index in self.layer_method.observed_layers(len(layers)):
+                    for kind, sublayer in compat.decoder_sublayers(layers[index]).items():
+                        hook = functools.partial(self._on_sublayer, index, kind)
+                        self._handles.append(sublayer.register_forward_hook(hook, with_kwargs=True))
         except BaseException:
             self.remove()  # nothing half-installed stays behind
             raise
@@ -771,6 +776,20 @@ class PruneSession:
         return args, {**kwargs, "attention_mask": segment.attention_mask,
                       "position_embeddings": segment.position_embeddings,
                       "position_ids": layer_rows(segment.position_ids)}
+
+    def _on_sublayer(self, index: int, kind: str, module, args, kwargs, output):
+        """Forward hook on an observed sublayer: hands its input/output to the method during the prefill."""
+        run = self._run
+        if run is None:  # decoding, or a call the in-LLM stage does not handle
+            return None
+        before, after = compat.sublayer_io(args, kwargs, output)
+        batch, length = before.shape[:2]
+        real = torch.zeros(batch, length, dtype=torch.bool, device=before.device)
+        for b, cols in enumerate(real_columns(self._run_mask, batch, length, before.device)):
+            real[b, cols] = True
+        with section(self.timer, "select"):
+            run.method.observe(index, kind, before.detach(), after.detach(), real, run.source, run.prepared)
+        return None
 
     def _on_language_model_return(self, module, args, output):
         run, self._run = self._run, None
