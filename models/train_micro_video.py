@@ -82,7 +82,7 @@ VIDEO_WORDS = tuple(sorted(set(
      "into after before then").split()) | set(DIRECTIONS)))
 
 PRESET = {
-    "steps": 1200, "batch_size": 8, "image_batch_size": 16, "video_every": 5, "lr": 1e-3, "warmup": 50,
+    "steps": 1600, "batch_size": 8, "image_batch_size": 16, "video_every": 5, "lr": 1e-3, "warmup": 50,
     "extra_questions": 6, "image_extra_questions": 6, "dense_weight": 0.5, "motion_weight": 0.5, "ground_weight": 0.5,
     "ground_layer": 1,
     "init": "models/micro-qwen2vl",

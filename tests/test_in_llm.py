@@ -1,4 +1,4 @@
-"""In-LLM pruning (FastV, PyramidDrop, DART, SparseVLM): reference equivalence after the pruning layers,
+"""In-LLM pruning (FastV, PyramidDrop, DART, SparseVLM, TransPrune): reference equivalence after the pruning layers,
 batching, decoding, KV cache, memory — method variants on LLaVA / LLaVA-NeXT, then every other family ×
 every registered in-LLM method."""
 
@@ -32,6 +32,7 @@ METHODS = [
     ("sparsevlm", {"budget": 0.7, "version": "2.0"}),
     ("holitom_inner", {"ratio": 0.5}),                    # merges the dropped tokens into the kept ones
     ("prunevid_llm", {"alpha": 0.4}),
+    ("transprune", {"budget": 0.6}),                     # stages 1, 2 on the 4-layer tiny decoder
 ]
 #: options under which each method keeps every visual token
 NOTHING_PRUNED = {
@@ -41,6 +42,7 @@ NOTHING_PRUNED = {
     "sparsevlm": {"budget": 1.0},
     "holitom_inner": {"ratio": 0.0},
     "prunevid_llm": {"alpha": 1.0},
+    "transprune": {"budget": 1.0},
 }
 #: methods whose kept tokens are a subset of the input (no merged tokens), with multi-stage schedules
 REFERENCE_METHODS = [
@@ -50,6 +52,7 @@ REFERENCE_METHODS = [
     ("dart", {"ratio": 0.6}),
     ("dart", {"ratio": 0.6, "layer": 1, "pivots": 3}),
     ("sparsevlm", {"budget": 0.7, "version": "2.0"}),  # "1.5" merges: tests/test_fidelity_sparsevlm.py
+    ("transprune", {"layers": [1, 2, 3], "ratios": [0.875, 0.625, 0.125]}),  # the official 3-stage shape
 ]
 
 

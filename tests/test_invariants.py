@@ -43,7 +43,9 @@ from vtprune.testing import tiny_image, tiny_inputs
 FAMILIES = ALL_FAMILIES
 METHODS = PRE_LLM
 ALL_METHODS = PRE_LLM + IN_LLM
-CLS_METHODS = tuple(m for m in PRE_LLM if "cls_attention" in method_class(m).signals)
+# methods that read vision-encoder attention (hooks on the vision tower)
+VISION_ATTENTION = {"cls_attention", "received_attention", "flat_cls_attention"}
+CLS_METHODS = tuple(m for m in PRE_LLM if VISION_ATTENTION & set(method_class(m).signals))
 POSITIONS = ("original", "compact")
 # budgets that prune: llava has 64 visual tokens per image; llava_next / onevision 268 (base 64 + crops +
 # newlines); the Qwen families 20 (a 4 x 5 merged grid)

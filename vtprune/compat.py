@@ -276,6 +276,32 @@ def video_metadata(**fields):
     return VideoMetadata(**fields)
 
 
+#: attribute names of a decoder layer's attention and MLP sublayers (Llama, Qwen2/2.5/3-VL text decoders)
+_SUBLAYER_NAMES = {"attention": "self_attn", "mlp": "mlp"}
+
+
+def decoder_sublayers(layer) -> dict[str, Any]:
+    """``{"attention": module, "mlp": module}`` of one decoder layer; a clear error when the layer has no such
+    sublayers (a decoder this release of vtprune does not know)."""
+    out = {}
+    for kind, attr in _SUBLAYER_NAMES.items():
+        module = getattr(layer, attr, None)
+        if module is None:
+            raise TypeError(f"decoder layer {type(layer).__name__} has no `{attr}` sublayer; methods that read "
+                            "sublayer inputs/outputs (transprune) do not support this decoder.")
+        out[kind] = module
+    return out
+
+
+def sublayer_io(args: tuple, kwargs: dict[str, Any], output: Any) -> tuple[Any, Any]:
+    """(input hidden states, output hidden states) [B, L, D] of a sublayer call seen by a forward hook with
+    kwargs: the attention is called with ``hidden_states=`` and returns ``(attn_output, attn_weights)``, the
+    MLP is called positionally and returns a tensor."""
+    before = args[0] if args else kwargs["hidden_states"]
+    after = output[0] if isinstance(output, tuple) else output
+    return before, after
+
+
 def attention_implementation(config) -> str:
     """The attention implementation a model runs ("sdpa", "eager", "flash_attention_2", ...)."""
     return getattr(config, "_attn_implementation", None) or "sdpa"

@@ -52,6 +52,9 @@ class VisualGroup:
     ``index``     the group's place in its image: 0 for the base image (or the only group), 1, 2, ... for crops
                   (a video frame: its frame index)
     ``frame``     the frame index of a per-frame group of a video, None for images and whole-clip groups
+    ``instruction``      [T, D] or None: LLM input embeddings of the prompt's text tokens after the image (given
+                         only to methods that list the ``"instruction"`` signal)
+    ``instruction_ids``  LongTensor[T] or None: their token ids
     """
 
     features: torch.Tensor
@@ -62,6 +65,8 @@ class VisualGroup:
     seed: int = 0
     index: int = 0
     frame: int | None = None
+    instruction: torch.Tensor | None = None
+    instruction_ids: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -199,6 +204,11 @@ class Method:
     def validate_options(self) -> None:
         """Hook for subclasses to check option values (raise MethodOptionError)."""
 
+    def bind(self, tower: VisionTower) -> None:
+        """Hook called when the method is installed on a model, before its signals are read: methods whose
+        signals depend on the vision encoder (a block index scaled to its depth, CLS or not) set ``signals`` on
+        the instance here, or refuse the model (raise UnsupportedModelError / MethodOptionError)."""
+
     def budget_overrides(self) -> list[str]:
         """Names of the options set on this instance that decide the kept count instead of the budget (e.g.
         FastV's ``ratio``); the user is warned when such an option meets an explicit budget."""
@@ -276,6 +286,18 @@ def _caller_level() -> int:
     while frame is not None and frame.f_back is not None and frame.f_code.co_filename.startswith(skipped):
         frame, level = frame.f_back, level + 1
     return level
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """What a method may know of the model it is installed on: the adapter's ``family``, the vision encoder's
+    block count ``depth`` (None if unknown), the 0-based ``feature_layer`` whose output feeds the projector, and
+    whether the encoder has a [CLS] token (``has_cls``)."""
+
+    family: str
+    depth: int | None
+    feature_layer: int | None
+    has_cls: bool
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,20 @@ from ..errors import UnsupportedModelError
 
 #: signals the engine itself provides for every family (the layout's grid, decoder q/k attention rows,
 #: decoder hidden/key states)
-ENGINE_SIGNALS = frozenset({"grid", "decoder_attention", "decoder_states"})
+ENGINE_SIGNALS = frozenset({"grid", "decoder_attention", "decoder_states", "instruction"})
+
+
+def layer_signal(kind: str, layer: int | str) -> str:
+    """Name of a signal taken at one vision-encoder block: ``"<kind>@<layer>"``. ``layer``: the 0-based block
+    index (negative counts from the end, like Python indexing), or ``"feature"`` (the block whose output feeds
+    the projector)."""
+    return f"{kind}@{layer}"
+
+
+def split_layer_signal(name: str) -> tuple[str, str | None]:
+    """``"received_attention@8"`` -> ``("received_attention", "8")``; a plain name -> ``(name, None)``."""
+    kind, _, layer = name.partition("@")
+    return kind, (layer or None)
 
 
 class _CaptureState(threading.local):
@@ -263,7 +276,48 @@ class Adapter:
         per_input = (vc.image_size // vc.patch_size) ** 2 if vc is not None and hasattr(vc, "image_size") else 0
         return {"num_vision_inputs": layout.vision_inputs, "num_projected_tokens": layout.vision_inputs * per_input}
 
+    # -- vision-encoder blocks ---------------------------------------------------------------------------
+    def vision_depth(self) -> int | None:
+        """Number of vision-encoder blocks, or None when the family exposes none."""
+        return None
+
+    def feature_layer_index(self) -> int | None:
+        """0-based index of the vision-encoder block whose output feeds the projector."""
+        return None
+
+    def resolve_vision_layer(self, spec: str) -> int:
+        """0-based block index of a layer-signal spec (see :func:`layer_signal`)."""
+        depth = self.vision_depth()
+        if depth is None:
+            raise UnsupportedModelError(f"the {self.family} adapter cannot read signals of single vision blocks.")
+        if spec == "feature":
+            return int(self.feature_layer_index())
+        try:
+            index = int(spec)
+        except ValueError:
+            raise UnsupportedModelError(f"vision layer {spec!r} is neither an int nor 'feature'.") from None
+        resolved = depth + index if index < 0 else index
+        if not 0 <= resolved < depth:
+            raise UnsupportedModelError(
+                f"vision block {index} does not exist: this {self.family} vision encoder has {depth} blocks "
+                f"(indices 0..{depth - 1}); pick a layer inside it."
+            )
+        return resolved
+
+    def layered_wanted(self, store: SignalStore) -> dict[int, list[tuple[str, str]]]:
+        """Block index -> [(kind, signal name)] of the wanted layer signals."""
+        out: dict[int, list[tuple[str, str]]] = {}
+        for name in sorted(store.wanted):
+            kind, spec = split_layer_signal(name)
+            if spec is not None:
+                out.setdefault(self.resolve_vision_layer(spec), []).append((kind, name))
+        return out
+
     def check_signals(self, needed: set[str], method_name: str) -> None:
+        for name in needed:
+            if split_layer_signal(name)[1] is not None and split_layer_signal(name)[0] in self.provides:
+                self.resolve_vision_layer(split_layer_signal(name)[1])  # an out-of-range block fails here
+        needed = {split_layer_signal(name)[0] for name in needed}
         missing = sorted(set(needed) - set(self.provides) - ENGINE_SIGNALS)
         if missing:
             raise UnsupportedModelError(

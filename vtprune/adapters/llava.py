@@ -7,6 +7,7 @@ projector; the CLS attention row is computed from that layer's q/k, so the tower
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from .. import compat
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..errors import UnsupportedModelError
-from ..selectors.cls_attention import cls_attention_scores
+from ..selectors.cls_attention import cls_attention_scores, mean_received_attention
 from .base import Adapter, SignalStore, crop_index_features, register_adapter, split_image_spans
 
 
@@ -24,7 +25,8 @@ def _call_arg(args: tuple, kwargs: dict, name: str, index: int = 0):
 
 
 class _ClipLlavaAdapter(Adapter):
-    provides = ("cls_attention", "vit_keys", "vit_hidden", "vit_cls_hidden", "grid")
+    provides = ("cls_attention", "vit_keys", "vit_hidden", "vit_cls_hidden", "grid", "received_attention",
+                "flat_cls_attention", "flat_keys")
 
     # -- vision tower ------------------------------------------------------------------------------
     def _feature_strategy(self, call: dict[str, Any]) -> str:
@@ -48,6 +50,12 @@ class _ClipLlavaAdapter(Adapter):
         tower = self.model.model.vision_tower
         vision_model = getattr(tower, "vision_model", tower)
         return vision_model.encoder.layers
+
+    def vision_depth(self) -> int:
+        return len(self._vision_layers())
+
+    def feature_layer_index(self) -> int:
+        return self._feature_layer_index()
 
     def _patches_per_row(self) -> int:
         vc = self.config.vision_config
@@ -99,7 +107,67 @@ class _ClipLlavaAdapter(Adapter):
 
             projector = self.model.model.multi_modal_projector
             handles.append(projector.register_forward_pre_hook(on_projector, with_kwargs=True))
+        for index, wanted in self.layered_wanted(store).items():
+            attention = self._vision_layers()[index].self_attn
+            received = [name for kind, name in wanted if kind == "received_attention"]
+            others = [(kind, name) for kind, name in wanted if kind != "received_attention"]
+            if others:
+                hook = functools.partial(self._on_layer_attention, store, others)
+                handles.append(attention.register_forward_pre_hook(hook, with_kwargs=True))
+            if received:  # from the block's own q/k projections (forward hooks: nothing is computed twice)
+                handles += self._received_attention_hooks(attention, store, received)
         return handles
+
+    @staticmethod
+    def _received_attention_hooks(attention, store: SignalStore, names: list[str]) -> list[Any]:
+        """``received_attention`` [rows, P]: the mean attention each token receives in this block, mean over heads
+        and over every query of its image / crop ([CLS] query included), from the outputs of the block's own
+        ``q_proj`` and ``k_proj`` (the attention module calls q_proj before k_proj)."""
+        queries: dict[str, torch.Tensor] = {}
+
+        def on_queries(module, args, output):
+            if store.capturing:
+                queries["q"] = output
+
+        def on_keys(module, args, output):
+            q = queries.pop("q", None)
+            if not store.capturing or q is None or q.shape != output.shape:  # e.g. another hook's CLS-only query
+                return
+            with torch.no_grad():
+                rows, tokens, _ = output.shape
+                heads, head_dim = attention.num_heads, attention.head_dim
+                q = q.view(rows, tokens, heads, head_dim)
+                k = output.view(rows, tokens, heads, head_dim)
+                scores = torch.stack([
+                    mean_received_attention(q[r].transpose(0, 1), k[r].transpose(0, 1), attention.scale)
+                    for r in range(rows)
+                ])[:, store.patch_offset:]
+                for name in names:
+                    store[name] = scores
+
+        return [attention.q_proj.register_forward_hook(on_queries), attention.k_proj.register_forward_hook(on_keys)]
+
+    @staticmethod
+    def _on_layer_attention(store: SignalStore, wanted: list[tuple[str, str]], module, args, kwargs) -> None:
+        """Signals of one vision block (``<kind>@<layer>`` names), from its q/k, patch tokens only:
+
+        ``flat_cls_attention`` [rows, P]: the [CLS] row of
+        ``softmax(q k^T / sqrt(C))`` with q, k the full-width projections (one head spanning all C channels);
+        ``flat_keys`` [rows, P, C]: the full-width keys."""
+        if not store.capturing:
+            return
+        hidden = _call_arg(args, kwargs, "hidden_states")  # [rows, T, C] after layer_norm1
+        offset = store.patch_offset
+        with torch.no_grad():
+            rows, tokens, width = hidden.shape
+            keys = module.k_proj(hidden)  # [rows, T, C]
+            for kind, name in wanted:
+                if kind == "flat_cls_attention":
+                    cls_query = module.q_proj(hidden[:, :1])  # [rows, 1, C]
+                    logits = (cls_query.float() @ keys.float().transpose(1, 2)) * width**-0.5  # [rows, 1, T]
+                    store[name] = torch.softmax(logits, dim=-1)[:, 0, offset:]
+                elif kind == "flat_keys":
+                    store[name] = keys[:, offset:].detach()
 
     @staticmethod
     def _attention_scores(module, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

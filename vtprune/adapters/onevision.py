@@ -61,7 +61,7 @@ def _pad_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     family = "llava_onevision"
     model_class_names = ("LlavaOnevisionForConditionalGeneration",)
-    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid")  # SigLIP has no [CLS] token
+    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid", "received_attention")  # SigLIP: no [CLS]
 
     vision_entry_points = (("model", compat.IMAGE_FEATURES), ("model", compat.VIDEO_FEATURES))
 
@@ -103,10 +103,11 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     def end_capture(self, store: SignalStore) -> None:
         """Pack the per-crop signals like the features: tables indexed [image, token of the image's span]."""
         names = [name for name in ("cls_attention", "vit_keys", "vit_hidden", "vit_size") if name in store]
-        scalar = ("cls_attention", "vit_size")  # one value per token (vit_size: the in-ViT stage's token sizes)
+        names += sorted(name for name in store.keys() if "@" in name)  # layer signals, e.g. received_attention@8
         if not names:
             return
         call = store.vision_call
+        scalar = {name for name in names if store[name].dim() == 2}  # [crops, P] scores
         if store.modality == VIDEO:  # every frame pooled like its features: tables [videos * frames, n, ...]
             for name in names:
                 table = store[name].float()
@@ -114,7 +115,7 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
                 pooled = compat.apply_video_pooling(self.model.model, column)  # [rows, n, c]
                 store[name] = (pooled[..., 0] if name in scalar else pooled).to(store[name].dtype)
             return
-        columns = [store[name].float() if name not in scalar else store[name].float()[..., None]
+        columns = [store[name].float()[..., None] if name in scalar else store[name].float()
                    for name in names]  # each [crops, P, c]
         widths = [c.shape[-1] for c in columns]
         joined = torch.cat(columns, dim=-1)  # [crops, P, sum c]

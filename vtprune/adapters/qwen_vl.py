@@ -100,7 +100,7 @@ def qwen_compact_image(grid: torch.Tensor, frame: torch.Tensor | None = None) ->
 
 
 class _QwenVLAdapter(Adapter):
-    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid")
+    provides = ("cls_attention", "vit_keys", "vit_hidden", "grid", "received_attention")
     compact_image_positions = staticmethod(qwen_compact_image)
     vision_entry_points = (("model", compat.IMAGE_FEATURES), ("model", compat.VIDEO_FEATURES))
     #: whether the ViT runs its blocks in window order (Qwen2.5-VL)
@@ -109,6 +109,12 @@ class _QwenVLAdapter(Adapter):
     @property
     def visual(self):
         return self.model.model.visual
+
+    def vision_depth(self) -> int:
+        return len(self.visual.blocks)
+
+    def feature_layer_index(self) -> int:
+        return len(self.visual.blocks) - 1  # the merger reads the last block's output
 
     @property
     def merge_size(self) -> int:
@@ -230,7 +236,34 @@ class _QwenVLAdapter(Adapter):
                     store["vit_hidden"] = _per_image(grouped.flatten(1), self._merged_lengths(store))
 
             handles.append(self.visual.merger.register_forward_pre_hook(on_merger, with_kwargs=True))
+        for index, wanted in self.layered_wanted(store).items():
+
+            def on_block(module, args, kwargs, wanted=wanted):
+                if not store.capturing:
+                    return
+                with torch.no_grad():
+                    for _, name in wanted:  # received_attention is the only layer signal of this family
+                        store[name] = self._received_attention(module, args, kwargs, store)
+
+            handles.append(self.visual.blocks[index].attn.register_forward_pre_hook(on_block, with_kwargs=True))
         return handles
+
+    def _received_attention(self, module, args, kwargs, store: SignalStore) -> torch.Tensor:
+        """[images, M] mean attention each merged token's patches receive at this block: per attention segment
+        of the block (the whole image, or a window on Qwen2.5-VL's windowed blocks), mean over heads and over the
+        segment's queries, after the vision rotary embedding; then the mean over each 2 x 2 merger group."""
+        hidden = _call_arg(args, kwargs, "hidden_states")  # [N, dv] after norm1
+        cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        cos, sin = kwargs["position_embeddings"] if "position_embeddings" in kwargs else args[2]
+        n = hidden.shape[0]
+        q, k, _ = module.qkv(hidden).reshape(n, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # [N, H, dh]
+        q, k = compat.modeling_function(module, "apply_rotary_pos_emb_vision")(q, k, cos, sin)
+        scores = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            scores[start:end] = mean_received_attention(
+                q[start:end].transpose(0, 1), k[start:end].transpose(0, 1), module.scaling)
+        return _per_image(self._grouped(scores, store).mean(dim=1), self._merged_lengths(store))
 
     def _capture_attention(self, module, args, kwargs, store: SignalStore) -> None:
         hidden = _call_arg(args, kwargs, "hidden_states")  # [N, dv] after norm1

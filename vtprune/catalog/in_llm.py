@@ -19,6 +19,7 @@ from ..errors import MethodOptionError
 from ..registry import FEW_TOKENS, IN_LLM, Method, register_method
 from ..selectors.dart import dart_select, pick_pivots
 from ..selectors.sparsevlm import debiased_scores, head_mean_scores, recycle, select_raters
+from ..selectors.transprune import transition_weight, transprune_scores, transprune_select
 
 
 @dataclass
@@ -107,6 +108,19 @@ class LayerMethod(Method):
         MethodOptionError when its options do not fit that depth. The default (for methods that do not
         declare their layers) checks nothing."""
         return []
+
+    def observed_layers(self, num_layers: int) -> list[int]:
+        """Decoder layers whose sublayer (attention, MLP) inputs and outputs the method reads during the
+        prefill (:meth:`observe`); the engine hooks those sublayers only when this is non-empty. Default: none."""
+        return []
+
+    def observe(self, layer: int, kind: str, before: torch.Tensor, after: torch.Tensor, real: torch.Tensor,
+                source: list[torch.Tensor], prepared: Any) -> None:
+        """Called during the prefill after sublayer ``kind`` ("attention" or "mlp") of decoder ``layer`` (one of
+        :meth:`observed_layers`) ran: ``before`` [B, L, D] its input (after the pre-norm), ``after`` [B, L, D] its
+        output, ``real`` [B, L] bool (False on padding), ``source`` per sample the original position of each
+        real column, ``prepared`` what :meth:`prepare` returned. Must not change anything the model uses."""
+        raise NotImplementedError(f"{type(self).__name__} observes layers but does not implement observe()")
 
     def check_model(self, num_layers: int) -> None:
         """Refuse at ``apply()`` a schedule the model's depth cannot hold (it would fail on every forward)."""
@@ -734,3 +748,214 @@ class SparseVLM(LayerMethod):
             selection.merged = recycle(ctx.hidden[b, dropped], scores[b, dropped], self.config["recycle"])
             selection.anchors = candidates[-1:].expand(selection.merged.shape[0])
         return selections
+
+
+#: TransPrune's official schedule (scripts/transprune/v1_5_test/*.sh, LLaVA-1.5-7B, 32 decoder layers): prune
+#: after 1-indexed layers 7, 9, 12 (= before 0-indexed layers 7, 9, 12) to these fractions of the visual tokens
+_TRANSPRUNE_LAYERS = (7, 9, 12)
+_TRANSPRUNE_RATIOS = (0.875, 0.625, 0.125)
+_TRANSPRUNE_DEPTH = 32
+
+
+@dataclass
+class _Transitions:
+    """Per sample: the accumulated token transition weight of every original sequence position (float32)."""
+
+    totals: list[torch.Tensor]
+
+
+@register_method
+class TransPrune(LayerMethod):
+    """TransPrune — prune visual tokens by how much the decoder transforms them (token transition) plus
+    instruction-guided attention (Li et al., CVPR 2026, arXiv 2507.20630). Official code: liaolea/TransPrune @
+    c9e8284 (``llava/model/modeling_llama_transprune.py``: ``compute_transf_weight`` L914-927, accumulation
+    and schedule L1306-1393, ``transprune_rank_drop`` L1425-1594; defaults in ``scripts/transprune/v1_5_test/
+    *.sh`` and ``llava/eval/model_vqa_loader.py`` L94-97, L156-158).
+
+    Token transition variation (TTV): for each decoder layer of the window (``accumulate``; default the
+    official 1-indexed layers 7-12, i.e. 0-indexed 6-11) and for both sublayers (attention, MLP), with x the
+    sublayer's input (after its pre-norm) and y its output: w = (‖y‖/‖x‖) · softmax over the sequence of
+    (1 − cos(x, y)); the weights of both sublayers and all window layers seen so far are summed per token (read
+    through removable forward hooks on the layers' ``self_attn`` / ``mlp``). Instruction-guided attention
+    (IGA): at a pruning layer k, the attention of the instruction tokens (the text after the last image, to the
+    end of the prompt) over all keys, recomputed from layer k's input norm + q/k + RoPE (no eager attention),
+    mean over heads, mean over those queries, read at the visual tokens. Score = TTV/ΣTTV + IGA/ΣIGA over the
+    visual tokens still present; the top tokens are kept (sorted). Positions ``compact`` by default (the official
+    re-indexes to ``arange`` after every drop); ``positions="original"`` keeps the original ones.
+
+    Schedule: ``layers`` (official ``pruning_layer_list``, here the 0-indexed layer the drop enters: [7, 9, 12])
+    with ``ratios`` (official ``image_token_ratio_list``: [0.875, 0.625, 0.125] of the N visual tokens, kept count
+    ``int(N·ratio)``: 576 → 504 → 360 → 72). Without ``ratios``, an int / float budget (equivalent visual tokens
+    averaged over the layers, like the other in-LLM methods) bends the official ratios so that the layer
+    average meets the budget: scaled to s·r_i below the official list's average (236.25 of 576 tokens on 32
+    layers), raised to r_i^γ (γ < 1) above it, so no stage keeps every token; ``ratios`` overrides the budget.
+    A budget below the tokens the first k layers process in full (k·N/L) is refused with a clear error.
+
+    Deviations: (1) the official code only runs 32-layer LLaVA-1.5 (Vicuna-7B); on another depth L the default
+    layers are the official ones scaled, round(l·L/32) clamped to 1..L−1 (duplicates merged, the later ratio
+    wins), and the default window runs from the first to the last pruning layer minus one. (2) The official
+    softmax of the direction change sums over the whole batch tensor (padding included; its TTV re-gather only
+    supports batch size 1) — here it runs over each sample's real tokens, identical for one unpadded sample.
+    (3) Weights are computed in float32 (the official keeps the model dtype). (4) Several images per sample:
+    the instruction queries are the text after the last image and all images' tokens compete together.
+    Fidelity: tests/test_transprune.py re-implements the official scoring literally and compares kept sets.
+    """
+
+    name = "transprune"
+    paper = "arXiv:2507.20630"
+    signals = ("decoder_attention",)
+    options = {"layers": None, "ratios": None, "accumulate": None}
+    default_budget = None  # official ratios [0.875, 0.625, 0.125]
+    default_positions = "compact"
+
+    def validate_options(self) -> None:
+        layers, ratios, accumulate = self.config["layers"], self.config["ratios"], self.config["accumulate"]
+        if layers is not None and (not isinstance(layers, list | tuple) or not layers
+                                   or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers)
+                                   or list(layers) != sorted(set(layers))):
+            raise MethodOptionError(f"transprune layers={layers!r} must be ascending decoder layer indices ≥ 1 "
+                                    "(the layer each drop enters).")
+        if ratios is not None:
+            if (not isinstance(ratios, list | tuple) or not ratios
+                    or any(isinstance(r, bool) or not isinstance(r, int | float) or not 0.0 <= r <= 1.0
+                           for r in ratios)
+                    or any(a < b for a, b in zip(ratios, ratios[1:], strict=False))):
+                raise MethodOptionError(f"transprune ratios={ratios!r} must be non-increasing fractions of the "
+                                        "visual tokens in [0, 1], one per pruning layer.")
+            expected = len(layers) if layers is not None else len(_TRANSPRUNE_LAYERS)
+            if len(ratios) != expected:
+                raise MethodOptionError(f"transprune ratios={list(ratios)} needs one ratio per pruning layer "
+                                        f"({expected}); pass as many ratios as layers.")
+        if accumulate is not None and (not isinstance(accumulate, list | tuple) or not accumulate or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in accumulate)):
+            raise MethodOptionError(f"transprune accumulate={accumulate!r} must be a non-empty list of decoder "
+                                    "layer indices ≥ 0 (the layers whose token transition is summed).")
+
+    def budget_overrides(self) -> list[str]:
+        return ["ratios"] if self.config["ratios"] is not None else []
+
+    def _stages(self, num_layers: int) -> list[tuple[int, float]]:
+        """[(layer, official ratio), ...] on a decoder of ``num_layers`` layers (see the class doc)."""
+        ratios = self.config["ratios"] or _TRANSPRUNE_RATIOS
+        if self.config["layers"] is not None:
+            layers = list(self.config["layers"])
+            if layers[-1] >= num_layers:
+                raise MethodOptionError(
+                    f"transprune layers={layers} reach beyond this model's {num_layers} decoder layers "
+                    f"(0..{num_layers - 1}); pass layers= below {num_layers}"
+                    + ("" if num_layers > 1 else ", or use a pre-LLM method") + ".")
+        else:
+            if num_layers < 2:
+                raise MethodOptionError(f"transprune needs at least 2 decoder layers (this model has {num_layers}); "
+                                        "use a pre-LLM method.")
+            layers = [min(num_layers - 1, max(1, round(x * num_layers / _TRANSPRUNE_DEPTH)))
+                      for x in _TRANSPRUNE_LAYERS]
+        stages: dict[int, float] = {}
+        for layer, ratio in zip(layers, ratios, strict=True):
+            stages[layer] = float(ratio)  # merged duplicates: the later (smaller) ratio wins
+        return sorted(stages.items())
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        layers = [layer for layer, _ in self._stages(num_layers)]
+        accumulate = self.config["accumulate"]
+        if accumulate is not None and max(accumulate) >= layers[-1]:
+            raise MethodOptionError(f"transprune accumulate={list(accumulate)} must lie before the last pruning "
+                                    f"layer {layers[-1]} (later layers cannot influence the drop).")
+        return layers
+
+    def observed_layers(self, num_layers: int) -> list[int]:
+        if self.config["accumulate"] is not None:
+            return sorted(set(self.config["accumulate"]))
+        layers = [layer for layer, _ in self._stages(num_layers)]
+        return list(range(layers[0] - 1, layers[-1]))
+
+    @staticmethod
+    def _bent(stages: list[tuple[int, float]], t: float) -> list[float]:
+        """The official ratios bent by ``t`` ∈ [0, 2]: t·r below 1 (fewer tokens), r^(2−t) above (more tokens,
+        never reaching all of them); t = 1 is the official list, the layer average grows with t."""
+        return [ratio * t if t <= 1.0 else ratio ** (2.0 - t) for _, ratio in stages]
+
+    @staticmethod
+    def _equivalent(ratios: list[float], stages: list[tuple[int, float]], num_layers: int, num_visual: int) -> float:
+        bounds = [0] + [layer for layer, _ in stages] + [num_layers]
+        ratios = [1.0, *ratios]
+        return sum((bounds[i + 1] - bounds[i]) * num_visual * ratios[i] for i in range(len(ratios))) / num_layers
+
+    def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        stages = self._stages(num_layers)
+        ratios = [ratio for _, ratio in stages]
+        if self.config["ratios"] is None and self.budget is not None:
+            target = self._target_equivalent(num_visual, num_images)
+            minimum = stages[0][0] * num_visual / num_layers
+            if target < minimum:
+                raise BudgetError(
+                    f"transprune keeps all {num_visual} visual tokens for its first {stages[0][0]} layers, so the "
+                    f"smallest reachable budget is {minimum:.1f} equivalent tokens; raise the budget, move the "
+                    "stages earlier (layers=), or pass ratios=."
+                )
+            lo, hi = 0.0, 2.0
+            for _ in range(80):
+                mid = (lo + hi) / 2
+                below = self._equivalent(self._bent(stages, mid), stages, num_layers, num_visual) < target
+                lo, hi = (mid, hi) if below else (lo, mid)
+            ratios = self._bent(stages, (lo + hi) / 2)
+        return [(layer, int(num_visual * ratio + _PDROP_EPSILON)) for (layer, _), ratio in zip(stages, ratios,
+                                                                                                  strict=True)]
+
+    def prepare(self, inputs_embeds, real, visual, text, source) -> _Transitions:
+        return _Transitions(totals=[torch.zeros(int(s.max()) + 1 if s.numel() else 0, dtype=torch.float32,
+                                                device=inputs_embeds.device) for s in source])
+
+    def observe(self, layer, kind, before, after, real, source, prepared: _Transitions) -> None:
+        weight = transition_weight(before, after, real)  # [B, L]
+        for b, totals in enumerate(prepared.totals):
+            columns = torch.nonzero(real[b]).flatten()
+            totals.index_add_(0, source[b].to(totals.device), weight[b, columns].to(totals.device))
+
+    def _instruction_attention(self, ctx: LayerContext) -> torch.Tensor:
+        """[B, L]: attention of each sample's instruction tokens, mean over heads and queries (class doc)."""
+        queries = []
+        for b in range(ctx.real.shape[0]):
+            columns = torch.nonzero(ctx.real[b]).flatten()
+            visual_columns = torch.nonzero(ctx.visual[b]).flatten()
+            after = ctx.text[b] & ctx.real[b]
+            if visual_columns.numel():
+                after = after & (torch.arange(after.numel(), device=after.device) > visual_columns[-1])
+            found = torch.nonzero(after).flatten()
+            queries.append(found if found.numel() else columns[-1:])
+        width = max(q.numel() for q in queries)
+        query = torch.stack([torch.cat([q, q[:1].expand(width - q.numel())]) for q in queries])  # [B, Q]
+        weight = torch.stack([torch.arange(width) < q.numel() for q in queries]).to(ctx.hidden.device)
+        weight = weight.float() / weight.sum(-1, keepdim=True)  # [B, Q], mean over the real queries
+        rows = attention_rows(ctx.layers[ctx.layer], ctx.hidden, ctx.position_embeddings, query,
+                              key_padding_mask=ctx.real, average_heads=True)  # [B, Q, L]
+        return (rows * weight.unsqueeze(-1)).sum(dim=1)  # [B, L]
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        attention = self._instruction_attention(ctx)
+        scores = torch.zeros_like(attention)
+        for b in range(attention.shape[0]):
+            candidates = torch.nonzero(ctx.visual[b]).flatten()
+            scores[b, candidates] = transprune_scores(self._transitions(ctx, b, candidates), attention[b, candidates])
+        return scores
+
+    def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
+        attention = self._instruction_attention(ctx)
+        out: list[LayerSelection | None] = []
+        for b, k in enumerate(wanted):
+            if k is None:
+                out.append(None)
+                continue
+            candidates = torch.nonzero(ctx.visual[b]).flatten()
+            chosen = transprune_select(self._transitions(ctx, b, candidates), attention[b, candidates], k)
+            out.append(LayerSelection(keep=candidates[chosen.to(candidates.device)]))
+        return out
+
+    @staticmethod
+    def _transitions(ctx: LayerContext, b: int, candidates: torch.Tensor) -> torch.Tensor:
+        """The accumulated transition weight of sample ``b``'s candidate columns [N]."""
+        columns = torch.nonzero(ctx.real[b]).flatten()
+        original = torch.full((ctx.real.shape[1],), -1, dtype=torch.long, device=columns.device)
+        original[columns] = ctx.source[b].to(columns.device)
+        totals = ctx.prepared.totals[b]
+        return totals[original[candidates].to(totals.device)]

@@ -44,6 +44,7 @@ from ..registry import (
     Method,
     Selection,
     VideoClip,
+    VisionTower,
     VisualGroup,
 )
 from ..stats import PruneStats, SampleStats, StageStats
@@ -228,6 +229,10 @@ class PruneSession:
             )
         if layer and pre and methods.index(layer[0]) < methods.index(pre[0]):
             raise VTPruneError("list the pre-LLM method before the in-LLM method when composing.")
+        tower = VisionTower(adapter.family, adapter.vision_depth(), adapter.feature_layer_index(),
+                            "vit_cls_hidden" in adapter.provides)
+        for m in methods:
+            m.bind(tower)  # before the checks: a method's signals may depend on the model
         vit = [m for m in methods if m.stage == IN_VIT]
         check_composition(vit, methods, adapter)
         self.vit_method = vit[0] if vit else None
@@ -291,6 +296,11 @@ class PruneSession:
                 for index, layer in enumerate(self.adapter.decoder_layers):
                     hook = functools.partial(self._on_decoder_layer, index)
                     self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+                layers = self.adapter.decoder_layers
+                for index in self.layer_method.observed_layers(len(layers)):
+                    for kind, sublayer in compat.decoder_sublayers(layers[index]).items():
+                        hook = functools.partial(self._on_sublayer, index, kind)
+                        self._handles.append(sublayer.register_forward_hook(hook, with_kwargs=True))
             if self.decode_stage is not None:  # after the engine's own hooks: sees the cache's coordinates
                 self._handles.append(lm.register_forward_pre_hook(self._on_decode_step, with_kwargs=True))
                 for index, layer in enumerate(self.adapter.decoder_layers):
@@ -564,6 +574,8 @@ class PruneSession:
         self._merge_records = []
         for b, layout in enumerate(layouts):
             if self.pre_method is not None or self.vit_stage is not None:
+                if self.pre_method is not None:
+                    self._instruction_source = (pending.call.get("input_ids"), b, real[b])  # "instruction" signal
                 plan, sample = self._plan_sample(layout, embeds[b], real[b])
             else:
                 kept = torch.nonzero(real[b]).flatten()
@@ -825,6 +837,20 @@ class PruneSession:
                       "position_embeddings": segment.position_embeddings,
                       "position_ids": layer_rows(segment.position_ids)}
 
+    def _on_sublayer(self, index: int, kind: str, module, args, kwargs, output):
+        """Forward hook on an observed sublayer: hands its input/output to the method during the prefill."""
+        run = self._run
+        if run is None:  # decoding, or a call the in-LLM stage does not handle
+            return None
+        before, after = compat.sublayer_io(args, kwargs, output)
+        batch, length = before.shape[:2]
+        real = torch.zeros(batch, length, dtype=torch.bool, device=before.device)
+        for b, cols in enumerate(real_columns(self._run_mask, batch, length, before.device)):
+            real[b, cols] = True
+        with section(self.timer, "select"):
+            run.method.observe(index, kind, before.detach(), after.detach(), real, run.source, run.prepared)
+        return None
+
     def _on_language_model_return(self, module, args, output):
         run, self._run = self._run, None
         self._step = None
@@ -941,16 +967,17 @@ class PruneSession:
         span_keep[image.structural] = True
         content = image.num_content
         method.check_image_tokens(content)  # warns once about a degenerate budget (keeps all / very few)
-        budget = tokens_for(method.budget, content)
-        if alive is None and budget >= content:
+        adaptive = method.budget is None  # the method decides its count per group (PruMerge's outliers)
+        budget = content if adaptive else tokens_for(method.budget, content)
+        if alive is None and budget >= content and not adaptive:
             return torch.ones(image.num_tokens, dtype=torch.bool), None, None, None
-        if alive is not None and budget >= int(alive.sum()):  # the in-ViT stage left no more than the budget
+        if alive is not None and budget >= int(alive.sum()) and not adaptive:  # the in-ViT stage left no more
             return alive | image.structural & self._rows_alive(image, alive), None, None, None
         jobs = self._video_jobs(image, image_idx, embeds, budget) if image.is_video \
             else self._image_jobs(image, image_idx, embeds, budget, alive)
         merged, anchors, orders, row_anchors = [], [], [], []
         for group, k, run in jobs:
-            if k >= group.size:
+            if k >= group.size and not adaptive:
                 span_keep[group.members] = True
                 continue
             if k == 0:
@@ -1050,10 +1077,29 @@ class PruneSession:
                 raise VTPruneError(f"signal {name!r} was not captured during the {modality} encoder's forward.")
             table = self.store.table(modality, name)
             signals[name] = table[group.vision_row.to(table.device), group.patch_index.to(table.device)]
+        instruction, instruction_ids = None, None
+        if "instruction" in self.pre_method.signals:
+            instruction, instruction_ids = self._instruction(image, embeds)
         return VisualGroup(
             features=embeds[positions], height=group.height, width=group.width, signals=signals,
             project=self.adapter.project, seed=_mix_seed(self.pre_method.seed, image_idx, group_idx), index=group_idx,
+            instruction=instruction, instruction_ids=instruction_ids,
         )
+
+    def _instruction(self, image: ImageSpan, embeds: torch.Tensor):
+        """Embeddings [T, D] and ids [T] of the sample's real text tokens after ``image`` (the instruction), or of
+        all its real text tokens when none follows the image."""
+        input_ids, b, real = self._instruction_source
+        text = real.clone()
+        text[image.positions.to(real.device)] = False
+        if input_ids is not None:  # no other image / video placeholder is text
+            placeholders = torch.tensor(self.adapter.placeholder_token_ids(), device=input_ids.device)
+            text &= ~torch.isin(input_ids[b], placeholders).to(real.device)
+        after = text.clone()
+        after[: int(image.positions[-1]) + 1] = False
+        chosen = torch.nonzero(after if bool(after.any()) else text).flatten()
+        ids = input_ids[b, chosen.to(input_ids.device)] if input_ids is not None else None
+        return embeds[chosen.to(embeds.device)], ids
 
     def _check_selection(self, selection: Selection, size: int, k: int) -> None:
         keep = selection.keep

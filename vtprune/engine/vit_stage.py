@@ -282,7 +282,8 @@ QWEN_REFUSAL = (
 )
 
 #: pre-LLM signals read inside the vision encoder's attention, which the in-ViT stage computes itself
-_ATTENTION_SIGNALS = frozenset({"cls_attention", "vit_keys", "vit_cls_hidden"})
+_ATTENTION_SIGNALS = frozenset({"cls_attention", "vit_keys", "vit_cls_hidden", "received_attention",
+                                "flat_cls_attention", "flat_keys"})
 
 
 def check_composition(vit: list, methods: list, adapter) -> None:
@@ -299,8 +300,9 @@ def check_composition(vit: list, methods: list, adapter) -> None:
     method = vit[0]
     adapter.vit_layers()  # raises UnsupportedModelError with the reason where the tower is not supported
     for other in methods[1:]:
-        needed = (set(other.signals) | set(other.optional_signals)) & _ATTENTION_SIGNALS
-        if other.stage == "pre-llm" and set(other.signals) & _ATTENTION_SIGNALS:
+        # layer signals ("received_attention@8") count by their kind
+        needed = {s.partition("@")[0] for s in (*other.signals, *other.optional_signals)} & _ATTENTION_SIGNALS
+        if other.stage == "pre-llm" and {s.partition("@")[0] for s in other.signals} & _ATTENTION_SIGNALS:
             raise VTPruneError(
                 f"{other.name!r} reads the vision encoder's attention ({', '.join(sorted(needed))}), which the "
                 f"in-ViT stage {method.name!r} replaces with its own block computation over fewer tokens; compose "

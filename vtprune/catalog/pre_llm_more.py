@@ -1,0 +1,321 @@
+"""Pre-LLM methods of issue 17: VisPruner, HiPrune, PruMerge / PruMerge+, CDPruner.
+
+Registry glue only: each class reads the signals the engine captured for a :class:`VisualGroup` and calls a
+pure function of ``vtprune.selectors``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import MethodOptionError
+from ..registry import Method, Selection, VisionTower, VisualGroup, register_method
+from ..selectors.cdpruner import cdpruner_relevance, cdpruner_select
+from ..selectors.hiprune import anchor_count, hiprune_select
+from ..selectors.prumerge import iqr_outlier_count, prumerge_indices, prumerge_merge
+from ..selectors.vispruner import split_vispruner_budget, vispruner_select
+
+
+def _fraction(method: str, name: str, value: Any, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+            (0 < value if low_open else 0 <= value) and value <= 1):
+        bound = "(0, 1]" if low_open else "[0, 1]"
+        raise MethodOptionError(f"{method} option {name}={value!r} must be a number in {bound}.")
+
+
+@register_method
+class VisPruner(Method):
+    """VisPruner — important tokens by [CLS] attention + diverse tokens by iterative similarity removal (Zhang
+    et al., ICCV 2025, arXiv 2412.01818 v2 "Beyond Text-Visual Attention"; official code Theia-4869/VisPruner @
+    aefa01a, ``llava/model/llava_arch.py`` L140-186, ``llava/model/multimodal_encoder/clip_encoder.py`` L35-71,
+    ``siglip_encoder.py`` L34-40; defaults in ``llava/eval/model_vqa_loader.py`` L151-152).
+
+    Of the ``k`` tokens of an image, ``int(k * important_ratio)`` (default ``important_ratio=0.5``) are the
+    top by the head-mean attention of the [CLS] query at the feature layer (LLaVA: the penultimate layer,
+    ``attentions[-2]``; computed from that layer's q/k, the tower stays on SDPA); the rest, in descending
+    attention order, are thinned 8 at a time (split alternately, drop the A tokens most cosine-similar to a B
+    token, by the projector's input features) until ``k - int(k * important_ratio)`` remain. No merging;
+    kept tokens in raster order, positions ``compact`` (official: the pruned features are spliced in and the
+    sequence numbered 0..L-1). LLaVA-NeXT: the budget applies per crop, the same count for the base image and
+    every crop (``equal_per_crop``; the official ``visual_token_num`` is that per-crop count, e.g. 32 -> 160
+    for 5 crops). Default 64 tokens.
+
+    Encoders without a [CLS] token: the official SigLIP variant scores a patch by the mean attention it
+    receives in the last layer (mean over queries and heads) — the ``cls_attention`` fallback of this family
+    (OneVision's feature layer is the last); the Qwen-VL ViTs (no official code) likewise, per 2x2 merger group
+    (mean of its 4 patches, window order undone), with the group's 4 concatenated patch states as features.
+    Deviations: ties in the attention ranking go to the lower index (the official ``argsort`` is unstable);
+    an odd residual length (which the official indexing cannot handle) splits A = ``ceil(R / 2)``; LLaVA-NeXT
+    crops are ranked on their unpadded patches (the official code uses the 'spatial' merge without unpadding).
+    """
+
+    name = "vispruner"
+    paper = "arXiv:2412.01818"
+    signals = ("cls_attention", "vit_hidden")
+    options = {"important_ratio": 0.5}
+    budget_policy = "equal_per_crop"
+    default_positions = "compact"
+
+    def validate_options(self) -> None:
+        _fraction(self.name, "important_ratio", self.config["important_ratio"])
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        important, diverse = split_vispruner_budget(k, self.config["important_ratio"])
+        s = group.signals
+        return Selection(keep=vispruner_select(s["cls_attention"], s["vit_hidden"], important, diverse))
+
+
+#: HiPrune's object layer, 1-indexed, and the depth of the encoder the paper chose it for
+_HIPRUNE_OBJECT = {"clip": (9, 24), "qwen": (16, 32)}
+
+
+@register_method
+class HiPrune(Method):
+    """HiPrune — anchors, buffers and registers from the vision encoder's attention hierarchy (arXiv
+    2508.00553; official code Danielement321/HiPrune @ 6e83a12, ``LLaVA/llava/model/llava_arch.py`` L140-182,
+    ``Qwen2_5_VL/qwen2_5_vl_HiPrune.py`` L558-577 and L1854-1893; defaults in its README table).
+
+    Signal: the attention each patch *receives* in a vision block, mean over heads and over every query row
+    (the [CLS] query included; the [CLS] column dropped), computed from the block's q/k (the tower stays on
+    SDPA; the official code needs eager ``output_attentions``). Of ``k`` tokens: ``round(k * alpha / 5)``
+    anchors (``alpha=0.1``) are the top by the attention received in the *object layer*; their 4 neighbours
+    (``i ± 1``, ``i ± width``, clamped to the group, no row-wrap check — as the official code) are buffers;
+    the remaining ``k - |anchors ∪ buffers|`` registers are the top other tokens by the attention received in
+    the *deep layer* — the feature layer (LLaVA: ``mm_vision_select_layer=-2``; Qwen: the last block). Kept
+    tokens in raster order.
+
+    ``object_layer`` is 1-indexed as the official ``HIPRUNE_OBJECT_LAYER``: default 9 for CLIP/SigLIP towers
+    (24-layer CLIP-L) and 16 for the Qwen-VL ViTs (32 blocks), scaled to the depth of another tower
+    (``round(l * depth / reference)``, at least 1; e.g. 1 for the 3-layer test towers). LLaVA-OneVision's
+    SigLIP (no official code) uses the CLIP default. Budget: LLaVA-1.5 ``k`` per image; LLaVA-NeXT the same count
+    per crop (official: ``HIPRUNE_RETENTION / B``; ``equal_per_crop``); Qwen: per image (official: a ratio of the
+    image's tokens; pass a float budget for that). Positions: LLaVA ``compact`` as the official code (default);
+    the official Qwen2.5-VL code keeps original M-RoPE ids: pass ``positions="original"`` there.
+
+    Deviations: Qwen's received attention is the mean (not the sum) over each attention segment's queries —
+    the same ranking on full-attention blocks (the default object and deep blocks of Qwen2.5-VL-7B are such);
+    registers exclude anchors and buffers outright (the official subtracts 1 from their score, which is the
+    same while scores are means ≤ 1, not with Qwen's sums); ties go to the lower index; when anchors and
+    buffers alone exceed ``k`` (tiny budgets; the official code then fails) the anchor count is lowered.
+    """
+
+    name = "hiprune"
+    paper = "arXiv:2508.00553"
+    signals = ("received_attention", "grid")
+    options = {"alpha": 0.1, "object_layer": None}
+    budget_policy = "equal_per_crop"
+    default_positions = "compact"
+
+    def validate_options(self) -> None:
+        _fraction(self.name, "alpha", self.config["alpha"])
+        layer = self.config["object_layer"]
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
+            raise MethodOptionError(f"hiprune option object_layer={layer!r} must be an int >= 1 (1-indexed vision "
+                                    "block, as HIPRUNE_OBJECT_LAYER; default 9 for CLIP, 16 for Qwen-VL).")
+
+    def bind(self, tower: VisionTower) -> None:
+        layer = self.config["object_layer"]
+        if layer is None:
+            reference, depth = _HIPRUNE_OBJECT["qwen" if tower.family.startswith("qwen") else "clip"]
+            layer = max(1, round(reference * (tower.depth or depth) / depth))
+        elif tower.depth is not None and layer > tower.depth:
+            raise MethodOptionError(f"hiprune object_layer={layer} is beyond this vision encoder's {tower.depth} "
+                                    f"blocks; pick 1..{tower.depth}.")
+        self._object_signal = f"received_attention@{layer - 1}"
+        self.signals = (self._object_signal, "received_attention@feature", "grid")
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        if group.width is None or group.height is None or group.height * group.width != group.num_tokens:
+            raise MethodOptionError("hiprune needs a rectangular patch grid (its buffers are grid neighbours), "
+                                    "but this group is not one.")
+        s = group.signals
+        keep = hiprune_select(s[self._object_signal], s["received_attention@feature"], k, group.width,
+                              anchor_count(k, self.config["alpha"]))
+        return Selection(keep=keep)
+
+
+class _PruMergeBase(Method):
+    plus: bool = False
+    signals = ("flat_cls_attention", "flat_keys", "vit_hidden")  # CLIP; without [CLS] see bind()
+    options = {"layer": -1}
+    default_budget = None  # the official count is adaptive (IQR outliers)
+    budget_policy = "per_crop"
+    default_positions = "compact"
+
+    def __init__(self, budget=None, positions=None, seed: int = 0, **options):
+        super().__init__(budget=budget, positions=positions, seed=seed, **options)
+        self.adaptive = self.budget is None
+        if self.adaptive:
+            self.exact_count = False
+
+    def validate_options(self) -> None:
+        layer = self.config["layer"]
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise MethodOptionError(f"{self.name} option layer={layer!r} must be an int (a vision block index; -1 "
+                                    "= the last, as the official layers[23] of CLIP-L).")
+
+    def check_image_tokens(self, num_tokens: int) -> int:
+        if self.adaptive:
+            return num_tokens  # at most: the count is decided per image
+        return super().check_image_tokens(num_tokens)
+
+    def bind(self, tower: VisionTower) -> None:
+        self._has_cls = tower.has_cls
+        if tower.has_cls:
+            layer = self.config["layer"]
+            self._scores, self._keys = f"flat_cls_attention@{layer}", f"flat_keys@{layer}"
+        else:  # no [CLS]: mean received attention and head-mean keys of the feature layer
+            self._scores, self._keys = "cls_attention", "vit_keys"
+        self.signals = (self._scores, self._keys, "vit_hidden")
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        s = group.signals
+        scores, keys, hidden = s[self._scores], s[self._keys], s["vit_hidden"]
+        n = group.num_tokens
+        if self.adaptive:
+            outliers = max(1, iqr_outlier_count(scores))
+            kept = prumerge_indices(scores, outliers, self.plus)[: n - 1]  # room for the extra token
+        else:
+            outliers = iqr_outlier_count(scores) if self.plus else 0
+            kept = prumerge_indices(scores, outliers, self.plus, budget=k - 1)
+        result = prumerge_merge(hidden, keys, scores, kept)
+        device = group.features.device
+        m = kept.numel()
+        merged = group.project(result.merged)
+        if self.positions == "original" or not self._has_cls:
+            # each token at its own patch, the extra token at the last pruned patch
+            dropped = torch.ones(n, dtype=torch.bool)
+            dropped[kept.cpu()] = False
+            last_dropped = torch.nonzero(dropped).flatten()[-1:].to(device)
+            anchors = torch.cat([kept.to(device), last_dropped])
+            order = torch.ones(m + 1, dtype=torch.long, device=device)
+        else:  # the official sequence: kept tokens in the official order, then the extra token
+            anchors = torch.zeros(m + 1, dtype=torch.long, device=device)
+            order = torch.arange(1, m + 2, device=device)
+        return Selection(keep=torch.empty(0, dtype=torch.long, device=device), merged=merged, anchors=anchors,
+                         weights=result.weights, order=order)
+
+
+_PRUMERGE_DOC = """
+
+    Score: the [CLS] row of ``softmax(q k^T / sqrt(C))`` in the vision tower's last block (``layer=-1``; the
+    official forward hooks on ``layers[23].q_proj/k_proj`` of CLIP-L), q and k full-width (one head spanning
+    all ``C`` channels), computed from the block's input by its own projections. Merge: every kept token
+    ``x_i`` becomes ``x_i + sum_j a_j x_j`` over the 32 tokens (kept or not) whose full-width keys are most
+    cosine-similar to its key (``a``: the scores; not normalised, as the official code); one extra token
+    ``sum_j a_j x_j`` over the pruned tokens is appended. All in the projector's input space (the penultimate
+    layer's features), then projected. Positions ``compact`` (official): the image's tokens are the kept tokens
+    in the official order (descending score{plus_order}), then the extra token; ``positions="original"`` puts
+    each at its own patch's position and the extra token at the last pruned patch's. Encoders without [CLS]
+    always place them so (raster order; Qwen3-VL's deepstack rows need one token per anchor).
+
+    Budget: ``budget=None`` (default) is the official adaptive count: the scores above ``Q3 + 1.5 IQR``
+    (quartiles as ``numpy.percentile``){plus_adaptive}, +1 extra token, per image (and per crop).
+    With a token budget ``k``: {fixed}, +1 extra token = exactly ``k`` tokens.
+
+    Encoders without a [CLS] token (SigLIP, Qwen-VL; no official code, the method is defined on CLS): the
+    score is the mean attention each token receives at the feature layer and the keys the head-averaged keys
+    of that layer (Qwen: per 2x2 merger group, see ``fastervlm``/``visionzip``). Deviations: quartiles per
+    image / crop (the official pools the whole batch); fewer than 33 tokens merge ``N - 1`` neighbours; an
+    image without outliers keeps its top token (the official divides by zero); ties go to the lower index.
+    """
+
+
+@register_method
+class PruMerge(_PruMergeBase):
+    __doc__ = ("""PruMerge — adaptive [CLS]-attention outliers merged with their key-similar tokens (Shang et al.,
+    ICCV 2025, arXiv 2403.15388; official code 42Shawn/LLaVA-PruMerge @ 097c041,
+    ``llava/model/multimodal_encoder/clip_encoder.py`` L34-47, L85-171 ``token_prune_merge_advanced``).""" +
+               _PRUMERGE_DOC.format(plus_order="", plus_adaptive="",
+                                    fixed="the top ``k - 1`` tokens by score (the official ``if_adaptive=False`` "
+                                          "path with ``reduction_ratio = (k - 1) / N``)"))
+
+    name = "prumerge"
+    paper = "arXiv:2403.15388"
+
+
+@register_method
+class PruMergePlus(_PruMergeBase):
+    __doc__ = ("""PruMerge+ (registered as ``prumerge_plus``: ``+`` composes methods in vtprune) — PruMerge plus a
+    spatially uniform supplement (Shang et al., ICCV 2025, arXiv 2403.15388; official code 42Shawn/LLaVA-PruMerge
+    @ 097c041, ``llava/model/multimodal_encoder/clip_encoder.py`` L174-281 ``token_prune_merge_advanced_plus``,
+    the default of its ``forward``).""" +
+               _PRUMERGE_DOC.format(
+                   plus_order=", then the supplement ascending",
+                   plus_adaptive=", then the supplement ``arange(0, N - 1, int(int(1 / ratio) / 3))`` without the "
+                                 "outliers (``ratio`` = outliers / N; about 3x as many tokens)",
+                   fixed="the outliers (at most ``k - 1``), then tokens spread evenly over the remaining indices "
+                         "up to ``k - 1`` (the official supplement follows the outlier count instead of a budget)"))
+
+    name = "prumerge_plus"
+    paper = "arXiv:2403.15388"
+    plus = True
+
+
+@register_method
+class CDPruner(Method):
+    """CDPruner — conditional DPP: diverse tokens weighted by their relevance to the instruction (Zhang et al.,
+    NeurIPS 2025, arXiv 2506.10967; official code Theia-4869/CDPruner @ 9541616, ``llava/model/llava_arch.py``
+    L140-187, ``llava/model/multimodal_encoder/clip_encoder.py`` L38-98).
+
+    Kernel ``L = diag(r) S diag(r)``: ``S`` the cosine similarity of the projected visual tokens (the LLM's
+    input embeddings, float32), ``r`` the relevance: ``mean_m(-cos(image_i, text_m))`` (the official code
+    negates the cosine), min-max normalised over the image / crop; ``theta`` (commented out in the official
+    code; default None = off) applies ``exp(theta / (2 (1 - theta)) r)``. Selection: fast greedy MAP of the
+    DPP (Chen et al. 2018), ``k`` tokens, kept in raster order, positions ``compact`` (official). LLaVA-NeXT:
+    the same count per crop (official ``visual_token_num`` per crop; ``equal_per_crop``). Default 64 tokens.
+
+    Relevance signal: the official code runs a CLIP **text tower** on the instruction (77-token segments) and
+    compares it with the image patches passed through CLIP's ``post_layernorm`` and ``visual_projection``. Pass
+    both sides to get that: ``text_tower`` (callable: the instruction's token ids, LongTensor[T] in the VLM's
+    vocabulary -> text embeddings [M, C]; decode them with your tokenizer and run your CLIP/SigLIP text model)
+    and ``image_projection`` (callable: the projector's input [N, dv] -> [N, C]). **Deviation when none is
+    given (the default)**: the relevance compares the projected visual tokens with the LLM's own input
+    embeddings of the instruction — the prompt's text tokens after the image (all its text tokens if none
+    follows), one "segment" per token; a prompt without text gets uniform relevance (a plain DPP). Other
+    deviations: relevance normalised per image / crop (the official pools the batch); a constant relevance
+    (max = min) becomes uniform instead of NaN; LLaVA-NeXT crops are unpadded (the official forces one
+    672x672 grid without unpadding, ``mm_utils.py`` L28-30).
+    """
+
+    name = "cdpruner"
+    paper = "arXiv:2506.10967"
+    signals = ("instruction",)
+    options = {"theta": None, "text_tower": None, "image_projection": None}
+    budget_policy = "equal_per_crop"
+    default_positions = "compact"
+
+    def validate_options(self) -> None:
+        theta = self.config["theta"]
+        if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float))
+                                  or not 0 <= theta < 1):
+            raise MethodOptionError(f"cdpruner option theta={theta!r} must be a number in [0, 1) or None (off).")
+        tower, projection = self.config["text_tower"], self.config["image_projection"]
+        if (tower is None) != (projection is None):
+            raise MethodOptionError("cdpruner needs text_tower and image_projection together (the text and the image "
+                                    "side of one CLIP/SigLIP space), or neither (the LLM's own embeddings).")
+        for name, fn in (("text_tower", tower), ("image_projection", projection)):
+            if fn is not None and not callable(fn):
+                raise MethodOptionError(f"cdpruner option {name} must be callable, got {type(fn).__name__}.")
+        if tower is not None:
+            self.signals = ("instruction", "vit_hidden")
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        features = group.features
+        if self.config["text_tower"] is not None:
+            if group.instruction_ids is None:
+                raise MethodOptionError("cdpruner text_tower needs the prompt's input_ids; pass input_ids (not only "
+                                        "inputs_embeds) to the model.")
+            text = self.config["text_tower"](group.instruction_ids)
+            image = self.config["image_projection"](group.signals["vit_hidden"])
+        else:
+            text, image = group.instruction, features
+        if text is None or text.shape[0] == 0:
+            relevance = torch.ones(group.num_tokens, device=features.device)
+        else:
+            relevance = cdpruner_relevance(image, text, self.config["theta"])
+            if not bool(torch.isfinite(relevance).all()):
+                relevance = torch.ones(group.num_tokens, device=features.device)
+        return Selection(keep=cdpruner_select(features, relevance.to(features.device), k))
