@@ -25,7 +25,11 @@ ALL_FAMILIES = tuple(FAMILIES)
 MROPE_FAMILIES = tuple(f for f in ALL_FAMILIES if f.startswith("qwen"))
 DEEPSTACK_FAMILIES = ("qwen3_vl",)
 #: registered methods by stage: tests parametrised over these cover new methods automatically
-PRE_LLM = tuple(name for name, info in vtprune.methods().items() if info.stage == "pre-llm")
+#: (pre-LLM methods that refuse images, e.g. DyCoke's temporal merging, are in VIDEO_ONLY instead)
+PRE_LLM = tuple(name for name, info in vtprune.methods().items()
+                if info.stage == "pre-llm" and not method_class(name).image_unsupported)
+VIDEO_ONLY = tuple(name for name, info in vtprune.methods().items()
+                   if info.stage == "pre-llm" and method_class(name).image_unsupported)
 IN_LLM = tuple(name for name, info in vtprune.methods().items() if info.stage == "in-llm")
 NEW_TOKENS = 3
 
@@ -351,8 +355,13 @@ def record_kept_columns(monkeypatch) -> dict[int, torch.Tensor]:
 
     def assemble_spy(hidden, position_ids, plans, *args, **kwargs):
         (plan,) = plans
-        assert plan.merged is None, "merged in-LLM tokens need their own reference"
-        kept[current["layer"]] = plan.keep.clone()
+        if plan.merged is None:
+            kept[current["layer"]] = plan.keep.clone()
+        else:  # merged tokens that replace their anchor column (HoliTom's inner merge): (columns, anchors, states)
+            anchors = plan.merged_anchors.to(plan.keep.device)
+            assert not bool(torch.isin(anchors, plan.keep).any()), "merged in-LLM tokens need their own reference"
+            columns = torch.sort(torch.cat([plan.keep, anchors])).values
+            kept[current["layer"]] = (columns, anchors.clone(), plan.merged.detach().clone())
         return assemble(hidden, position_ids, plans, *args, **kwargs)
 
     monkeypatch.setattr(session_module, "prune_at_layer", prune_spy)
@@ -380,6 +389,10 @@ def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dic
     for index, layer in enumerate(lm.layers):
         if index in kept:
             cols = kept[index]
+            if isinstance(cols, tuple):  # the merged states replace their anchors' hidden states first
+                cols, anchors, states = cols
+                hidden = hidden.clone()
+                hidden[0, anchors] = states.to(hidden.dtype)
             # invariant 3: columns stay in order and every text (non-placeholder) token survives
             assert bool((cols[1:] > cols[:-1]).all())
             assert set(source[~torch.isin(source, placeholders)].tolist()) <= set(source[cols].tolist())

@@ -30,6 +30,8 @@ METHODS = [
     ("dart", {"ratio": 0.6}),
     ("sparsevlm", {"budget": 0.7}),                      # version "1.5": recycles pruned tokens
     ("sparsevlm", {"budget": 0.7, "version": "2.0"}),
+    ("holitom_inner", {"ratio": 0.5}),                    # merges the dropped tokens into the kept ones
+    ("prunevid_llm", {"alpha": 0.4}),
     ("transprune", {"budget": 0.6}),                     # stages 1, 2 on the 4-layer tiny decoder
 ]
 #: options under which each method keeps every visual token
@@ -38,6 +40,8 @@ NOTHING_PRUNED = {
     "pdrop": {"lambda_": 1.0},
     "dart": {"ratio": 0.0},
     "sparsevlm": {"budget": 1.0},
+    "holitom_inner": {"ratio": 0.0},
+    "prunevid_llm": {"alpha": 1.0},
     "transprune": {"budget": 1.0},
 }
 #: methods whose kept tokens are a subset of the input (no merged tokens), with multi-stage schedules

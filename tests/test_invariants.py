@@ -70,7 +70,9 @@ def options_for(family: str, method: str) -> dict:
     """SparseVLM 1.5 recycles tokens inside the decoder, which a deepstack model refuses at the decoder layers
     that still receive deepstack rows (layers 0-1 of the tiny Qwen3-VL; its default first drop enters layer 1):
     there its stages start after them (on a real Qwen3-VL the scaled default layers already do)."""
-    return {"layers": [1, 2]} if (family, method) == ("qwen3_vl", "sparsevlm") else {}
+    if (family, method) == ("qwen3_vl", "sparsevlm"):
+        return {"layers": [1, 2]}
+    return dict(method_class(method).solo)  # a pre-LLM stage alone, without its companion stages
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +163,8 @@ def is_newline(case: Case, positions: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_full_budget_changes_nothing(case, method, budget):
     model = case.model
-    with vtprune.pruned(model, method, budget):
+    # a pre-LLM stage alone (its companion stages keep their own defaults, tested as in-LLM / decode methods)
+    with vtprune.pruned(model, method, budget, **method_class(method).solo):
         logits = model(**case.inputs).logits[0]
         assert torch.equal(logits, case.logits)
         for sample in vtprune.stats(model).samples:
@@ -357,7 +360,8 @@ def run_alone(case: Case, method: str, positions: str, index: int, with_generati
         image = batch_images(case.family)[index]
         inputs = tiny_inputs(case.processor, [image], [BATCH_PROMPTS[index]])
         tokens = step_logits = None
-        with vtprune.pruned(case.model, method, BUDGET[case.family], positions=positions):
+        with vtprune.pruned(case.model, method, BUDGET[case.family], positions=positions,
+                            **method_class(method).solo):  # the pre-LLM stage alone
             logits = case.model(**inputs).logits[0]
             sample = vtprune.stats(case.model).samples[0]
             kept = sample.stages[0].kept_positions if sample.stages else torch.empty(0, dtype=torch.long)
@@ -383,7 +387,7 @@ def test_batch_equals_alone(case, method, padding_side, positions):
         grids = inputs["image_grid_thw"].tolist()
         assert len(grids) == 2 and grids[0] != grids[1]
     alone = [run_alone(case, method, positions, b, padding_side == "left") for b in range(3)]
-    vtprune.apply(model, method, BUDGET[case.family], positions=positions)
+    vtprune.apply(model, method, BUDGET[case.family], positions=positions, **method_class(method).solo)
     logits = model(**inputs).logits
     stats = vtprune.stats(model)
     lengths = [s.layer_lengths[0] for s in stats.samples]

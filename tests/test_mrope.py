@@ -45,7 +45,9 @@ PROMPTS = ["Describe the image.", "What color is the box on the left of this pic
 BUDGET = {**{m: 8 for m in PRE_LLM}, **{m: 0.6 for m in IN_LLM}}
 #: SparseVLM's default version "1.5" inserts recycled tokens after the kept visual block (no image position of
 #: their own) and the in-LLM references have no merged tokens: these checks run its "2.0" (drops only)
-OPTIONS = {"sparsevlm": {"version": "2.0"}}
+OPTIONS = {"sparsevlm": {"version": "2.0"},
+           # pre-LLM stages alone (the companion stages of HoliTom / PruneVid are in-LLM methods of their own)
+           **{m: dict(method_class(m).solo) for m in PRE_LLM if method_class(m).solo}}
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +237,8 @@ def test_several_images_pre_llm_reference(qwen_family, method, positions, monkey
     language model run on the kept sequence with hand-built 3-D positions (each image compacted on its own)."""
     family, model, processor = qwen_family
     case = multi_image_case(family, model, processor)
-    with spy_selections(monkeypatch, method) as records, vtprune.pruned(model, method, 6, positions=positions):
+    with spy_selections(monkeypatch, method) as records, vtprune.pruned(model, method, 6, positions=positions,
+                                                                             **OPTIONS.get(method, {})):
         with capture_lm_calls(model) as calls:
             logits = model(**case.inputs).logits[0]
         (stage,) = vtprune.stats(model).samples[0].stages

@@ -24,6 +24,7 @@ from reference_runs import (
     IN_LLM,
     NEW_TOKENS,
     PRE_LLM,
+    VIDEO_ONLY,
     Case,
     assert_same_greedy,
     call_positions,
@@ -46,15 +47,17 @@ from vtprune.testing import FAMILIES, tiny_image, tiny_video
 
 VIDEO_FAMILIES = tuple(f for f in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision") if f in FAMILIES)
 MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-ALL_METHODS = PRE_LLM + IN_LLM
+ALL_METHODS = PRE_LLM + VIDEO_ONLY + IN_LLM
 REFUSING = tuple(m for m in ALL_METHODS if method_class(m).video_unsupported)
-VIDEO_PRE = tuple(m for m in PRE_LLM if m not in REFUSING)
+VIDEO_PRE = tuple(m for m in PRE_LLM + VIDEO_ONLY if m not in REFUSING)
 VIDEO_IN = tuple(m for m in IN_LLM if m not in REFUSING)
 POSITIONS = ("original", "compact")
 BUDGET = 0.5  # a fraction of each clip's visual tokens
 IN_LLM_OPTIONS = {"fastv": {"ratio": 0.5}, "pdrop": {"lambda_": 0.5},
                   "sparsevlm": {"budget": 0.6, "version": "2.0"}}
 PROMPT = "What is in this video?"
+#: the least budget a method can meet on the tiny clips: DyCoke keeps the first frame of every pair whole (2 of 3)
+MIN_BUDGET = {"dycoke": 0.7}
 
 
 def in_llm_options(family: str, method: str) -> dict:
@@ -67,7 +70,12 @@ def in_llm_options(family: str, method: str) -> dict:
 
 
 def method_kwargs(family: str, method: str, budget=BUDGET) -> dict:
-    return in_llm_options(family, method) if method in IN_LLM else {"budget": budget}
+    """In-LLM methods: their options; pre-LLM methods: the budget (at least what the method can reach) with their
+    companion stages off (``Method.solo``: each stage is checked against its own reference; the companions are
+    in-LLM / decode methods of their own)."""
+    if method in IN_LLM:
+        return in_llm_options(family, method)
+    return {"budget": max(budget, MIN_BUDGET.get(method, 0.0)), **method_class(method).solo}
 
 
 @pytest.fixture(autouse=True)
@@ -106,13 +114,15 @@ def chat_inputs(processor, samples, padding_side: str = "left", **video_kwargs):
     return processor(**kwargs)
 
 
-def batch_samples(family: str):
+def batch_samples(family: str, images: bool = True):
     """A mixed batch: a video; an image and a video (another size / frame count); two videos; text only.
-    LLaVA-OneVision batches videos as one tensor, so its clips share the frame count."""
+    LLaVA-OneVision batches videos as one tensor, so its clips share the frame count. ``images=False``: the same
+    without the image (for methods that refuse images)."""
     frames = 4 if family == "llava_onevision" else 6
+    image = [("image", tiny_image(1))] if images else []
     return [
         ([("video", clip(0))], PROMPT),
-        ([("image", tiny_image(1)), ("video", clip(1, frames, (42, 56)))], "What color is the box on the left?"),
+        ([*image, ("video", clip(1, frames, (42, 56)))], "What color is the box on the left?"),
         ([("video", clip(2)), ("video", clip(3, 4, (56, 42)))], "Describe both videos"),
         ([], "Hi"),
     ]
@@ -236,6 +246,8 @@ class _Spy:
 
 def pruned_run(case: VideoCase, method: str, positions: str | None = None, **kwargs):
     kwargs = kwargs or method_kwargs(case.family, method)
+    if method not in IN_LLM:  # the pre-LLM stage alone (its companion stages have their own tests)
+        kwargs = {**method_class(method).solo, **kwargs}
     vtprune.apply(case.model, method, positions=positions, **kwargs)
     with capture_lm_calls(case.model) as calls:
         logits = case.model(**case.inputs).logits[0]
@@ -375,6 +387,10 @@ def test_reference_equivalence_budget_grid(vcase, method, positions, budget, mon
 
 def check_reference(vcase, method, positions, budget, monkeypatch):
     model = vcase.model
+    if method in MIN_BUDGET:  # at least what the method can reach on this clip
+        least = MIN_BUDGET[method]
+        budget = max(budget, round(least * vcase.per_frame * vcase.frames)) if isinstance(budget, int) \
+            else max(budget, least)
     with monkeypatch.context() as patch:
         spy = _Spy(patch, method)
         logits, call, stats = pruned_run(vcase, method, positions, budget=budget)
@@ -445,7 +461,8 @@ _ALONE: dict[tuple, tuple] = {}
 def run_alone(family, model, processor, method, kwargs, positions, index, with_generation):
     key = (family, str(method), positions, index, with_generation)
     if key not in _ALONE:
-        inputs = chat_inputs(processor, [batch_samples(family)[index]])
+        images = not method_class(method).image_unsupported
+        inputs = chat_inputs(processor, [batch_samples(family, images)[index]])
         tokens = None
         with vtprune.pruned(model, method, positions=positions, **kwargs):
             logits = model(**inputs).logits[0]
@@ -460,7 +477,7 @@ def run_alone(family, model, processor, method, kwargs, positions, index, with_g
 def check_batch(family, tiny_models, method, padding_side, positions, **kwargs):
     model, processor = tiny_models[family]
     kwargs = kwargs or method_kwargs(family, method)
-    samples = batch_samples(family)
+    samples = batch_samples(family, images=not method_class(method).image_unsupported)  # or it refuses the image
     inputs = chat_inputs(processor, samples, padding_side)
     mask = inputs["attention_mask"]
     assert len(set(mask.sum(-1).tolist())) == len(samples)

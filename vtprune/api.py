@@ -77,13 +77,14 @@ def apply(
         stage_budgets = split_composed_budget(budget, stages)
     built = [build_method(m, budget=share, positions=positions, seed=0 if seed is None else seed, **options)
              if isinstance(m, str) else build_method(m) for m, share in zip(names, stage_budgets, strict=True)]
-    session = PruneSession(model, adapter, built)  # checks the composition; installs nothing yet
+    stages = [stage for m in built for stage in (m, *m.companions())]  # with each method's own further stages
+    session = PruneSession(model, adapter, stages)  # checks the composition; installs nothing yet
     num_layers = len(adapter.decoder_layers)
-    for m in built:
+    for m in stages:
         m.check_model(num_layers)
     tokens = _fixed_visual_tokens(model)
     if tokens is not None:
-        _check_fixed_images(built, num_layers, tokens)
+        _check_fixed_images(stages, num_layers, tokens)
     if split:
         _warn_about_split(names, built, budget, stage_budgets)
     session.install()
@@ -114,7 +115,7 @@ def _check_fixed_images(built: list[Method], num_layers: int, tokens: int) -> No
             count = min(count, m.budget if isinstance(m.budget, int) else tokens_for(m.budget, count))
         elif m.stage == "pre-llm":
             count, exact = m.check_image_tokens(count), m.exact_count
-        elif count and exact:  # after a stage that may keep fewer than its budget, the forward decides
+        elif m.stage == "in-llm" and count and exact:  # after a stage that may keep fewer, the forward decides
             m.schedule(num_layers, count, 1)
 
 

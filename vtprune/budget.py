@@ -114,6 +114,9 @@ def split_composed_budget(budget: Budget, stages: Sequence[str]) -> list[Budget]
     ``vtprune.apply(..., stage_budgets=[...])``.
     """
     validate_budget(budget)
+    if len(stages) > 1 and "decode" in stages:  # a decode stage keeps its own default; the rest share the budget
+        rest = split_composed_budget(budget, [s for s in stages if s != "decode"])
+        return [None if stage == "decode" else rest.pop(0) for stage in stages]
     if budget is None or len(stages) < 2:
         return [budget for _ in stages]
     shares: list[Budget] = [None] * len(stages)

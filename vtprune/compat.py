@@ -300,3 +300,8 @@ def sublayer_io(args: tuple, kwargs: dict[str, Any], output: Any) -> tuple[Any, 
     before = args[0] if args else kwargs["hidden_states"]
     after = output[0] if isinstance(output, tuple) else output
     return before, after
+
+
+def attention_implementation(config) -> str:
+    """The attention implementation a model runs ("sdpa", "eager", "flash_attention_2", ...)."""
+    return getattr(config, "_attn_implementation", None) or "sdpa"

@@ -21,6 +21,8 @@ from .errors import DegeneratePruningWarning, MethodOptionError, UnknownMethodEr
 
 PRE_LLM = "pre-llm"
 IN_LLM = "in-llm"
+#: a stage that prunes the visual KV cache at decode steps (vtprune/engine/decode_stage.py)
+DECODE = "decode"
 #: inside the vision encoder, between its blocks (vtprune/engine/vit_stage.py)
 IN_VIT = "in-vit"
 POSITION_CONVENTIONS = ("original", "compact")
@@ -167,6 +169,12 @@ class Method:
     #: None when the method runs on videos, else the reason it cannot (raised, with the method's name, as
     #: :class:`~vtprune.errors.UnsupportedModelError` by the first forward that carries a video)
     video_unsupported: ClassVar[str | None] = None
+    #: options that run this method's own stage alone, without its :meth:`companions` (tests check each stage
+    #: against its own reference with them)
+    solo: ClassVar[dict[str, Any]] = {}
+    #: None, or why the method cannot prune an image (it refuses images with that reason; e.g. DyCoke's temporal
+    #: merging needs frames)
+    image_unsupported: ClassVar[str | None] = None
 
     def __init__(self, budget: Budget = None, positions: str | None = None, seed: int = 0, **options: Any):
         unknown = sorted(set(options) - set(self.options))
@@ -244,6 +252,11 @@ class Method:
             self.warn_once(f"budget={self.budget} keeps at most {self.budget} visual token(s) per image (fewer than "
                            f"{FEW_TOKENS}): the model barely sees the image; raise the budget.")
 
+    def companions(self) -> list[Method]:
+        """Further stages this method brings along (e.g. HoliTom's inner-LLM merge, DyCoke's decode-time KV
+        pruning): ``vtprune.apply`` installs them right after it, as if they had been composed by hand."""
+        return []
+
     def select(self, group: VisualGroup, k: int) -> Selection:
         raise NotImplementedError(f"{type(self).__name__} is an {self.stage} method without a pre-LLM select()")
 
@@ -317,6 +330,7 @@ def methods_markdown(reachable: dict[str, str] | None = None) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for info in infos.values():
         applies = "layer average" if info.stage == "in-llm" else "per ViT input" if info.stage == IN_VIT \
+            else "visual KV per decode step" if info.stage == DECODE \
             else _POLICY_TEXT.get(info.budget_policy, info.budget_policy)
         options = ", ".join(f"`{k}={v!r}`" for k, v in info.defaults.items()) or "–"
         cells = [f"`{info.name}`", info.stage, applies, info.positions, options,

@@ -1,3 +1,3 @@
 """Built-in methods; importing this package registers them."""
 
-from . import in_llm, in_vit, pre_llm, pre_llm_more  # noqa: F401
+from . import decode, in_llm, in_vit, pre_llm, pre_llm_more, video, video_llm  # noqa: F401

@@ -76,11 +76,14 @@ class LayerSelection:
     ``keep``     LongTensor[k]: columns of the visual tokens kept (exactly the scheduled count)
     ``merged``   Tensor[m, D] or None: new tokens (hidden states entering the layer), e.g. recycled clusters
     ``anchors``  LongTensor[m]: column whose position each merged token takes
+    ``replaces`` True: each merged token replaces its anchor (a visual column not in ``keep``), and ``keep`` plus
+                 the merged tokens make the scheduled count; False: merged tokens come on top of ``keep``
     """
 
     keep: torch.Tensor
     merged: torch.Tensor | None = None
     anchors: torch.Tensor | None = None
+    replaces: bool = False
 
 
 class LayerMethod(Method):

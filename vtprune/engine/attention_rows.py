@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .. import compat
 
-__all__ = ["attention_rows", "key_states", "last_token_index", "rope_only_rows"]
+__all__ = ["attention_over_keys", "attention_rows", "key_states", "last_token_index", "rope_only_rows"]
 
 _AUTO = "auto"
 
@@ -320,3 +320,36 @@ def _allowed(
         real = key_padding_mask.to(device).bool().unsqueeze(1)  # [B, 1, L]
         allowed = real.expand(bsz, query_index.shape[1], length) if allowed is None else allowed & real
     return allowed
+
+
+def attention_over_keys(
+    layer: nn.Module,
+    hidden_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    keys: Tensor,
+    key_mask: Tensor | None = None,
+    average_heads: bool = False,
+) -> Tensor:
+    """Softmax attention of query rows over key states a layer has already cached, float32.
+
+    ``hidden_states`` [B, Q, D]: the layer's *input* at the query rows, with their ``position_embeddings``
+    (``(cos, sin)`` of those rows, as the model's ``rotary_emb`` gave them: [B|1, Q, dh]); ``keys`` [B, Hkv, L, dh]:
+    the layer's cached key states (after its k-norm and RoPE, as ``cache.layers[i].keys`` holds them);
+    ``key_mask`` [B, L] (True / non-zero = visible). Every query sees every visible key (a decode step: the cache
+    holds only the past and the current token). Returns [B, H, Q, L] or, with ``average_heads``, [B, Q, L].
+    """
+    attn = layer.self_attn
+    head_dim = _head_dim(attn)
+    bsz, num_q, _ = hidden_states.shape
+    q = _project(attn.q_proj, getattr(attn, "q_norm", None), layer.input_layernorm(hidden_states), head_dim)
+    rows = torch.arange(num_q, device=hidden_states.device).expand(bsz, num_q)
+    q = _apply_rope(attn, q, q[:, :1], position_embeddings, rows)[0]  # [B, H, Q, dh]
+    num_heads, num_kv, length = q.shape[1], keys.shape[1], keys.shape[2]
+    groups = num_heads // num_kv
+    scaling = float(getattr(attn, "scaling", head_dim**-0.5))
+    qg = q.float().reshape(bsz, num_kv, groups * num_q, head_dim)
+    scores = (torch.matmul(qg, keys.float().transpose(-1, -2)) * scaling).reshape(bsz, num_heads, num_q, length)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    return probs.mean(dim=1) if average_heads else probs

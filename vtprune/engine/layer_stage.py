@@ -159,7 +159,9 @@ def _record_stage(run: LayerRun, b: int, layer_idx: int, added: int) -> None:
 
 def _check_layer_selection(name: str, selection: LayerSelection, visual: torch.Tensor, wanted: int) -> None:
     keep = selection.keep
-    ok = keep.numel() == wanted and bool(visual[keep].all()) and keep.unique().numel() == keep.numel()
+    # merged tokens that replace their anchor column (HoliTom's merge into kept tokens) count towards the schedule
+    standing = selection.merged.shape[0] if selection.replaces and selection.merged is not None else 0
+    ok = keep.numel() + standing == wanted and bool(visual[keep].all()) and keep.unique().numel() == keep.numel()
     if selection.merged is not None:
         anchors = selection.anchors
         ok = ok and anchors is not None and anchors.numel() == selection.merged.shape[0] and bool(visual[anchors].all())

@@ -26,6 +26,7 @@ from torch import nn
 from .. import compat
 from ..adapters.base import ENGINE_SIGNALS, IMAGE, VIDEO, Adapter, SignalStore
 from ..budget import split_equal, split_proportional, tokens_for
+from ..engine.decode_stage import DecodeStage
 from ..engine.layer_stage import LayerRun, Segment, decode_segment_inputs, prune_at_layer, real_columns
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..engine.positions import layer_rows
@@ -35,6 +36,7 @@ from ..engine.timing import section
 from ..engine.vit_stage import SIZE_TABLE, VitStage, check_composition
 from ..errors import SilentlyUnprunedError, UnsupportedModelError, VTPruneError
 from ..registry import (
+    DECODE,
     IN_LLM,
     IN_VIT,
     PRE_LLM,
@@ -160,6 +162,7 @@ class _CallState(threading.local):
         self.run_samples: list[SampleStats] = []
         self.segments: list[Segment] = []
         self.step: tuple | None = None
+        self.layouts: list[SampleLayout] = []
 
 
 class _PerThread:
@@ -206,6 +209,7 @@ class PruneSession:
     _run_samples = _PerThread()
     _segments = _PerThread()
     _step = _PerThread()
+    _layouts = _PerThread()
 
     def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method]):
         self.model = model
@@ -234,6 +238,7 @@ class PruneSession:
         self.vit_method = vit[0] if vit else None
         self.pre_method = pre[0] if pre else None
         self.layer_method = layer[0] if layer else None
+        self.decode_stage = self._build_decode_stage(methods, adapter)
         self._local = _CallState()
         self.store = SignalStore()
         self.store.wanted = {s for m in methods for s in m.signals} - ENGINE_SIGNALS
@@ -250,6 +255,20 @@ class PruneSession:
         #: None, or a timer with ``section(name)`` set by vtprune.bench to time the engine's and the method's
         #: own work separately (see engine/timing.py)
         self.timer: Any = None
+
+    def _build_decode_stage(self, methods: list[Method], adapter: Adapter) -> DecodeStage | None:
+        """The engine side of the method with stage DECODE, if any."""
+        found = [m for m in methods if m.stage == DECODE]
+        if not found:
+            return None
+        if len(found) > 1:
+            raise VTPruneError(f"at most one decode stage can run per model; got {[m.name for m in found]}.")
+        if self.layer_method is not None:
+            raise VTPruneError(
+                f"{found[0].name!r} prunes the KV cache while decoding and cannot be composed with the in-LLM method "
+                f"{self.layer_method.name!r} (its layers cache different tokens); compose it with a pre-LLM method."
+            )
+        return DecodeStage(found[0], adapter.decoder_layers, adapter.language_model.config)
 
     @property
     def name(self) -> str:
@@ -282,6 +301,11 @@ class PruneSession:
                     for kind, sublayer in compat.decoder_sublayers(layers[index]).items():
                         hook = functools.partial(self._on_sublayer, index, kind)
                         self._handles.append(sublayer.register_forward_hook(hook, with_kwargs=True))
+            if self.decode_stage is not None:  # after the engine's own hooks: sees the cache's coordinates
+                self._handles.append(lm.register_forward_pre_hook(self._on_decode_step, with_kwargs=True))
+                for index, layer in enumerate(self.adapter.decoder_layers):
+                    hook = functools.partial(self._on_decode_layer, index)
+                    self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
         except BaseException:
             self.remove()  # nothing half-installed stays behind
             raise
@@ -392,6 +416,8 @@ class PruneSession:
         self.store.clear()
         self._pending = self._decode = self._batch = self._labels = self._run = self._step = self._side = None
         self._segments = []
+        if self.decode_stage is not None:
+            self.decode_stage.reset()
         if getattr(self.model, SESSION_ATTRIBUTE, None) is self:
             delattr(self.model, SESSION_ATTRIBUTE)
 
@@ -480,6 +506,8 @@ class PruneSession:
                 )
             with section(self.timer, "engine"):
                 new_kwargs = self._prefill(module, pending, kwargs)
+                if self.decode_stage is not None:
+                    new_kwargs = self._begin_decode_stage(module, new_kwargs)
             return args, new_kwargs
         state = self._decode
         if state is not None and cache is state.cache and cached != state.cache_len:
@@ -538,6 +566,7 @@ class PruneSession:
             if modality in modalities:
                 vision_args.update(self.store.vision_calls[modality])
         layouts = self.adapter.build_layouts({**pending.call, **vision_args})
+        self._layouts = layouts
         if not any(layout.num_visual for layout in layouts):
             raise self._unpruned_error("the call carried visual inputs but no visual token was found in input_ids")
         self.store.consumed = True
@@ -672,6 +701,37 @@ class PruneSession:
         if cache is None and use_cache:
             cache = compat.new_dynamic_cache(lm.config)
         return cache
+
+    # -- decode stage --------------------------------------------------------------------------------
+    def _begin_decode_stage(self, lm: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """After a prefill: tell the decode stage which cache columns hold each sample's visual content tokens
+        (kept and merged ones after a pre-LLM stage). Creates the cache the decoder would create, so that the
+        stage recognises it in the decode steps."""
+        cache = compat.get_cache(kwargs)
+        if cache is None:
+            cache = self._cache_for(lm, kwargs)
+            if cache is not None:
+                kwargs = compat.with_cache(kwargs, cache)
+        embeds = kwargs["inputs_embeds"]
+        mask = kwargs.get("attention_mask")
+        mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+        columns = []
+        for b, layout in enumerate(self._layouts):
+            content = torch.cat([img.positions[~img.structural] for img in layout.images]) if layout.images \
+                else torch.empty(0, dtype=torch.long)
+            if self._batch is not None:
+                visual = torch.isin(self._batch.source[b].cpu(), content) | self._batch.merged[b].cpu()
+                columns.append(self._batch.slots[b][visual.to(self._batch.slots[b].device)].to(embeds.device))
+            else:
+                columns.append(content.to(embeds.device))
+        self.decode_stage.begin(cache, columns, mask, embeds.shape[1])
+        return kwargs
+
+    def _on_decode_step(self, module, args, kwargs):
+        self.decode_stage.on_language_model_call(kwargs)
+
+    def _on_decode_layer(self, index: int, module, args, kwargs):
+        return self.decode_stage.on_decoder_layer(index, args, kwargs)
 
     # -- in-LLM stage --------------------------------------------------------------------------------
     def _prefill_with_layer_stage(self, lm, kwargs, embeds, mask, real, position_ids, layouts, plans, samples,
