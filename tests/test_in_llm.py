@@ -257,6 +257,13 @@ def test_composition_splits_the_budget(tiny_models):
         assert len(sample.stages[0].kept_positions) == 48
         assert sample.visual_lengths == [48, 48, 24, 24]
     assert vtprune.budget.split_composed_budget(64, ["pre-llm", "in-llm"]) == [128, 64]
+
+    with vtprune.pruned(model, ["visionzip", "fastv"], stage_budgets=[48, None]), torch.no_grad():
+        model(**single)  # a pre-LLM stage that merges: its merged tokens are counted once entering the decoder
+        sample = vtprune.stats(model).samples[0]
+    first = sample.stages[0]
+    assert first.merged > 0
+    assert sample.visual_lengths[0] == first.visual_out == len(first.kept_positions) + first.merged == 48
     assert vtprune.budget.split_composed_budget(0.1, ["pre-llm", "in-llm"]) == [0.2, 0.5]
     assert vtprune.budget.split_composed_budget(64, ["in-llm"]) == [64]
     with pytest.raises(vtprune.VTPruneError, match="one per method"):

@@ -761,7 +761,8 @@ class PruneSession:
             visual.append(is_visual)
             is_placeholder = torch.isin(sources[b].cpu(), layout.visual_positions())
             text.append(~is_placeholder & ~merged[b].cpu())
-            structural.append(int(is_placeholder.sum()) - int(is_visual.sum()) + int(merged[b].sum()))
+            # merged tokens sit at their anchor, a placeholder position: they are in both counts already
+            structural.append(int(is_placeholder.sum()) - int(is_visual.sum()))
             count = int(is_visual.sum())
             schedules.append(self.layer_method.schedule(num_layers, count, len(layout.images)) if count else [])
         source = [s.cpu() for s in sources]
