@@ -84,7 +84,8 @@ def _argv(command: str, image: Path, tmp: Path) -> list[str]:
     argv = shlex.split(command)[1:]
     argv = [str(image) if a == "cat.jpg" else str(CLIP) if a == "clip.mp4" else a for a in argv]
     argv = [str(ROOT / a) if a.startswith("eval/data/") else a for a in argv]  # commands run in a scratch dir
-    if argv[0] == "plot" and not Path(argv[1]).exists():  # the README plots a sweep's output: use the committed one
+    # the README plots a sweep's output; the command runs in the scratch dir, where there is none: use the committed one
+    if argv[0] == "plot" and not (tmp / argv[1]).exists():
         argv[1] = str(ROOT / "eval" / "results" / "micro-bench" / "results.jsonl")
     if argv[0] in ("plot",) and "--out" not in argv:
         argv += ["--out", str(tmp / "plots")]

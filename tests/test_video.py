@@ -458,11 +458,15 @@ def test_in_llm_reference_equivalence(vcase, method, positions, monkeypatch):
 _ALONE: dict[tuple, tuple] = {}
 
 
+def _refuses_images(method) -> bool:
+    """Whether a method (or any method of a composition) refuses images: its batches leave the image out."""
+    return any(method_class(m).image_unsupported for m in (method if isinstance(method, list) else [method]))
+
+
 def run_alone(family, model, processor, method, kwargs, positions, index, with_generation):
     key = (family, str(method), positions, index, with_generation)
     if key not in _ALONE:
-        images = not method_class(method).image_unsupported
-        inputs = chat_inputs(processor, [batch_samples(family, images)[index]])
+        inputs = chat_inputs(processor, [batch_samples(family, not _refuses_images(method))[index]])
         tokens = None
         with vtprune.pruned(model, method, positions=positions, **kwargs):
             logits = model(**inputs).logits[0]
@@ -477,7 +481,7 @@ def run_alone(family, model, processor, method, kwargs, positions, index, with_g
 def check_batch(family, tiny_models, method, padding_side, positions, **kwargs):
     model, processor = tiny_models[family]
     kwargs = kwargs or method_kwargs(family, method)
-    samples = batch_samples(family, images=not method_class(method).image_unsupported)  # or it refuses the image
+    samples = batch_samples(family, images=not _refuses_images(method))  # or the image is refused
     inputs = chat_inputs(processor, samples, padding_side)
     mask = inputs["attention_mask"]
     assert len(set(mask.sum(-1).tolist())) == len(samples)
