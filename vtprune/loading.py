@@ -210,3 +210,19 @@ def load_processor(path: str | Path, trust_remote_code: bool = False):
                                        **video_attrs)
     return _make_processor(processor_cls, image_processor=image_processor, tokenizer=tokenizer,
                            video_processor=video_processor, chat_template=tokenizer.chat_template)
+
+
+#: model specs whose weights are random (their answers are noise): ``tiny:<family>``, ``preset:<name>``
+RANDOM_WEIGHT_SPECS = ("tiny:", "preset:")
+
+
+def load_any(spec: str, dtype: str, device: str):
+    """``(model, processor, description)`` for a model spec of the demo scripts: ``preset:NAME`` builds a shape
+    preset of models/presets with random weights (real shapes, nothing downloaded); anything else goes to
+    :func:`load_model`."""
+    if spec.startswith("preset:"):
+        from .bench.presets import build_preset
+
+        model, processor = build_preset(spec.split(":", 1)[1], dtype=dtype, device=device)
+        return model, processor, f"{spec} (random weights, real shapes)"
+    return load_model(spec, dtype=dtype, device=device)

@@ -35,20 +35,8 @@ from vtprune.bench.latency import PrefillRunner  # noqa: E402
 from vtprune.bench.memory import measure_peak_memory  # noqa: E402
 from vtprune.cli import default_video_model  # noqa: E402
 from vtprune.errors import VTPruneError  # noqa: E402
-from vtprune.loading import check_device, check_model_spec, load_model  # noqa: E402
-
-RANDOM = ("tiny:", "preset:")
-
-
-def load_any(spec: str, dtype: str, device: str):
-    """``(model, processor, description)``: ``preset:NAME`` builds a shape preset of models/presets with random
-    weights (real shapes, nothing downloaded); anything else goes to :func:`vtprune.loading.load_model`."""
-    if spec.startswith("preset:"):
-        from vtprune.bench.presets import build_preset
-
-        model, processor = build_preset(spec.split(":", 1)[1], dtype=dtype, device=device)
-        return model, processor, f"{spec} (random weights, real shapes)"
-    return load_model(spec, dtype=dtype, device=device)
+from vtprune.loading import RANDOM_WEIGHT_SPECS as RANDOM  # noqa: E402
+from vtprune.loading import check_device, check_model_spec, load_any  # noqa: E402
 from vtprune.video import load_video, shipped_clips, video_inputs  # noqa: E402
 
 
