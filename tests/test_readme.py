@@ -51,6 +51,15 @@ def _commands(language: str) -> list[str]:
     return out
 
 
+def _skip_video_without_torchvision(text: str) -> None:
+    """README examples with videos need the HF video processors, which need torchvision (the video extra)."""
+    if "video" in text:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            pytest.skip("a video example: HF video processors need torchvision (pip install 'vtprune[video]')")
+
+
 def test_readme_has_the_blocks_this_test_runs():
     assert [lang for lang, _ in BLOCKS].count("python") >= 1
     assert any(c.startswith("vtprune ") for c in _commands("bash"))
@@ -61,6 +70,7 @@ def test_python_block_runs(index, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code = [body for lang, body in BLOCKS if lang == "python"][index]
+    _skip_video_without_torchvision(code)
     exec(compile(code, f"README.md python block {index}", "exec"), {"__name__": "readme"})
     assert capsys.readouterr().out.strip()  # the example prints its answer and stats
 
@@ -103,6 +113,7 @@ def test_vtprune_command_runs(command, image_file, tmp_path, monkeypatch, capsys
     import vtprune.cli as cli
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _skip_video_without_torchvision(command)
     argv = _argv(command, image_file, tmp_path)
     # a sweep config names repository paths (run from the repository root, as the README says); other
     # commands run in a scratch directory

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+pytest.importorskip("torchvision", reason="video inputs go through the HF video processors, which need torchvision (the video extra)")
+
 import vtprune
 from vtprune.adapters.base import adapter_for
 from vtprune.errors import BudgetError, MethodOptionError
