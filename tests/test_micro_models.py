@@ -75,6 +75,7 @@ def test_checkpoint_files_are_small_and_documented(name):
 
 
 def test_video_model_loads_offline_and_answers_clips(monkeypatch):
+    pytest.importorskip("torchvision", reason="the clips go through Qwen2VLVideoProcessor, which needs torchvision")
     from transformers import AutoModelForImageTextToText
 
     from vtprune.synth.video import VIDEO_CHANCE, load_video_test_split
@@ -87,7 +88,7 @@ def test_video_model_loads_offline_and_answers_clips(monkeypatch):
     clips = load_video_test_split(limit=70)  # decoded from the shipped mp4 files, 10 per skill
     result = evaluate_vqa(model, processor, clips, batch_size=14)
     chance = sum(VIDEO_CHANCE[c.skill] for c in clips) / len(clips)
-    # the shipped checkpoint's accuracy on all 210 clips is in eval_results.json (>= 80 %, checked below)
+    # the shipped checkpoint's accuracy on all 210 clips is in eval_results.json (76.2 %, checked below)
     assert result.overall >= 0.7 and result.overall >= chance + 0.35, (result.overall, result.per_skill)
 
 
