@@ -230,6 +230,13 @@ def _validate_layer_ratio(name: str, layer, ratio) -> None:
         raise MethodOptionError(f"{name} ratio={ratio!r} must be the dropped fraction in [0, 1).")
 
 
+def _ascending_layers(layers, minimum: int) -> bool:
+    """Whether ``layers`` is a non-empty list/tuple of strictly ascending int layer indices >= ``minimum``."""
+    return (isinstance(layers, list | tuple) and bool(layers)
+            and all(not isinstance(x, bool) and isinstance(x, int) and x >= minimum for x in layers)
+            and list(layers) == sorted(set(layers)))
+
+
 @register_method
 class FastV(LayerMethod):
     """FastV — drop the visual tokens that the last prompt token attends to least (Chen et al., ECCV 2024,
@@ -603,9 +610,7 @@ class SparseVLM(LayerMethod):
         if cfg["version"] not in _SPARSEVLM_SCHEDULES:
             raise MethodOptionError(f"sparsevlm version={cfg['version']!r} must be \"1.5\" or \"2.0\" (SparseVLM+).")
         layers, keep = cfg["layers"], cfg["keep"]
-        if layers is not None and (not isinstance(layers, list | tuple) or not layers
-                                   or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers)
-                                   or list(layers) != sorted(set(layers))):
+        if layers is not None and not _ascending_layers(layers, minimum=0):
             raise MethodOptionError(f"sparsevlm layers={layers!r} must be ascending decoder layer indices ≥ 0 (the "
                                     "layers whose attention scores the tokens; the drop takes effect at the next).")
         if keep is not None:
@@ -810,9 +815,7 @@ class TransPrune(LayerMethod):
 
     def validate_options(self) -> None:
         layers, ratios, accumulate = self.config["layers"], self.config["ratios"], self.config["accumulate"]
-        if layers is not None and (not isinstance(layers, list | tuple) or not layers
-                                   or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in layers)
-                                   or list(layers) != sorted(set(layers))):
+        if layers is not None and not _ascending_layers(layers, minimum=1):
             raise MethodOptionError(f"transprune layers={layers!r} must be ascending decoder layer indices ≥ 1 "
                                     "(the layer each drop enters).")
         if ratios is not None:
