@@ -14,6 +14,7 @@ import torch
 
 import vtprune
 from vtprune import compat
+from vtprune.engine import decode_stage
 from vtprune.engine.attention_rows import attention_over_keys
 from vtprune.errors import MethodOptionError, VTPruneError
 from vtprune.testing import tiny_image, tiny_inputs, tiny_vlm
@@ -111,6 +112,43 @@ def test_pruned_decode_equals_masked_reference(family, batch):
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("beams", [1, 2])
+def test_persistent_view_equals_gathering_every_step(family, beams, monkeypatch):
+    """The gathered view is kept across steps while the kept set is unchanged (new entries appended to its buffers,
+    reordered with the cache under beam search); gathering it afresh at every step gives bitwise the same run."""
+    model, processor = tiny_vlm(family)
+    inputs = _inputs(processor, 2)
+    kwargs = {"num_beams": beams, "output_scores": True, "max_new_tokens": 40}
+
+    def run():
+        with vtprune.pruned(model, "dycoke_decode", layer=1, p=0.7, threshold=0.99):
+            out = model.generate(**inputs, do_sample=False, pad_token_id=0, return_dict_in_generate=True, **kwargs)
+            return out, model._vtprune_session.decode_stage.state
+
+    monkeypatch.setattr(decode_stage, "SPARE", 1)  # small buffers: the doubling path runs too
+    out, state = run()
+    pruned_steps = sum(step is not None for step in state.columns)
+    assert 1 <= state.views < pruned_steps  # some steps reused the view of an earlier one
+    monkeypatch.setattr(decode_stage._View, "same_kept", lambda self, kept: False)
+    ref, state = run()
+    assert state.views == sum(step is not None for step in state.columns)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.scores, ref.scores, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_stable_attention_gathers_once():
+    """threshold -1: every step after the first finds the attention pattern unchanged, so the kept set and its
+    gathered view are those of the first step for the whole generation."""
+    model, processor = tiny_vlm("llava")
+    inputs = _inputs(processor)
+    with vtprune.pruned(model, "dycoke_decode", threshold=-1.0):
+        _generate(model, inputs)
+        state = model._vtprune_session.decode_stage.state
+    assert len(state.columns) == NEW - 1 and state.views == 1
 
 
 def test_decode_view_is_cheaper_than_full_cache():

@@ -482,6 +482,31 @@ def test_fastvid_matches_official(case):
     _check_weights(clip, got)
 
 
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_fastvid_matches_official_on_the_micro_video_shape(ratio):
+    """The shape of the video micro-VLM (Qwen2-VL, 16 frames -> 8 temporal groups x 16 tokens) with the default c = 8:
+    every boundary is cut (7 = T - 1 lowest similarities), so every segment is one frame and only the single-frame
+    DTM path runs. Same tokens and positions as the official code (the near-chance accuracy of fastvid on that model
+    comes from its saliency signal, not from DySeg / STPrune: see eval/results/new-methods/video_saliency_probe.md). At
+    0.1 a frame keeps int(16 * 0.1) = 1 token and no context token; the official code fails there (argmax over zero
+    context tokens), fastvid keeps each frame's most salient token."""
+    g = torch.Generator().manual_seed(7)
+    frames, n, d = 8, 16, 24
+    clip = torch.randn(frames, n, d, generator=g)
+    attention = torch.rand(frames, n, generator=g)
+    glob = clip.mean(dim=1)
+    torch.manual_seed(0)
+    want, want_idx = official_fastvid(clip, attention, glob, ratio, c=8)
+    got = fastvid_select(clip, attention, glob, frame_keep=int(n * ratio), cuts=8)
+    assert fastvid_segments(glob, cuts=8) == [1] * frames
+    flat = clip.reshape(-1, d)
+    index = torch.cat([got.keep, got.anchors])
+    tokens = torch.cat([flat[got.keep], got.merged])
+    order = torch.argsort(index)
+    assert torch.equal(index[order], want_idx)
+    torch.testing.assert_close(tokens[order], want, atol=1e-5, rtol=1e-5)
+
+
 def official_dycoke_ttm(image_feature, num_tokens_per_frame, merging_ratio=0.7):
     """KD-TAO/DyCoke @ dd74634 llava/model/llava_arch.py L35-91 (dycole_ttm), on [T·N, D]."""
     num_frames = image_feature.shape[0] // num_tokens_per_frame

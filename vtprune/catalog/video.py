@@ -57,8 +57,11 @@ class HoliTom(Method):
     static positions are averaged over their window and clustered by DPC-KNN (``k`` neighbours, centre weight
     ``beta``) into round(n · ρ') tokens standing at the window's first frame; each frame's dynamic tokens keep the
     top ceil(n · ρ') by the vision encoder's attention (``d`` = 0: no DPC-KNN share among them), with ρ' the budget
-    rescaled by the tokens the windows saved. Inner-LLM (companion ``holitom_inner``, ``inner=True``): at decoder
-    layer ``inner_layer`` (official 18 of Qwen2-7B's 28; by default the same fraction of this model's depth) the
+    rescaled by the tokens the windows saved. The budget is therefore a cap, as in the official code (ρ' = min(ρ /
+    (left / T·N), 1)): on a clip whose windows leave fewer tokens than the budget, everything left is kept and
+    fewer tokens than the budget reach the LLM (on the mostly static clips of the video micro-VLM, 8 × 16 tokens,
+    32 are left on average, so 50 % and 25 % both keep about 32). Inner-LLM (companion ``holitom_inner``,
+    ``inner=True``): at decoder layer ``inner_layer`` (official 18 of Qwen2-7B's 28; by default the same fraction of this model's depth) the
     visual tokens keep the top round(N · (1 − ``inner_ratio``)) by the last prompt token's attention and every
     other token is averaged into its most similar kept token. Defaults: budget 0.1 (the official RETAIN_RATIO),
     ``tau`` 0.8 (the code default; the official 10 % script uses 0.65).
@@ -122,8 +125,9 @@ class FastVID(Method):
     lowest or below ``tau``. STPrune: every frame keeps (its share of the budget) × (1 − ``d``) salient tokens (top
     [CLS]-like attention, as they are); the context share goes to anchor frames (every ``p``-th frame from each
     segment's end), whose DPC-KNN density peaks absorb the segment's other non-salient tokens (most cosine-similar
-    peak; w = max(1 / (count + 1), ``beta``) on the peak). Original positions. Defaults: budget 0.1 (the official
-    retention ratio), c 8, tau 0.9, d 0.4, p 4, beta 0.6 (LLaVA-OneVision; the official Qwen2.5-VL script uses tau
+    peak; w = max(1 / (count + 1), ``beta``) on the peak). Each frame keeps int(N · retention) tokens, as the
+    official code (a clip of 8 frames × 16 tokens at 0.1 keeps 8, not 12). Original positions. Defaults: budget 0.1
+    (the official retention ratio), c 8, tau 0.9, d 0.4, p 4, beta 0.6 (LLaVA-OneVision; the official Qwen2.5-VL script uses tau
     0.84 and a sub-split at 0.95, not reproduced: pass tau=0.84).
 
     Deviations: the frame vector is the mean of the frame's projected tokens and the saliency the vision encoder's

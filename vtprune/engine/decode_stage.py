@@ -35,6 +35,10 @@ from .attention_rows import attention_over_keys
 
 __all__ = ["DecodeStage", "DecodeStep"]
 
+#: room left at the end of a gathered view's buffers for the entries of later decode steps (at least this many, or
+#: an eighth of the view); a full buffer doubles
+SPARE = 32
+
 
 @dataclass
 class DecodeStep:
@@ -56,19 +60,91 @@ class DecodeStep:
     memory: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class _View:
+    """The gathered view of the cache for the current kept set, kept across decode steps.
+
+    ``prompt`` [B, W]: per sample, the prompt's cache columns attended to (its text and kept visual entries,
+    ascending; rows shorter than W padded with their last column and masked out); ``allowed`` [B, W] bool or None
+    (all real). The view of a layer is those W prompt columns followed by every decoded entry. Each layer's
+    gathered keys/values live in a buffer with spare room at the end: a decode step appends its new entry there
+    and attention reads a slice, so the prompt part is gathered once per kept set, not once per step (DyCoke
+    re-selects only when the attention pattern changes)."""
+
+    def __init__(self, kept: list, rows: list[torch.Tensor], prompt_len: int):
+        self.kept = kept                      # per sample: kept visual entries (None = all)
+        self.rows = rows                      # per sample: the prompt's cache columns attended to, ascending
+        self.prompt_len = prompt_len
+        batch, width = len(rows), max(r.numel() for r in rows)
+        device = rows[0].device
+        prompt = torch.zeros(batch, width, dtype=torch.long, device=device)
+        allowed = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        for b, r in enumerate(rows):
+            prompt[b, :r.numel()] = r
+            if r.numel():
+                prompt[b, r.numel():] = r[-1]  # padding repeats a real column, masked out
+            allowed[b, :r.numel()] = True
+        self.prompt = prompt
+        self.allowed = None if bool(allowed.all()) else allowed
+        self.allowed = allowed
+        self.buffers: dict[int, list] = {}   # layer -> [keys [B, Hkv, cap, dh], values, filled]
+        self.mask: Any = None                 # the layers' attention mask of the current step (built once)
+        self.mask_for: int = -1               # the cache length ``mask`` was built for
+
+    def update(self, cache: Any, key_states, value_states, layer_idx: int, *args, **kwargs):
+        keys, values = cache.update(key_states, value_states, layer_idx, *args, **kwargs)
+        batch, heads, length, dim = keys.shape
+        prompt_len = self.prompt_len
+        width = self.prompt.shape[1] + length - prompt_len  # entries of the view after this step
+        entry = self.buffers.get(layer_idx)
+        new = key_states.shape[2]
+        if entry is not None and entry[2] + new == width and entry[0].shape[:2] == (batch, heads):
+            kbuf, vbuf, filled = entry
+            if width > kbuf.shape[2]:  # out of room: double it
+                kbuf = torch.cat([kbuf, torch.empty_like(kbuf)], dim=2)
+                vbuf = torch.cat([vbuf, torch.empty_like(vbuf)], dim=2)
+            kbuf[:, :, filled:width] = key_states
+            vbuf[:, :, filled:width] = value_states
+        else:  # a new kept set (or a layer not seen yet): gather the prompt part, copy the decoded entries
+            capacity = width + max(SPARE, width // 8)
+            kbuf = keys.new_empty(batch, heads, capacity, dim)
+            vbuf = values.new_empty(batch, heads, capacity, dim)
+            index = self.prompt.to(keys.device)[:, None, :, None].expand(batch, heads, self.prompt.shape[1], dim)
+            prompt_width = self.prompt.shape[1]
+            kbuf[:, :, :prompt_width] = keys[:, :, :prompt_len].gather(2, index)
+            vbuf[:, :, :prompt_width] = values[:, :, :prompt_len].gather(2, index)
+            kbuf[:, :, prompt_width:width] = keys[:, :, prompt_len:]
+            vbuf[:, :, prompt_width:width] = values[:, :, prompt_len:]
+        self.buffers[layer_idx] = [kbuf, vbuf, width]
+        return kbuf[:, :, :width], vbuf[:, :, :width]
+
+    def same_kept(self, kept: list) -> bool:
+        return len(kept) == len(self.kept) and all(
+            (a is None and b is None) or (a is not None and b is not None and (a is b or torch.equal(a, b)))
+            for a, b in zip(kept, self.kept, strict=True))
+
+    def reorder(self, beam_idx: torch.Tensor) -> None:
+        order = beam_idx.tolist()
+        self.kept = [self.kept[r] for r in order]
+        self.rows = [self.rows[r] for r in order]
+        self.prompt = self.prompt[beam_idx.to(self.prompt.device)]
+        if self.allowed is not None:
+            self.allowed = self.allowed[beam_idx.to(self.allowed.device)]
+        for entry in self.buffers.values():
+            entry[0] = entry[0].index_select(0, beam_idx.to(entry[0].device))
+            entry[1] = entry[1].index_select(0, beam_idx.to(entry[1].device))
+        self.mask, self.mask_for = None, -1
+
+
 class _GatheredCache:
     """A stand-in for the real cache during one decode step of the layers from ``layer`` on: ``update`` stores the
-    new key/value in the real cache as usual and returns the gathered view ``[B, Hkv, K, dh]``."""
+    new key/value in the real cache as usual and returns the gathered view ``[B, Hkv, K, dh]`` (see :class:`_View`)."""
 
-    def __init__(self, cache: Any, index: torch.Tensor):
+    def __init__(self, cache: Any, view: _View):
         self._cache = cache
-        self._index = index  # [B, K] cache columns (after this step's token is appended)
+        self._view = view
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = self._cache.update(key_states, value_states, layer_idx, *args, **kwargs)
-        batch, heads, _, dim = keys.shape
-        index = self._index.to(keys.device)[:, None, :, None].expand(batch, heads, self._index.shape[1], dim)
-        return keys.gather(2, index), values.gather(2, index)
+        return self._view.update(self._cache, key_states, value_states, layer_idx, *args, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self._cache, name)
@@ -102,9 +178,11 @@ class _State:
     active: bool = False            # the current forward is a decode step the stage prunes
     mask2d: torch.Tensor | None = None
     captured: tuple | None = None   # (hidden, position_embeddings) entering layer ``layer - 1``
-    view: tuple | None = None       # (index [B, K], attention mask or None) of the current step
+    view: _View | None = None       # the gathered view of the current kept set (lives while the set is unchanged)
+    use_view: bool = False          # the current step's layers from ``layer`` on attend to ``view``
+    views: int = 0                  # gathered views built in this generation (one per change of the kept set)
     history: list = field(default_factory=list)  # per step: kept visual entries per sample
-    columns: list = field(default_factory=list)  # per step: per sample the cache columns attended from ``layer`` on
+    columns: list = field(default_factory=list)  # per step: None (whole cache) or (prompt rows, cache length)
 
 
 class DecodeStage:
@@ -142,7 +220,16 @@ class DecodeStage:
         """Per decode step of the last generation: per sample, the cache columns that layers from ``layer`` on
         attended to (None: the whole cache)."""
         state = self.state
-        return [] if state is None else [list(step) for step in state.columns]
+        if state is None:
+            return []
+        out = []
+        for step in state.columns:
+            if step is None:
+                out.append([None] * state.visual.shape[0])
+                continue
+            rows, length = step
+            out.append([torch.cat([r, torch.arange(state.prompt_len, length, device=r.device)]) for r in rows])
+        return out
 
     @property
     def history(self) -> list[list[int]]:
@@ -188,6 +275,8 @@ class DecodeStage:
         state.visual = state.visual[beam_idx.to(state.visual.device)]
         state.valid = state.valid[beam_idx.to(state.valid.device)]
         state.other = [state.other[r] for r in rows]
+        if state.view is not None:
+            state.view.reorder(beam_idx)
 
     # -- hooks ------------------------------------------------------------------------------------------
     def on_language_model_call(self, kwargs: dict[str, Any]) -> None:
@@ -195,7 +284,7 @@ class DecodeStage:
         state = self.state
         if state is None:
             return
-        state.active, state.view, state.captured = False, None, None
+        state.active, state.use_view, state.captured = False, False, None
         if state.fresh:  # the prefill itself
             state.fresh = False
             return
@@ -224,13 +313,16 @@ class DecodeStage:
             state.captured = (hidden, kwargs["position_embeddings"])
             return None
         if index == self.layer:
-            state.view = self._select(state)
-        if state.view is None:
+            state.use_view = self._select(state)
+        if not state.use_view:
             return None
-        gather, mask = state.view
+        view = state.view
         cache = compat.get_cache(kwargs)
-        new_kwargs = compat.with_cache(kwargs, _GatheredCache(cache, gather))
-        new_kwargs["attention_mask"] = self._layer_mask(mask, kwargs.get("attention_mask"))
+        new_kwargs = compat.with_cache(kwargs, _GatheredCache(cache, view))
+        if view.mask_for != state.cache_len:  # once per step, shared by the layers
+            view.mask = self._layer_mask(view, state.cache_len, kwargs.get("attention_mask"))
+            view.mask_for = state.cache_len
+        new_kwargs["attention_mask"] = view.mask
         return args, new_kwargs
 
     # -- the step's selection ---------------------------------------------------------------------------
@@ -251,32 +343,28 @@ class DecodeStage:
         state.previous = kept
         state.history.append([n if k is None else int(k.numel()) for k, n in zip(kept, counts, strict=True)])
         if all(k is None for k in kept):
-            state.columns.append([None] * len(kept))
-            return None
-        batch = len(kept)
-        device = keys.device
-        decoded = torch.arange(state.prompt_len, state.cache_len, device=device)
-        rows = []
-        for b in range(batch):
-            cols = state.visual[b, state.valid[b]] if kept[b] is None else state.visual[b, kept[b]]
-            rows.append(torch.sort(torch.cat([state.other[b].to(device), cols.to(device), decoded])).values)
-        state.columns.append(rows)
-        width = max(r.numel() for r in rows)
-        gather = torch.zeros(batch, width, dtype=torch.long, device=device)
-        allowed = torch.zeros(batch, width, dtype=torch.bool, device=device)
-        for b, r in enumerate(rows):
-            gather[b, :r.numel()] = r
-            gather[b, r.numel():] = r[-1]  # padding entries repeat the current token, masked out below
-            allowed[b, :r.numel()] = True
-        return gather, (None if bool(allowed.all()) else allowed)
+            state.columns.append(None)
+            state.view = None
+            return False
+        if state.view is None or not state.view.same_kept(kept):  # a new kept set: a new view
+            device = keys.device
+            rows = []
+            for b in range(len(kept)):
+                cols = state.visual[b, state.valid[b]] if kept[b] is None else state.visual[b, kept[b]]
+                rows.append(torch.sort(torch.cat([state.other[b].to(device), cols.to(device)])).values)
+            state.view = _View(kept, rows, state.prompt_len)
+            state.views += 1
+        state.columns.append((state.view.rows, state.cache_len))
+        return True
 
-    def _layer_mask(self, allowed: torch.Tensor | None, original):
-        """The attention mask of the gathered view, in the form the layer's attention expects: None when every
-        entry is visible (a single query attends to all of them), else [B, 1, 1, K] boolean (SDPA) or additive
-        float (eager)."""
-        if allowed is None:
+    def _layer_mask(self, view: _View, cache_len: int, original):
+        """The attention mask of the gathered view (its prompt part, then every decoded entry), in the form the
+        layer's attention expects: None when every entry is visible (a single query attends to all of them), else
+        [B, 1, 1, K] boolean (SDPA) or additive float (eager)."""
+        if view.allowed is None:
             return None
-        mask = allowed[:, None, None, :]
+        decoded = view.allowed.new_ones(view.allowed.shape[0], cache_len - view.prompt_len)
+        mask = torch.cat([view.allowed, decoded], dim=1)[:, None, None, :]
         floating = (torch.is_tensor(original) and original.is_floating_point()) or (
             original is None and compat.attention_implementation(self.config) == "eager")
         if floating:
