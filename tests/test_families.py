@@ -103,6 +103,32 @@ def test_cls_free_scores_match_eager_attention(family, tiny_models, monkeypatch)
         torch.testing.assert_close(group.signals["cls_attention"], scores, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_attention_signals_reuse_the_feature_layers_projections(family, tiny_models):
+    """cls_attention and vit_keys come from the feature layer's own q_proj / k_proj outputs: with a method that
+    reads both (visionzip), each projection runs exactly as often as in the unpruned model (no second projection of
+    every patch, which costs as much as the layer's attention itself on long clips)."""
+    model, processor = tiny_models[family]
+    inputs = tiny_inputs(processor, [tiny_image(0)], ["Describe."])
+    attention = adapter_for(model)._vision_layers()[adapter_for(model)._feature_layer_index()].self_attn
+    calls = {"q": [], "k": []}
+    handles = [attention.q_proj.register_forward_hook(lambda m, a, o: calls["q"].append(tuple(o.shape))),
+               attention.k_proj.register_forward_hook(lambda m, a, o: calls["k"].append(tuple(o.shape)))]
+    try:
+        model(**inputs)
+        unpruned = {k: list(v) for k, v in calls.items()}
+        calls["q"].clear()
+        calls["k"].clear()
+        with vtprune.pruned(model, "visionzip", budget=8):
+            model(**inputs)
+            signals = vtprune.stats(model).samples[0]
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == unpruned and len(unpruned["q"]) >= 1
+    assert signals.stages[0].visual_out < signals.visual_in  # it pruned
+
+
 @pytest.mark.parametrize("family", CLS_FREE)
 def test_captured_vision_states_project_to_the_image_features(family, tiny_models, monkeypatch):
     """The merger / projector inputs captured for VisionZip map back to the exact LLM tokens (so the window

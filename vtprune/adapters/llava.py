@@ -70,21 +70,7 @@ class _ClipLlavaAdapter(Adapter):
         handles = []
         if store.wanted & {"cls_attention", "vit_keys"}:
             attention = self._vision_layers()[self._feature_layer_index()].self_attn
-
-            def on_attention(module, args, kwargs):
-                if not store.capturing:
-                    return
-                hidden = _call_arg(args, kwargs, "hidden_states")  # [rows, T, dv] after layer_norm1
-                with torch.no_grad():
-                    rows, tokens, _ = hidden.shape
-                    keys = module.k_proj(hidden).view(rows, tokens, module.num_heads, module.head_dim)
-                    offset = store.patch_offset
-                    if "cls_attention" in store.wanted:
-                        store["cls_attention"] = self._attention_scores(module, hidden, keys)[:, offset:]
-                    if "vit_keys" in store.wanted:
-                        store["vit_keys"] = keys.mean(dim=2)[:, offset:]  # [rows, P, dh], head-averaged
-
-            handles.append(attention.register_forward_pre_hook(on_attention, with_kwargs=True))
+            handles += self._projection_hooks(attention, store, self._on_feature_qk)
         if "vit_cls_hidden" in store.wanted:
             layer = self._vision_layers()[self._feature_layer_index()]
 
@@ -117,6 +103,40 @@ class _ClipLlavaAdapter(Adapter):
             if received:  # from the block's own q/k projections (forward hooks: nothing is computed twice)
                 handles += self._received_attention_hooks(attention, store, received)
         return handles
+
+    @staticmethod
+    def _projection_hooks(attention, store: SignalStore, consume) -> list[Any]:
+        """Forward hooks on ``attention.q_proj`` / ``k_proj`` that hand the block's own queries and keys
+        ([rows, T, H, dh] each, whatever order the two are called in) to ``consume(attention, store, q, k)``, so the
+        signals cost no second projection. Queries and keys pair up only when computed from the same input tensor
+        (another hook's CLS-only query, or a projection of an earlier call, never pairs)."""
+        pending: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def on_projection(kind, module, args, output):
+            if not store.capturing:
+                return
+            source = args[0] if args else None
+            other = pending.pop("k" if kind == "q" else "q", None)
+            if other is None or other[0] is not source or other[1].shape != output.shape:
+                pending.clear()
+                pending[kind] = (source, output)
+                return
+            q, k = (output, other[1]) if kind == "q" else (other[1], output)
+            rows, tokens, _ = k.shape
+            shape = (rows, tokens, attention.num_heads, attention.head_dim)
+            with torch.no_grad():
+                consume(attention, store, q.detach().view(shape), k.detach().view(shape))
+
+        return [attention.q_proj.register_forward_hook(functools.partial(on_projection, "q")),
+                attention.k_proj.register_forward_hook(functools.partial(on_projection, "k"))]
+
+    def _on_feature_qk(self, module, store: SignalStore, queries: torch.Tensor, keys: torch.Tensor) -> None:
+        """``cls_attention`` / ``vit_keys`` of the feature layer from its queries and keys [rows, T, H, dh]."""
+        offset = store.patch_offset
+        if "cls_attention" in store.wanted:
+            store["cls_attention"] = self._attention_scores(module, queries, keys)[:, offset:]
+        if "vit_keys" in store.wanted:
+            store["vit_keys"] = keys.mean(dim=2)[:, offset:]  # [rows, P, dh], head-averaged
 
     @staticmethod
     def _received_attention_hooks(attention, store: SignalStore, names: list[str]) -> list[Any]:
@@ -170,13 +190,11 @@ class _ClipLlavaAdapter(Adapter):
                     store[name] = keys[:, offset:].detach()
 
     @staticmethod
-    def _attention_scores(module, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """[rows, T] attention of the CLS query (token 0) to every token, head-averaged, from q/k.
-
-        ``hidden`` [rows, T, dv] is the attention module's input, ``keys`` [rows, T, H, dh] its keys.
-        """
-        rows = hidden.shape[0]
-        cls_query = module.q_proj(hidden[:, 0]).view(rows, module.num_heads, module.head_dim)
+    def _attention_scores(module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[rows, T] attention of the CLS query (token 0) to every token, head-averaged, from the attention
+        module's queries and keys [rows, T, H, dh]."""
+        rows = queries.shape[0]
+        cls_query = queries[:, 0]  # [rows, H, dh]
         return torch.stack(
             [cls_attention_scores(cls_query[r], keys[r].transpose(0, 1), module.scale) for r in range(rows)]
         )

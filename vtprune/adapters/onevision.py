@@ -66,10 +66,10 @@ class LlavaOnevisionAdapter(_ClipLlavaAdapter):
     vision_entry_points = (("model", compat.IMAGE_FEATURES), ("model", compat.VIDEO_FEATURES))
 
     @staticmethod
-    def _attention_scores(module, hidden: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """[rows, T] mean attention each token receives (SigLIP has no CLS): mean over heads and queries."""
-        rows, tokens, _ = hidden.shape
-        queries = module.q_proj(hidden).view(rows, tokens, module.num_heads, module.head_dim)
+    def _attention_scores(module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """[rows, T] mean attention each token receives (SigLIP has no CLS): mean over heads and queries, from the
+        attention module's queries and keys [rows, T, H, dh]."""
+        rows = queries.shape[0]
         return torch.stack([
             mean_received_attention(queries[r].transpose(0, 1), keys[r].transpose(0, 1), module.scale)
             for r in range(rows)
