@@ -42,7 +42,8 @@ from vtprune.testing import tiny_image, tiny_inputs
 
 IMAGES = [tiny_image(0), tiny_image(3, (80, 40)), None]
 PROMPTS = ["Describe the image.", "What color is the box on the left of this picture?", "Hi"]
-BUDGET = {**{m: 8 for m in PRE_LLM}, **{m: 0.6 for m in IN_LLM}}
+# MustDrop merges whole 3x3 windows: the 4 x 5 grid keeps at least 12 tokens
+BUDGET = {**{m: 8 for m in PRE_LLM}, **{m: 0.6 for m in IN_LLM}, "mustdrop": 0.75}
 #: SparseVLM's default version "1.5" inserts recycled tokens after the kept visual block (no image position of
 #: their own) and the in-LLM references have no merged tokens: these checks run its "2.0" (drops only)
 OPTIONS = {"sparsevlm": {"version": "2.0"},
