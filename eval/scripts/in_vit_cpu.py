@@ -1,4 +1,4 @@
-"""In-ViT methods (tome, flowcut) against native-K and pre-LLM methods on the CPU preset ``llava-cpu-0.5b``
+"""In-ViT methods (tome, flowcut) against native-K and pre-LLM methods (random, divprune, mustdrop) on the CPU preset ``llava-cpu-0.5b``
 (LLaVA-1.5 shape: CLIP ViT-B/14 at 336 px, 576 visual tokens, 24-layer decoder; random weights, bfloat16).
 
 Native-K (``vtprune.bench.latency.native_k_prefill``) is the unpruned model on an input with only K visual tokens
@@ -34,6 +34,7 @@ CONFIGS = [  # (label, method, options)
     ("flowcut", "flowcut", {}),
     ("random (pre-LLM)", "random", {}),
     ("divprune (pre-LLM)", "divprune", {}),
+    ("mustdrop (pre-LLM, stage 1: 3x3 window merge)", "mustdrop", {}),
 ]
 
 

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .. import compat
 
-__all__ = ["attention_over_keys", "attention_rows", "key_states", "last_token_index", "rope_only_rows"]
+__all__ = ["attention_over_keys", "attention_rows", "key_states", "last_token_index", "query_key_value",
+           "rope_only_rows"]
 
 _AUTO = "auto"
 
@@ -129,6 +130,28 @@ def key_states(layer: nn.Module, hidden_states: Tensor, position_embeddings: tup
     k = _project(attn.k_proj, getattr(attn, "k_norm", None), layer.input_layernorm(hidden_states), head_dim)
     first = torch.zeros(hidden_states.shape[0], 1, dtype=torch.long, device=hidden_states.device)
     return _apply_rope(attn, k[:, :1, :1], k, position_embeddings, first)[1]
+
+
+def query_key_value(layer: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                    query_index: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The attention inputs of decoder ``layer`` for ``hidden_states`` [B, L, D] (its input, before
+    ``input_layernorm``), float32, every key/value head repeated to the query heads as transformers' ``repeat_kv``:
+    the ``query_index`` rows [B, Q] of the queries ``[B, H, Q, dh]`` and all keys ``[B, H, L, dh]`` after the
+    q/k norms and RoPE, the values ``[B, H, L, dh]``, and the layer's softmax scaling. Same position-embedding
+    forms as :func:`attention_rows` (FlowCut's decoder stage reads queries, keys and values together)."""
+    attn = layer.self_attn
+    bsz, length, hidden = hidden_states.shape
+    query_index = _normalise_query_index(query_index, bsz, length, hidden_states.device)
+    head_dim = _head_dim(attn)
+    x = layer.input_layernorm(hidden_states)
+    x_q = x.gather(1, query_index.unsqueeze(-1).expand(bsz, query_index.shape[1], hidden))
+    q = _project(attn.q_proj, getattr(attn, "q_norm", None), x_q, head_dim)  # [B, H, Q, dh]
+    k = _project(attn.k_proj, getattr(attn, "k_norm", None), x, head_dim)  # [B, Hkv, L, dh]
+    v = _project(attn.v_proj, None, x, head_dim)  # [B, Hkv, L, dh]
+    q, k = _apply_rope(attn, q, k, position_embeddings, query_index)
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.float().repeat_interleave(groups, dim=1) for t in (k, v))  # [B, H, L, dh]
+    return q.float(), k, v, float(getattr(attn, "scaling", head_dim**-0.5))
 
 
 def rope_only_rows(
