@@ -21,8 +21,8 @@ from ..selectors.flowcut import (
     flowcut_llm_scores,
     flowcut_score,
 )
-from .in_llm import LayerContext, LayerMethod, _single_layer, _single_stage_schedule, _validate_layer_ratio
 from ..selectors.tome import MergePlan, bipartite_soft_matching, parse_r, schedule_for_target
+from .in_llm import LayerContext, LayerMethod, _single_layer, _single_stage_schedule, _validate_layer_ratio
 
 
 class InVitMethod(Method):
