@@ -1,5 +1,6 @@
-"""In-ViT methods (tome, flowcut) against native-K and the pre-LLM / in-LLM methods on the CPU preset ``llava-cpu-0.5b``
-(LLaVA-1.5 shape: CLIP ViT-B/14 at 336 px, 576 visual tokens, 24-layer decoder; random weights, bfloat16).
+"""In-ViT methods (tome, flowcut) against native-K and the pre-LLM / in-LLM methods on the CPU preset
+``llava-cpu-0.5b`` (LLaVA-1.5 shape: CLIP ViT-B/14 at 336 px, 576 visual tokens, 24-layer decoder; random
+weights, bfloat16).
 
 Native-K (``vtprune.bench.latency.native_k_prefill``) is the unpruned model on an input with only K visual tokens
 from the start: the vision tower and projector run on the full image, the decoder on K visual tokens. It bounds
@@ -41,6 +42,7 @@ CONFIGS = [  # (label, method, options)
     ("prumerge_plus (pre-LLM)", "prumerge_plus", {}),
     ("cdpruner (pre-LLM)", "cdpruner", {}),
     ("transprune (in-LLM)", "transprune", {}),
+    ("mustdrop (pre-LLM, stage 1: 3x3 window merge)", "mustdrop", {}),
 ]
 
 
