@@ -356,3 +356,114 @@ def test_batch_with_merges_equals_alone(family, positions, tiny_models):
         assert got == [(s.layer, s.merged, s.kept_positions.tolist()) for s in ref_stages]
         new = tokens[b, batch["input_ids"].shape[1]:].tolist()
         assert new[:len(ref_tokens)] == ref_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Budgets, options, images
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _framefusion_stats(model, inputs, **kwargs):
+    with vtprune.pruned(model, "framefusion", **kwargs):
+        model(**inputs)
+        return vtprune.stats(model).samples[0]
+
+
+def test_budget_is_the_cost_and_an_int_budget_the_clips_equivalent_tokens(tiny_models):
+    """A float budget is the cost (the layer average of the visual tokens, as a fraction); an int budget is the
+    clip's equivalent tokens (cost = budget / visual tokens); ``cost`` overrides a budget with a warning. On a noisy
+    Qwen2-VL clip nothing merges, so the only stage is layer 1's pruning to round(V·(1 − p))."""
+    model, processor = tiny_models["qwen2_vl"]
+    inputs = _video_inputs(processor, [tiny_video(0, 4)])
+    visual = _framefusion_stats(model, inputs, budget=1.0).visual_in
+    by_float = _framefusion_stats(model, inputs, budget=0.6)
+    by_int = _framefusion_stats(model, inputs, budget=round(0.6 * visual))
+    by_cost = _framefusion_stats(model, inputs, cost=0.6)
+    p = framefusion_pruning_ratio([0.0], 0.6, 4)
+    expected = [(1, round(visual * (1 - p)))]
+    for sample in (by_float, by_int, by_cost):
+        assert [(s.layer, s.visual_out) for s in sample.stages] == expected
+    assert by_float.equivalent_tokens == pytest.approx((visual + 3 * expected[0][1]) / 4)
+    with pytest.warns(vtprune.DegeneratePruningWarning, match="cost=0.6 overrides budget=0.3"):
+        build_method("framefusion", budget=0.3, cost=0.6)
+
+
+def test_unreachable_cost_is_a_budget_error(tiny_models):
+    """Budget 0.2 on a 4-layer decoder with a clip where nothing merges: layer 0 already processes every visual
+    token (one layer's worth of the 0.8 allowed is fine), merging ends, and the pruning step at layer 1 cannot meet
+    the cost: the official code raises ValueError("The cost is too small"), vtprune a BudgetError naming the cost
+    and the fix."""
+    model, processor = tiny_models["qwen2_vl"]
+    inputs = _video_inputs(processor, [tiny_video(0, 4)])
+    reference = model(**inputs).logits
+    with vtprune.pruned(model, "framefusion", budget=0.2):
+        with pytest.raises(BudgetError, match=r"framefusion cost=0.2 cannot be met.*Raise the budget"):
+            model(**inputs)
+        with pytest.raises(BudgetError, match="cost=0.2"):  # the same again: the failed prefill left nothing behind
+            model(**inputs)
+    torch.testing.assert_close(model(**inputs).logits, reference, atol=0, rtol=0)  # removed: the plain model
+
+
+@pytest.mark.parametrize("value", [0, 1.5, -0.1, "0.3", True])
+def test_bad_cost_is_refused(value):
+    with pytest.raises(vtprune.MethodOptionError, match="framefusion cost"):
+        build_method("framefusion", cost=value)
+
+
+def test_an_image_is_fastv_at_layer_1(tiny_models):
+    """An image is a one-frame clip: nothing merges (no predecessor), merging ends at layer 0 with f = 0 and
+    layer 1 prunes by the last token's attention in layer 0 — what FastV keeps with layer=1 and the same ratio."""
+    model, processor = tiny_models["llava"]
+    inputs = tiny_inputs(processor, [tiny_image(0)], ["describe the image please"])
+    sample = _framefusion_stats(model, inputs, budget=0.6)
+    p = framefusion_pruning_ratio([0.0], 0.6, len(model.model.language_model.layers))
+    with vtprune.pruned(model, "fastv", layer=1, ratio=p):
+        model(**inputs)
+        fastv = vtprune.stats(model).samples[0]
+    assert [s.layer for s in sample.stages] == [1] and sample.stages[0].merged == 0
+    assert torch.equal(sample.stages[0].kept_positions, fastv.stages[0].kept_positions)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Side inputs (Qwen3-VL deepstack rows) of tokens merged inside the decoder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_merged_tokens_take_the_weighted_side_rows_of_their_members():
+    """The engine gives a token merged inside the decoder the selection's weights applied to the side rows of the
+    tokens it merges; a merged token merged again composes (its recorded rows are the member's rows)."""
+    from vtprune.engine.layer_stage import LayerRun, _merge_side_rows
+    from vtprune.engine.session import _SideInputs
+
+    g = torch.Generator().manual_seed(7)
+    length, d = 10, 5
+    mask = torch.zeros(1, length, dtype=torch.bool)
+    mask[0, 2:8] = True  # six visual positions 2..7
+    rows = [torch.randn(6, d, generator=g), torch.randn(6, d, generator=g)]
+    side = _SideInputs(mask=mask, rows=rows, merged=[None])
+    run = LayerRun(method=build_method("framefusion"), schedules=[[]], source=[torch.arange(length)],
+                   visual=[mask[0].clone()], merged=[torch.zeros(length, dtype=torch.bool)], pad_left=True,
+                   structural=[0], side=side)
+    cols = torch.arange(length)
+    # merge visual tokens 1 and 4 (positions 3, 6) into token 1 (position 3)
+    weights = torch.zeros(1, 6)
+    weights[0, [1, 4]] = 0.5
+    _merge_side_rows(run, 0, cols, LayerSelection(keep=torch.tensor([2, 4, 5, 7]), merged=torch.zeros(1, d),
+                                                   anchors=torch.tensor([3]), replaces=True, weights=weights))
+    first = [(r[1] + r[4]) / 2 for r in rows]
+    assert side.merged[0].anchors.tolist() == [3]
+    for point in range(2):
+        torch.testing.assert_close(side.merged[0].rows[point][0], first[point])
+    # the engine's bookkeeping after that merge: position 6 gone, position 3 a merged token
+    keep = torch.tensor([0, 1, 2, 3, 4, 5, 7, 8, 9])
+    run.source[0], run.visual[0] = run.source[0][keep], mask[0][keep]
+    run.merged[0] = torch.isin(run.source[0], torch.tensor([3]))
+    cols = torch.arange(keep.numel())
+    # merge visual tokens 0 and 1 (positions 2 and the merged 3) into position 2
+    weights = torch.zeros(1, 5)
+    weights[0, [0, 1]] = 0.5
+    _merge_side_rows(run, 0, cols, LayerSelection(keep=torch.tensor([4, 5, 6]), merged=torch.zeros(1, d),
+                                                   anchors=torch.tensor([2]), replaces=True, weights=weights))
+    assert side.merged[0].anchors.tolist() == [2, 3]
+    for point in range(2):
+        torch.testing.assert_close(side.merged[0].rows[point][0], (rows[point][0] + first[point]) / 2)
