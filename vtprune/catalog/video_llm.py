@@ -198,7 +198,8 @@ class FrameFusion(LayerMethod):
     default 0.3. The merging is data dependent, so the cost is met exactly only when the last step can reach it:
     when the layers that already ran processed more than cost × layers (decoders shallower than the official 28
     layers, high similarity fractions just below s*), the prefill raises :class:`BudgetError`, as the official
-    ``_compute_pruning_ratio`` raises ("The cost is too small").
+    ``_compute_pruning_ratio`` raises ("The cost is too small"); and when merging only stops at the last layer no
+    layer is left to prune, so the layer average stays above the cost (``stats()`` reports what was processed).
 
     Images: an image is a one-frame clip: no token has a predecessor, so nothing merges (f = 0 ends merging at
     layer 0) and the method is the pruning step alone at layer 1 (FastV at layer 1 with p from the cost). Tokens
