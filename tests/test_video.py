@@ -58,8 +58,9 @@ BUDGET = 0.5  # a fraction of each clip's visual tokens
 IN_LLM_OPTIONS = {"fastv": {"ratio": 0.5}, "pdrop": {"lambda_": 0.5},
                   "sparsevlm": {"budget": 0.6, "version": "2.0"}}
 PROMPT = "What is in this video?"
-#: the least budget a method can meet on the tiny clips: DyCoke keeps the first frame of every pair whole (2 of 3)
-MIN_BUDGET = {"dycoke": 0.7}
+#: the least budget a method can meet on the tiny clips: DyCoke keeps the first frame of every pair whole (2 of 3);
+#: MustDrop merges whole 3x3 windows (a 4x4 frame keeps at least 8 tokens, a 4x5 one 12)
+MIN_BUDGET = {"dycoke": 0.7, "mustdrop": 0.75}
 
 
 def in_llm_options(family: str, method: str) -> dict:

@@ -214,6 +214,18 @@ class PruneSession:
     def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method]):
         self.model = model
         self.adapter = adapter
+        tower = VisionTower(adapter.family, adapter.vision_depth(), adapter.feature_layer_index(),
+                            "vit_cls_hidden" in adapter.provides)
+        for m in methods:
+            m.bind(tower)  # before the checks: a method's signals (and its companions) may depend on the model
+        # each method's own further stages right after it (e.g. HoliTom's inner merge, FlowCut's AnyRes LLM stage)
+        staged = []
+        for m in methods:
+            companions = m.companions()
+            for c in companions:
+                c.bind(tower)
+            staged += [m, *companions]
+        methods = staged
         self.methods = methods
         pre = [m for m in methods if m.stage == PRE_LLM]
         if len(pre) > 1:
@@ -229,10 +241,6 @@ class PruneSession:
             )
         if layer and pre and methods.index(layer[0]) < methods.index(pre[0]):
             raise VTPruneError("list the pre-LLM method before the in-LLM method when composing.")
-        tower = VisionTower(adapter.family, adapter.vision_depth(), adapter.feature_layer_index(),
-                            "vit_cls_hidden" in adapter.provides)
-        for m in methods:
-            m.bind(tower)  # before the checks: a method's signals may depend on the model
         vit = [m for m in methods if m.stage == IN_VIT]
         check_composition(vit, methods, adapter)
         self.vit_method = vit[0] if vit else None
