@@ -164,6 +164,11 @@ class LayerMethod(Method):
                 "nothing is pruned; lower the budget."
             )
 
+    def active(self, prepared: Any) -> bool:
+        """Adaptive methods: whether :meth:`select` may still change anything in this forward (``prepared`` is
+        what :meth:`prepare` returned); False lets the engine skip the remaining layers. Default: True."""
+        return True
+
     def prepare(self, inputs_embeds: torch.Tensor, real: torch.Tensor, visual: torch.Tensor,
                 text: torch.Tensor, source: list[torch.Tensor]) -> Any:
         """Called once per prefill with the language model's input [B, L, D] and masks; the result reaches

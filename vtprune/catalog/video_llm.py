@@ -216,8 +216,8 @@ class FrameFusion(LayerMethod):
     (6) A LLaVA-OneVision video's single trailing newline is structural (never merged or counted); the official
     LLaVA-Video layout has a newline per row, which takes part in the merging. (7) Qwen3-VL: a merged token gets the
     deepstack rows of its members averaged like its hidden state (the official code has no Qwen3-VL).
-    Fidelity: tests/test_video_selectors.py compares the merge / prune steps with a literal transcription of the
-    official ``forward`` on identical hidden states.
+    Fidelity: tests/test_framefusion.py runs a literal transcription of the official ``forward`` and this method's
+    ``select`` on identical hidden states, point after point (same tokens, states, sparsities and end).
     """
 
     name = "framefusion"
@@ -253,7 +253,11 @@ class FrameFusion(LayerMethod):
         return self._target_equivalent(num_visual, num_images) / num_visual
 
     def prepare(self, inputs_embeds, real, visual, text, source) -> list[_FrameFusionState]:
-        return [_FrameFusionState() for _ in source]
+        # a sample without visual tokens has nothing to do
+        return [_FrameFusionState(merging=bool(row.any()), pruning=bool(row.any())) for row in visual]
+
+    def active(self, prepared: list[_FrameFusionState]) -> bool:
+        return any(state.merging or state.pruning for state in prepared)
 
     def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
         num_layers = len(ctx.layers)

@@ -20,6 +20,7 @@ from ..stats import StageStats
 from .attention_rows import last_token_index
 from .positions import layer_rows, rope_rows
 from .sequence import SamplePlan, assemble
+from .side_inputs import MergedRows, visual_row_index
 from .timing import section
 
 
@@ -81,6 +82,8 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
     """
     batch, length, _ = hidden.shape
     adaptive = run.method.adaptive
+    if adaptive and not run.method.active(run.prepared):
+        return None  # the method is done with every sample of this forward
     wanted: list[int | None] = []
     for b in range(batch):
         counts = [keep for layer, keep in run.schedules[b] if layer == layer_idx]
@@ -181,8 +184,6 @@ def _merge_side_rows(run: LayerRun, b: int, cols: torch.Tensor, selection: Layer
     """Side rows (Qwen3-VL deepstack) of the tokens sample ``b`` merges at this layer: the selection's weights
     [m, V] applied to the rows of its V current visual tokens (plain tokens: their own rows; merged ones: the rows
     recorded for them), recorded under the merged tokens' anchors (replacing a merged anchor's earlier rows)."""
-    from .side_inputs import MergedRows, visual_row_index
-
     side = run.side
     index = visual_row_index(side.mask)[b]
     sources = run.source[b][run.visual[b]]  # [V] original position (anchor) of each visual column, ascending
