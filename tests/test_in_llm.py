@@ -34,6 +34,7 @@ METHODS = [
     ("prunevid_llm", {"alpha": 0.4}),
     ("transprune", {"budget": 0.6}),                     # stages 1, 2 on the 4-layer tiny decoder
     ("framefusion", {"budget": 0.6}),                    # an image: nothing to merge, the pruning step at layer 1
+    ("flowcut_llm", {"ratio": 0.5}),                     # FlowCut's LLaVA-NeXT decoder stage, alone
 ]
 #: options under which each method keeps every visual token
 NOTHING_PRUNED = {
@@ -45,6 +46,7 @@ NOTHING_PRUNED = {
     "prunevid_llm": {"alpha": 1.0},
     "transprune": {"budget": 1.0},
     "framefusion": {"budget": 1.0},
+    "flowcut_llm": {"ratio": 0.0},
 }
 #: methods whose kept tokens are a subset of the input (no merged tokens), with multi-stage schedules
 REFERENCE_METHODS = [
