@@ -1,6 +1,6 @@
 """Train the bundled video micro-VLM (models/micro-qwen2vl-video) on synthetic clips and images.
 
-    python models/train_micro_video.py            # -> models/micro-qwen2vl-video/  (~35 min, 1 thread, 2 shared cores)
+    python models/train_micro_video.py            # -> models/micro-qwen2vl-video/  (~25-75 min, 1 thread, 2 shared cores)
 
 A real ``Qwen2VLForConditionalGeneration`` with micro-qwen2vl's architecture (Qwen2-VL ViT, 8 px patches,
 temporal patch 2, 2x2 PatchMerger; Qwen2 decoder with M-RoPE, whose time axis carries the temporal group): a
@@ -19,12 +19,16 @@ Steps alternate: ``video_every - 1`` of every ``video_every`` steps are clip bat
 question first, then ``extra_questions`` more about the same clip (other well-posed questions of the seven
 skills and training-only "What shape is the red object?" turns). Objectives, as for the image models: answer
 tokens; per-token classes on the merged vision tokens (each temporal group's 16x16 px cell: background, colour x
-shape, blank sign, sign with its character -- shown in either frame of the group); per-token motion (the
-direction the token's object moves between the group's two frames, or "still"; moving classes weighted 10x):
-Qwen2-VL's ViT has no absolute positions, so "which way" must be readable from each token, which the temporal
-patch makes possible; and grounding (decoder layer 1's head-averaged attention from each answer-predicting token
-on the visual tokens of the objects the question is about, in every temporal group that shows them; attention
-rows recomputed from q/k on SDPA).
+shape, blank sign, sign with its character -- shown in either frame of the group); per-token change (the
+direction the token's object moves between the group's two frames, or that it appears / disappears between
+them, or "still"; changes weighted 10x): Qwen2-VL's ViT has no absolute or temporal positions, so "which way" and
+"appears here" must be readable from each token, which the temporal patch makes possible (every change of
+``vtprune.synth.video`` lies inside one temporal group); grounding (decoder layer 1's head-averaged attention
+from each answer-predicting token on the visual tokens of the objects the question is about, in every temporal
+group that shows them -- for "Which color appears/disappears first?" only on the first object's token(s) in the
+group of its change; attention rows recomputed from q/k on SDPA); and a running count (decoder layer 2's hidden
+state at a flashing shape's token predicts which flash of the clip it is, 1..4: a causal decoder can count the
+shape's earlier tokens, and the answer token, attending to all of them, reads the mean (n + 1) / 2 for n flashes).
 
 Seeded (weights, data order, question draws); one torch thread by default; ``--state FILE`` saves a resumable
 state every ``--save-every`` steps, ``--resume FILE`` continues it. Writes ``training_log.jsonl`` (every step)
