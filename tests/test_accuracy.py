@@ -86,3 +86,24 @@ def test_inputs_cache_preprocesses_once_and_never_mixes_samples(tiny_models, sam
     assert counting.calls == 6
     uncached = evaluate_vqa(model, processor, samples, batch_size=4, max_new_tokens=2)
     assert uncached.predictions == first.predictions
+
+
+def test_image_lmms_task_scores_like_evaluate_vqa():
+    """The vtprune_synth lmms-eval task scores with normalize_answer and reports the sample's skill only."""
+    import importlib.util
+    from pathlib import Path
+
+    from vtprune.synth import SKILLS
+
+    path = Path(__file__).resolve().parents[1] / "eval" / "lmms_tasks" / "vtprune_synth" / "utils.py"
+    spec = importlib.util.spec_from_file_location("image_task_utils", path)
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    doc = {"question": "How many circles?", "answer": "2", "skill": "counting"}
+    right = utils.process_results(doc, ["Two."])
+    wrong = utils.process_results(doc, ["3"])
+    assert right == {"exact_match": 1.0, **{s: (1.0 if s == "counting" else None) for s in SKILLS}}
+    assert wrong["exact_match"] == 0.0 and wrong["counting"] == 0.0 and wrong["ocr"] is None
+    assert utils.doc_to_text(doc) == "How many circles?"
+    assert utils.aggregate_skill([1.0, None, 0.0, 1.0]) == 2 / 3
+    assert utils.aggregate_skill([None, None]) != utils.aggregate_skill([None, None])  # NaN: no sample of the skill

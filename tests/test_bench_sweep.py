@@ -314,7 +314,8 @@ def _fake_cells(monkeypatch, failing: set[str] = frozenset()) -> list[tuple]:
             b.describe() for b in sweep._build_methods(cell, options)][0]  # what run_cell records
         return {"model": cell.model, "method": cell.method, "budget": cell.budget, "task": cell.task,
                 "status": status, "error": "BudgetError: x" if status == "error" else None,
-                "options": described, "bench": options.to_dict(), "env": {}}
+                "options": described, "bench": options.to_dict(), "inputs": sweep.inputs_fingerprint(cell),
+                "env": {}}
 
     monkeypatch.setattr(sweep, "run_cell", run_cell)
     return ran
@@ -363,6 +364,40 @@ def test_rows_made_with_other_method_defaults_are_measured_again(tmp_path, monke
     ran.clear()
     run_sweep(cells, out, FAST, progress=False)
     assert [cell[1] for cell in ran] == ["fastv"]
+
+
+def test_a_retrained_model_or_a_new_test_split_is_measured_again(tmp_path, monkeypatch):
+    """Rows record fingerprints of the local model's files and of the scored test split; when either changes
+    (a retrained micro-VLM, a re-exported split) the old rows are not reused. Rows without fingerprints (an
+    older vtprune) are measured again too."""
+    import vtprune.synth
+
+    ran = _fake_cells(monkeypatch)
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    split = tmp_path / "data"
+    (split / "test").mkdir(parents=True)
+    (split / "test" / "metadata.jsonl").write_text('{"id": 0}\n')
+    monkeypatch.setattr(vtprune.synth, "_repo_data_root", lambda: split)
+    out = tmp_path / "r.jsonl"
+    cells = plan_cells([str(model)], ["random"], ["0.5"], ["synth"])
+    run_sweep(cells, out, FAST, progress=False)
+    run_sweep(cells, out, FAST, progress=False)
+    assert len(ran) == 1  # unchanged inputs: the row is reused
+    (model / "model.safetensors").write_bytes(b"weights v2")  # same size, other content
+    run_sweep(cells, out, FAST, progress=False)
+    assert len(ran) == 2
+    (split / "test" / "metadata.jsonl").write_text('{"id": 1}\n')
+    run_sweep(cells, out, FAST, progress=False)
+    run_sweep(cells, out, FAST, progress=False)
+    assert len(ran) == 3
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len({json.dumps(r["inputs"], sort_keys=True) for r in rows}) == 3
+    older = "".join(json.dumps({k: v for k, v in r.items() if k != "inputs"}) + "\n" for r in rows)
+    out.write_text(older)
+    run_sweep(cells, out, FAST, progress=False)
+    assert len(ran) == 4
 
 
 def test_errored_cells_are_retried_and_replace_the_error_row(tmp_path, monkeypatch):

@@ -67,8 +67,12 @@ def _in_vit_supported(model, method: str) -> bool:
     return True
 
 
+#: pre-LLM methods that cannot reach 0.25 on the tiny grids (MustDrop merges whole 3x3 windows)
+_MIN_BUDGET = {"mustdrop": 0.75}
+
+
 def _budget(method: str) -> float:
-    return 0.5 if vtprune.methods()[method].stage == "in-llm" else 0.25
+    return 0.5 if vtprune.methods()[method].stage == "in-llm" else _MIN_BUDGET.get(method, 0.25)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

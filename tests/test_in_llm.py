@@ -33,6 +33,8 @@ METHODS = [
     ("holitom_inner", {"ratio": 0.5}),                    # merges the dropped tokens into the kept ones
     ("prunevid_llm", {"alpha": 0.4}),
     ("transprune", {"budget": 0.6}),                     # stages 1, 2 on the 4-layer tiny decoder
+    ("framefusion", {"budget": 0.6}),                    # an image: nothing to merge, the pruning step at layer 1
+    ("flowcut_llm", {"ratio": 0.5}),                     # FlowCut's LLaVA-NeXT decoder stage, alone
 ]
 #: options under which each method keeps every visual token
 NOTHING_PRUNED = {
@@ -43,6 +45,8 @@ NOTHING_PRUNED = {
     "holitom_inner": {"ratio": 0.0},
     "prunevid_llm": {"alpha": 1.0},
     "transprune": {"budget": 1.0},
+    "framefusion": {"budget": 1.0},
+    "flowcut_llm": {"ratio": 0.0},
 }
 #: methods whose kept tokens are a subset of the input (no merged tokens), with multi-stage schedules
 REFERENCE_METHODS = [

@@ -1,4 +1,5 @@
-"""The in-ViT stage (``vtprune/engine/vit_stage.py``) and its methods ``tome`` and ``flowcut``.
+"""The in-ViT stage (``vtprune/engine/vit_stage.py``) and its methods ``tome`` and ``flowcut`` (with FlowCut's
+decoder stage ``flowcut_llm`` for AnyRes inputs, at the end).
 
 * known-answer tests of the pure cores (``vtprune.selectors.tome`` / ``flowcut``);
 * fidelity: each core against this project's literal transcription of the official computation
@@ -20,8 +21,14 @@ from reference_runs import capture_lm_calls
 
 import vtprune
 from vtprune.bench.flops import vision_flops
-from vtprune.errors import UnsupportedModelError, VTPruneError
-from vtprune.selectors.flowcut import adaptive_prune_count, flowcut_keep, flowcut_layer_signals, flowcut_score
+from vtprune.errors import MethodOptionError, UnsupportedModelError, VTPruneError
+from vtprune.selectors.flowcut import (
+    adaptive_prune_count,
+    flowcut_keep,
+    flowcut_layer_signals,
+    flowcut_llm_scores,
+    flowcut_score,
+)
 from vtprune.selectors.tome import apply_merge, bipartite_soft_matching, parse_r, schedule_for_target
 from vtprune.testing import tiny_image, tiny_inputs, tiny_vlm
 
@@ -454,3 +461,114 @@ def test_refuses_when_the_blocks_never_run(tiny_models):
             del layer.forward
         with pytest.raises(vtprune.SilentlyUnprunedError, match="in-ViT stage"):
             model(**inputs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FlowCut's decoder stage for AnyRes inputs (flowcut_llm)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def official_flowcut_llm(q, k, v, last, start, end, target, head_dim):
+    """TungChintao/FlowCut @ a2ecd24 ``flowcut/modeling_llama_flowcut.py`` L246-290 (``LlamaSdpaAttention_forward``,
+    one sample ``b``): ``q``/``k``/``v`` [H, L, dh] the layer's query/key states after RoPE and ``repeat_kv``, and its
+    values; the visual span ``start:end``; ``last`` = ``last_instruct_pos``. ``utils_flowcut.compute_score``.
+    Returns the kept visual indices (into the span), sorted."""
+    vis_k, vis_v = k[:, start:end], v[:, start:end]
+    text_q, text_v = q[:, last - 1:last], v[:, last - 1:last]
+    relation = torch.softmax(torch.bmm(text_q, vis_k.transpose(1, 2)) / math.sqrt(head_dim), dim=-1,
+                             dtype=torch.float32).mean(0)
+    semantic = torch.softmax(torch.bmm(text_v, vis_v.transpose(1, 2)) / math.sqrt(head_dim), dim=-1,
+                             dtype=torch.float32).mean(0)
+    value = vis_v.mean(0)
+    score = (relation / relation.sum(dim=-1, keepdim=True) + semantic / semantic.sum(dim=-1, keepdim=True)) \
+        * torch.norm(value, p=1, dim=-1)
+    return torch.topk(score, target, dim=1).indices.sort().values[0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flowcut_llm_scores_match_official_formula(seed):
+    torch.manual_seed(seed)
+    q, k, v = torch.randn(4, 30, 8), torch.randn(4, 30, 8), torch.randn(4, 30, 8)
+    start, end, last = 5, 25, 30
+    ours = flowcut_llm_scores(q[:, last - 1:last], k[:, start:end], v[:, last - 1:last], v[:, start:end], 8 ** -0.5)
+    assert torch.equal(flowcut_keep(ours[None], 7)[0], official_flowcut_llm(q, k, v, last, start, end, 7, 8))
+
+
+def _layer_one_qkv(model, inputs):
+    """Layer 1's query/key states (after RoPE, ``repeat_kv``) and values of the unwrapped model, built from its
+    input with the modeling module's own functions, as the official patched attention holds them."""
+    import sys
+
+    lm = model.model.language_model
+    layer = lm.layers[1]
+    seen = {}
+    handle = layer.register_forward_pre_hook(lambda m, a, kw: seen.update(hidden=a[0] if a else kw["hidden_states"],
+                                                                          pe=kw["position_embeddings"]),
+                                             with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    attn = layer.self_attn
+    module = sys.modules[type(attn).__module__]
+    x = layer.input_layernorm(seen["hidden"])
+    b, n, _ = x.shape
+    dh = attn.head_dim
+    q = attn.q_proj(x).view(b, n, -1, dh).transpose(1, 2)
+    k = attn.k_proj(x).view(b, n, -1, dh).transpose(1, 2)
+    v = attn.v_proj(x).view(b, n, -1, dh).transpose(1, 2)
+    cos, sin = seen["pe"]
+    q, k = module.apply_rotary_pos_emb(q, k, cos, sin)
+    groups = q.shape[1] // k.shape[1]
+    return q, module.repeat_kv(k, groups), module.repeat_kv(v, groups), dh
+
+
+@pytest.mark.parametrize("target", [4, 16, 40])
+def test_flowcut_llm_tiny_llava_matches_official(tiny_models, target):
+    model, processor = tiny_models["llava"]
+    inputs = _inputs(processor, two=False)
+    positions = torch.nonzero(inputs["input_ids"][0] == model.config.image_token_id).flatten()
+    q, k, v, dh = _layer_one_qkv(model, inputs)
+    start, end, last = int(positions[0]), int(positions[-1]) + 1, inputs["input_ids"].shape[1]
+    official = official_flowcut_llm(q[0], k[0], v[0], last, start, end, target, dh)
+    with vtprune.pruned(model, "flowcut_llm", target=target):
+        model(**inputs)
+        (stage,) = vtprune.stats(model).samples[0].stages
+    assert stage.layer == 2 and torch.equal(stage.kept_positions, positions[official])
+
+
+def test_flowcut_anyres_keeps_half_per_crop_then_the_budget_at_layer_two(tiny_models):
+    from vtprune.engine.session import SESSION_ATTRIBUTE
+
+    model, processor = tiny_models["llava_next"]
+    inputs = _inputs(processor)
+    with vtprune.pruned(model, "flowcut", budget=16):
+        model(**{k: v[:1] for k, v in inputs.items()})  # one image: every tower row is one of its inputs
+        rows = getattr(model, SESSION_ATTRIBUTE).vit_stage.layer_lengths()
+        assert len(rows) > 1 and all(lengths[-1] == 16 // 2 + 1 for lengths in rows)  # + [CLS]
+        batch = model.generate(**inputs, max_new_tokens=3)
+        for sample in vtprune.stats(model).samples:
+            vit, llm = sample.stages
+            assert (vit.name, vit.layer, llm.name, llm.layer) == ("flowcut", 0, "flowcut_llm", 2)
+            assert llm.kept_positions.numel() == 16 and bool(torch.isin(llm.kept_positions, vit.kept_positions).all())
+        width = inputs["input_ids"].shape[1]
+        for i, (image, prompt) in enumerate(zip([tiny_image(0), tiny_image(1, size=(64, 40))],
+                                                ["Describe the image.", "What is here?"], strict=True)):
+            single = tiny_inputs(processor, [image], [prompt])
+            alone = model.generate(**single, max_new_tokens=3)
+            assert torch.equal(alone[0, single["input_ids"].shape[1]:], batch[i, width:])
+    with vtprune.pruned(model, "flowcut", budget=16, llm=False):
+        model(**inputs)
+        assert [s.name for s in vtprune.stats(model).samples[0].stages] == ["flowcut"]
+    with vtprune.pruned(model, "flowcut", budget=0.4):  # a fraction: the official target_num is a count
+        model(**inputs)
+        assert [s.name for s in vtprune.stats(model).samples[0].stages] == ["flowcut"]
+    with pytest.raises(MethodOptionError, match="int budget"):
+        vtprune.apply(model, "flowcut", 0.4, llm=True)
+    with pytest.raises(MethodOptionError, match="target"):
+        vtprune.apply(model, "flowcut_llm", target=0)
+    assert not vtprune.is_pruned(model)
+    llava, _ = tiny_models["llava"]
+    with vtprune.pruned(llava, "flowcut", budget=16):  # LLaVA-1.5: the ViT stage alone, as officially
+        llava(**tiny_inputs(tiny_models["llava"][1], [tiny_image(0)], ["Hi"]))
+        assert [s.name for s in vtprune.stats(llava).samples[0].stages] == ["flowcut"]

@@ -42,7 +42,9 @@ from vtprune.testing import tiny_image, tiny_inputs
 
 IMAGES = [tiny_image(0), tiny_image(3, (80, 40)), None]
 PROMPTS = ["Describe the image.", "What color is the box on the left of this picture?", "Hi"]
-BUDGET = {**{m: 8 for m in PRE_LLM}, **{m: 0.6 for m in IN_LLM}}
+# MustDrop merges whole 3x3 windows: the 4 x 5 grid keeps at least 12 tokens
+BUDGET = {**{m: 8 for m in PRE_LLM}, **{m: 0.6 for m in IN_LLM}, "mustdrop": 0.75}
+MULTI_BUDGET = {"mustdrop": 0.75}  # the two-image sample's budget where 6 tokens per image is out of reach
 #: SparseVLM's default version "1.5" inserts recycled tokens after the kept visual block (no image position of
 #: their own) and the in-LLM references have no merged tokens: these checks run its "2.0" (drops only)
 OPTIONS = {"sparsevlm": {"version": "2.0"},
@@ -237,7 +239,8 @@ def test_several_images_pre_llm_reference(qwen_family, method, positions, monkey
     language model run on the kept sequence with hand-built 3-D positions (each image compacted on its own)."""
     family, model, processor = qwen_family
     case = multi_image_case(family, model, processor)
-    with spy_selections(monkeypatch, method) as records, vtprune.pruned(model, method, 6, positions=positions,
+    with spy_selections(monkeypatch, method) as records, vtprune.pruned(model, method, MULTI_BUDGET.get(method, 6),
+                                                                             positions=positions,
                                                                              **OPTIONS.get(method, {})):
         with capture_lm_calls(model) as calls:
             logits = model(**case.inputs).logits[0]

@@ -77,8 +77,10 @@ def apply(
         stage_budgets = split_composed_budget(budget, stages)
     built = [build_method(m, budget=share, positions=positions, seed=0 if seed is None else seed, **options)
              if isinstance(m, str) else build_method(m) for m, share in zip(names, stage_budgets, strict=True)]
-    stages = [stage for m in built for stage in (m, *m.companions())]  # with each method's own further stages
-    session = PruneSession(model, adapter, stages)  # checks the composition; installs nothing yet
+    # binds the methods to the model, adds each method's own further stages (companions), checks the composition;
+    # installs nothing yet
+    session = PruneSession(model, adapter, built)
+    stages = session.methods
     num_layers = len(adapter.decoder_layers)
     for m in stages:
         m.check_model(num_layers)

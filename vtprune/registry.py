@@ -254,7 +254,8 @@ class Method:
 
     def companions(self) -> list[Method]:
         """Further stages this method brings along (e.g. HoliTom's inner-LLM merge, DyCoke's decode-time KV
-        pruning): ``vtprune.apply`` installs them right after it, as if they had been composed by hand."""
+        pruning): ``vtprune.apply`` installs them right after it, as if they had been composed by hand. Called after
+        :meth:`bind`, so the stages may depend on the model (FlowCut's decoder stage runs on AnyRes models only)."""
         return []
 
     def select(self, group: VisualGroup, k: int) -> Selection:

@@ -1,5 +1,6 @@
-"""In-ViT methods (tome, flowcut) against native-K and pre-LLM methods on the CPU preset ``llava-cpu-0.5b``
-(LLaVA-1.5 shape: CLIP ViT-B/14 at 336 px, 576 visual tokens, 24-layer decoder; random weights, bfloat16).
+"""In-ViT methods (tome, flowcut) against native-K and the pre-LLM / in-LLM methods on the CPU preset
+``llava-cpu-0.5b`` (LLaVA-1.5 shape: CLIP ViT-B/14 at 336 px, 576 visual tokens, 24-layer decoder; random
+weights, bfloat16).
 
 Native-K (``vtprune.bench.latency.native_k_prefill``) is the unpruned model on an input with only K visual tokens
 from the start: the vision tower and projector run on the full image, the decoder on K visual tokens. It bounds
@@ -26,6 +27,7 @@ import vtprune
 from vtprune.bench.latency import measure_paired
 from vtprune.bench.presets import build_preset, preset_inputs
 from vtprune.engine.session import SESSION_ATTRIBUTE
+from vtprune.errors import VTPruneError
 
 K = 64
 CONFIGS = [  # (label, method, options)
@@ -34,6 +36,13 @@ CONFIGS = [  # (label, method, options)
     ("flowcut", "flowcut", {}),
     ("random (pre-LLM)", "random", {}),
     ("divprune (pre-LLM)", "divprune", {}),
+    ("vispruner (pre-LLM)", "vispruner", {}),
+    ("hiprune (pre-LLM)", "hiprune", {}),
+    ("prumerge (pre-LLM)", "prumerge", {}),
+    ("prumerge_plus (pre-LLM)", "prumerge_plus", {}),
+    ("cdpruner (pre-LLM)", "cdpruner", {}),
+    ("transprune (in-LLM)", "transprune", {}),
+    ("mustdrop (pre-LLM, stage 1: 3x3 window merge)", "mustdrop", {}),
 ]
 
 
@@ -72,8 +81,15 @@ def main() -> None:
                 str(n if isinstance(n, int) else f"{n[0]}→{n[1]}") for n in lengths[0])
             vtprune.remove(model)
 
-        paired = measure_paired(model, inputs, install=install, uninstall=uninstall, native_k=K, unpruned=False,
-                                new_tokens=0, warmup=1, repeats=args.repeats)
+        try:
+            paired = measure_paired(model, inputs, install=install, uninstall=uninstall, native_k=K, unpruned=False,
+                                    new_tokens=0, warmup=1, repeats=args.repeats)
+        except VTPruneError as error:  # e.g. an in-LLM schedule that cannot reach K on this decoder: a row says so
+            if vtprune.is_pruned(model):
+                vtprune.remove(model)
+            rows.append({"config": label, "method": method, "budget": budget, "error": f"{type(error).__name__}: {error}"})
+            print(f"{label}: refused: {error}", flush=True)
+            continue
         sample = holder["stats"]
         # process CPU time: on a machine shared with other jobs it is far steadier than wall time
         pruned_ms, native_ms = paired.pruned.cpu["prefill"].median, paired.native_cpu.median
@@ -104,6 +120,9 @@ def main() -> None:
              "| native-K CPU ms | native-K / pruned | select % of prefill | wall ms pruned / native-K |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['config']} | refused: {r['error']} |||||||")
+            continue
         lines.append(f"| {r['config']} | {r['visual_tokens']} | {r['vit_tokens']} | {r['flops'] / 1e9:.1f} "
                      f"| {r['prefill_ms']:.0f} | {r['native_k_ms']:.0f} | {r['native_over_pruned']:.2f}x "
                      f"| {r['select_pct']:.2f} | {r['prefill_wall_ms']:.0f} / {r['native_k_wall_ms']:.0f} |")

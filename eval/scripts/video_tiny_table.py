@@ -4,9 +4,11 @@ A tiny LLaVA-OneVision-shaped model (``vtprune.testing.tiny_vlm("llava_onevision
 8-frame clip (``tiny_video``) and a question; each registered method runs at the same budget (default 25 % of
 the clip's visual tokens) with its default options. A method that cannot run there (e.g. an in-LLM schedule
 that a 4-layer decoder cannot reach, or an in-ViT stage on video) is listed with its error message, not skipped
-silently. Writes ``<out>.json`` (one row per method) and ``<out>.md``.
+silently. Writes ``<out>.json`` (one row per method) and ``<out>.md``. ``--methods a,b`` measures only those.
 
     python eval/scripts/video_tiny_table.py --out eval/results/video_tiny_onevision
+    python eval/scripts/video_tiny_table.py --budget 0.5 --methods framefusion,fastv,holitom_inner,prunevid_llm,divprune \
+        --out eval/results/video_tiny_onevision_in_llm_50
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from vtprune.errors import VTPruneError
 from vtprune.testing import tiny_inputs, tiny_video, tiny_vlm
 
 
-def measure(family: str, frames: int, budget: float) -> list[dict]:
+def measure(family: str, frames: int, budget: float, methods: list[str] | None = None) -> list[dict]:
     model, processor = tiny_vlm(family, seed=0)
     inputs = tiny_inputs(processor, None, ["What happens in the video?"], videos=[tiny_video(seed=0, frames=frames)])
     rows = []
-    for name in sorted(vtprune.methods()):
+    for name in methods or sorted(vtprune.methods()):
         row = {"method": name, "budget": budget}
         try:
             with warnings.catch_warnings():
@@ -48,7 +50,7 @@ def measure(family: str, frames: int, budget: float) -> list[dict]:
 
 
 def to_markdown(rows: list[dict], family: str, frames: int) -> str:
-    lines = [f"Tiny {family} (random weights), one {frames}-frame clip (`tiny_video`), every method at budget "
+    lines = [f"Tiny {family} (random weights), one {frames}-frame clip (`tiny_video`), each method at budget "
              f"{rows[0]['budget']} with its default options.", "",
              "| method | visual tokens in | equivalent tokens | prefill MFLOPs (unpruned) | FLOPs ratio | kept per frame |",
              "|---|---|---|---|---|---|"]
@@ -68,15 +70,25 @@ def main() -> None:
     parser.add_argument("--family", default="llava_onevision")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--budget", type=float, default=0.25)
+    parser.add_argument("--methods", default=None, help="comma-separated method names (default: every registered one)")
     parser.add_argument("--out", required=True, help="output stem (writes .json and .md)")
     args = parser.parse_args()
-    rows = measure(args.family, args.frames, args.budget)
+    methods = args.methods.split(",") if args.methods else None
+    if methods:
+        unknown = sorted(set(methods) - set(vtprune.methods()))
+        if unknown:
+            parser.error(f"unknown method(s) {', '.join(unknown)}; see `vtprune methods`")
+    rows = measure(args.family, args.frames, args.budget, methods)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     markdown = to_markdown(rows, args.family, args.frames)
-    out.with_suffix(".md").write_text(f"Command: `python eval/scripts/video_tiny_table.py --out {args.out}`\n\n"
-                                      + markdown)
+    command = "python eval/scripts/video_tiny_table.py"
+    for flag, value, default in (("--family", args.family, "llava_onevision"), ("--frames", args.frames, 8),
+                                 ("--budget", args.budget, 0.25), ("--methods", args.methods, None)):
+        if value != default:
+            command += f" {flag} {value}"
+    out.with_suffix(".md").write_text(f"Command: `{command} --out {args.out}`\n\n" + markdown)
     print(markdown)
 
 

@@ -162,3 +162,17 @@ def evaluate_vqa(
         predictions=predictions,
         correct=correct,
     )
+
+
+def lmms_skill_metrics(doc: dict, results: Sequence[Any], skills: Sequence[str]) -> dict[str, float | None]:
+    """The ``process_results`` of vtprune's lmms-eval tasks: exact match after :func:`normalize_answer`, as
+    ``exact_match`` and under the sample's skill; the other skills get ``None`` (see :func:`mean_of_present`)."""
+    prediction = results[0].text if hasattr(results[0], "text") else results[0]
+    correct = float(normalize_answer(str(prediction).strip()) == normalize_answer(doc["answer"]))
+    return {"exact_match": correct, **{skill: correct if doc["skill"] == skill else None for skill in skills}}
+
+
+def mean_of_present(values: Sequence[float | None]) -> float:
+    """The per-skill aggregation of vtprune's lmms-eval tasks: the mean of the non-``None`` values (NaN if none)."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else float("nan")

@@ -22,7 +22,8 @@ Results file (design.md section 2): each finished cell appends one JSON object a
 ``flush`` + ``fsync``. A re-run with the same output file reads it first, cuts a torn last line (a kill
 during a write; only the sweep, the file's writer, does that -- readers never write), and skips every cell
 already finished *with the same settings* (:func:`result_key`: the absolute model path, method, budget,
-task, method options, and every measurement setting that changes the cell's result), so after a kill nothing
+task, method options, every measurement setting that changes the cell's result, and fingerprints of the local
+model's files and of the scored test split -- a retrained model is measured again), so after a kill nothing
 is lost and nothing is duplicated, while a re-run with another ``--option`` or ``--limit`` computes new rows.
 Errored cells are retried; the file stays append-only, so readers take the newest row per key
 (:func:`latest_rows`). Every row records the package version, git commit, torch/transformers versions,
@@ -32,6 +33,7 @@ device, dtype, thread count, machine load and the exact method options.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -164,17 +166,72 @@ def _default_dtype(model: str) -> str:
     return "float32"
 
 
+_LARGE_FILE = 64 << 20  # files above this size are fingerprinted by size + first and last MiB
+
+
+def _file_fingerprint(path: Path, digest) -> None:
+    size = path.stat().st_size
+    digest.update(f"{path.name}:{size}:".encode())
+    with path.open("rb") as handle:
+        if size <= _LARGE_FILE:
+            digest.update(handle.read())
+        else:  # a multi-GB checkpoint shard: hashing all of it at every resume would take minutes
+            digest.update(handle.read(1 << 20))
+            handle.seek(size - (1 << 20))
+            digest.update(handle.read())
+
+
+@functools.lru_cache(maxsize=64)
+def _directory_fingerprint(directory: str, stamp: tuple) -> str:
+    """sha256 (16 hex digits) over the files of ``directory`` (names, sizes, contents); ``stamp`` (the files'
+    sizes and mtimes) only keys the cache, so a file rewritten in this process is hashed again."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).rglob("*")):
+        if path.is_file() and ".cache" not in path.parts:
+            _file_fingerprint(path, digest)
+    return digest.hexdigest()[:16]
+
+
+def _fingerprint(directory: Path) -> str:
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _directory_fingerprint(str(directory), stamp)
+
+
+def inputs_fingerprint(cell: Cell) -> dict[str, str | None]:
+    """What a cell's result depends on besides vtprune's code and settings: the weights of a local model
+    directory and, for the accuracy tasks, the test split it is scored on (sha256 prefixes; ``None`` for a hub
+    id, a preset or a tiny model, whose weights are fixed by name and seed). Part of :func:`result_key`, so a
+    retrained model or a re-exported split is measured again instead of reusing an old row."""
+    model = model_spec(cell.model)
+    weights = _fingerprint(Path(model)) if os.path.isdir(model) else None
+    data = None
+    if cell.task in ACCURACY_TASKS:
+        if cell.task == "synth":
+            from ..synth import _repo_data_root as data_root
+        else:
+            from ..synth.video import video_data_root as data_root
+        root = data_root()
+        # without the shipped files the split is generated in memory by this version of vtprune
+        data = _fingerprint(root / "test") if root is not None else "generated"
+    return {"model": weights, "data": data}
+
+
 _UNRESOLVED = object()
 
 
-def result_key(cell: Cell, options: SweepOptions, resolved: Any = _UNRESOLVED) -> str:
+def result_key(cell: Cell, options: SweepOptions, resolved: Any = _UNRESOLVED,
+               inputs: dict[str, str | None] | None = None) -> str:
     """Resume key of a cell: everything that changes its row's result. Two runs with the same key would
     measure the same thing, so a finished row with this key is not measured again.
 
     ``resolved``: the method configuration with every default filled in (``Method.describe()``, as rows record
     it under "options"); by default the one this version of vtprune builds for the cell, so a row made with
-    other method defaults (an older vtprune) is measured again instead of being reused."""
+    other method defaults (an older vtprune) is measured again instead of being reused. ``inputs``: the model's
+    and test split's fingerprints (:func:`inputs_fingerprint`, as rows record them under "inputs"); by default
+    the current files'."""
     settings: dict[str, Any] = {name: getattr(options, name) for name in _COMMON_SETTINGS}
+    settings["inputs"] = inputs_fingerprint(cell) if inputs is None else inputs
     settings["dtype"] = settings["dtype"] or _default_dtype(cell.model)
     settings["device"] = str(torch.device(settings["device"])) if settings["device"] else "cpu"
     settings.update({name: getattr(options, name) for name in _TASK_SETTINGS.get(cell.task, ())})
@@ -202,8 +259,9 @@ def row_key(row: dict[str, Any]) -> str:
         options = SweepOptions(**known)
     except TypeError:
         options = SweepOptions()
+    # a row without "inputs" (an older vtprune) matches no current cell: its model or data are unknown
     return result_key(Cell(row["model"], row["method"], row["budget"], row["task"]), options,
-                      resolved=row.get("options"))
+                      resolved=row.get("options"), inputs=row.get("inputs") or {"model": "unknown", "data": "unknown"})
 
 
 def latest_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -563,6 +621,7 @@ def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
         "model": cell.model, "method": cell.method, "budget": cell.budget, "task": cell.task,
         "model_description": loaded.description, "random_weights": loaded.random_weights,
         "options": None, "status": "ok", "error": None, "bench": options.to_dict(),
+        "inputs": inputs_fingerprint(cell),
     }
     try:
         if cell.task in ACCURACY_TASKS and loaded.random_weights:

@@ -7,7 +7,7 @@ visual tokens at each of its layers; the engine does the gathering, positions, m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -40,6 +40,10 @@ class LayerContext:
     ``previous_position_ids`` [..., B, L] language-model-level position ids layer ``layer - 1`` used ([B, L], or
                           M-RoPE [3|4, B, L])
     ``rotary``            the decoder's rotary embedding module (position ids -> (cos, sin))
+    ``patch``             [B, L] long: the place of each visual column inside its frame, shared by the tokens of
+                          the same place in the frames of one video and by nothing else (a merged column: its
+                          anchor's); -1 for text, padding and structural tokens (SampleLayout.patch_index)
+    ``images``            per sample: the number of images and videos it holds
     """
 
     layer: int
@@ -57,6 +61,8 @@ class LayerContext:
     norm: nn.Module | None = None
     previous_position_ids: torch.Tensor | None = None
     rotary: nn.Module | None = None
+    patch: torch.Tensor | None = None
+    images: list[int] | None = None
 
     def sample_local_position_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer - 1``'s (cos, sin) with each sample's positions counted from its first real token, as
@@ -78,12 +84,17 @@ class LayerSelection:
     ``anchors``  LongTensor[m]: column whose position each merged token takes
     ``replaces`` True: each merged token replaces its anchor (a visual column not in ``keep``), and ``keep`` plus
                  the merged tokens make the scheduled count; False: merged tokens come on top of ``keep``
+    ``weights``  Tensor[m, V] or None: merged token i = Σ_j weights[i, j] · (hidden state of the j-th visual
+                 candidate column, columns ascending); the engine builds the merged tokens' per-token side inputs
+                 (Qwen3-VL deepstack rows) with them. Without weights, merging before a layer that still receives
+                 side inputs is refused.
     """
 
     keep: torch.Tensor
     merged: torch.Tensor | None = None
     anchors: torch.Tensor | None = None
     replaces: bool = False
+    weights: torch.Tensor | None = None
 
 
 class LayerMethod(Method):
@@ -91,6 +102,12 @@ class LayerMethod(Method):
 
     stage = IN_LLM
     default_positions = "original"
+    #: False: the schedule's counts are exact (every sample keeps exactly that many visual tokens at that layer).
+    #: True: the method decides at run time (FrameFusion's similarity merging): the schedule names the layers at
+    #: which :meth:`select` is called, with the sample's current visual count as an upper bound in ``wanted``;
+    #: select returns None for a sample it leaves unchanged, and the engine records a stage only where the
+    #: method changed something.
+    adaptive: ClassVar[bool] = False
 
     def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
         """[(layer, visual tokens kept from that layer on), ...] for one sample, layers ascending
@@ -146,6 +163,11 @@ class LayerMethod(Method):
                 f"budget={self.budget!r} keeps all {num_visual} visual tokens at decoder layer {first_layer}: "
                 "nothing is pruned; lower the budget."
             )
+
+    def active(self, prepared: Any) -> bool:
+        """Adaptive methods: whether :meth:`select` may still change anything in this forward (``prepared`` is
+        what :meth:`prepare` returned); False lets the engine skip the remaining layers. Default: True."""
+        return True
 
     def prepare(self, inputs_embeds: torch.Tensor, real: torch.Tensor, visual: torch.Tensor,
                 text: torch.Tensor, source: list[torch.Tensor]) -> Any:

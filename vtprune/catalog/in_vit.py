@@ -10,10 +10,19 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..budget import tokens_for
+from ..engine.attention_rows import query_key_value
 from ..errors import BudgetError, MethodOptionError
-from ..registry import IN_VIT, Method, register_method
-from ..selectors.flowcut import adaptive_prune_count, flowcut_keep, flowcut_layer_signals, flowcut_score
+from ..registry import IN_VIT, Method, VisionTower, register_method
+from ..selectors.flowcut import (
+    adaptive_prune_count,
+    flowcut_keep,
+    flowcut_layer_signals,
+    flowcut_llm_scores,
+    flowcut_score,
+)
 from ..selectors.tome import MergePlan, bipartite_soft_matching, parse_r, schedule_for_target
+from .in_llm import LayerContext, LayerMethod, _single_layer, _single_stage_schedule, _validate_layer_ratio
 
 
 class InVitMethod(Method):
@@ -35,6 +44,13 @@ class InVitMethod(Method):
 
             raise UnsupportedModelError(f"{self.name!r} needs a [CLS] token")
         return 1
+
+    def row_budget(self, rows: int, visual_per_row: int) -> int:
+        """Visual tokens each of an image's ``rows`` vision inputs (LLaVA-NeXT: base view and crops) keeps after
+        the feature layer: an int budget split evenly over them, a float that fraction of each."""
+        if isinstance(self.budget, int):
+            return max(1, self.budget // rows)
+        return tokens_for(self.budget, visual_per_row)
 
     def vit_start(self, cohort) -> None:
         """Plan the image's pruning (``cohort.target`` tokens per row after the feature layer)."""
@@ -143,9 +159,15 @@ class FlowCut(InVitMethod):
     Budget: tokens per image reaching the LLM (int; LLaVA-NeXT: split evenly over the base view and crops, each
     pruned on its own) or a fraction of each input's patches. Positions ``compact`` (LLaVA: contiguous).
 
-    Deviations: LLaVA-NeXT's official second stage (pruning to the budget at decoder layer 1 by the last
-    instruction token, each crop keeping budget/2 in the ViT) is not implemented: each crop keeps its share of
-    the budget in the ViT; compose with an in-LLM method for a second stage. The official code computes the
+    AnyRes (LLaVA-NeXT), as the official ``flowcut()`` for ``image_aspect_ratio == 'anyres'``: with an int budget
+    ``k`` the base view and every crop each keep ``k // 2`` patches in the ViT, and the decoder stage
+    :class:`FlowCutLLM` (``flowcut_llm``, installed with it) keeps ``k`` visual tokens per image from decoder
+    layer 2 on, scored in layer 1. ``llm``: None (default) = that stage on LLaVA-NeXT with an int budget, off
+    otherwise (the split above does not apply then); False = off (each crop keeps its even share of ``k`` in the
+    ViT, the behaviour before it existed); True = on for any model (an int budget is needed: the official
+    ``target_num`` is a count).
+
+    Deviations: The official code computes the
     scores in the model's dtype (fp16); vtprune in float32. Encoders without a [CLS] token (SigLIP,
     LLaVA-OneVision) are refused: FlowCut's scores are defined by the CLS query and value. Qwen's ViT is refused
     by the engine (see ``vtprune/engine/vit_stage.py``).
@@ -153,9 +175,35 @@ class FlowCut(InVitMethod):
 
     name = "flowcut"
     paper = "arXiv:2505.19536"
-    options: ClassVar[dict[str, Any]] = {}
+    options: ClassVar[dict[str, Any]] = {"llm": None}
     default_budget = 64
     needs_class_token = True
+    solo = {"llm": False}
+
+    def __init__(self, budget=None, positions: str | None = None, seed: int = 0, **options: Any):
+        super().__init__(budget=budget, positions=positions, seed=seed, **options)
+        self._llm = False
+
+    def validate_options(self) -> None:
+        llm = self.config["llm"]
+        if llm not in (None, True, False):
+            raise MethodOptionError(f"flowcut option llm={llm!r} must be None (on for LLaVA-NeXT's AnyRes inputs with "
+                                    "an int budget), True or False.")
+        if llm is True and not isinstance(self.budget, int):
+            raise MethodOptionError(f"flowcut llm=True keeps the budget's count of visual tokens in the decoder (the "
+                                    f"official target_num), so it needs an int budget, got {self.budget!r}.")
+
+    def bind(self, tower: VisionTower) -> None:
+        llm = self.config["llm"]
+        self._llm = (tower.family == "llava_next" and isinstance(self.budget, int)) if llm is None else llm
+
+    def companions(self) -> list[Method]:
+        return [FlowCutLLM(target=self.budget, positions=self.positions)] if self._llm else []
+
+    def row_budget(self, rows: int, visual_per_row: int) -> int:
+        if self._llm:  # official anyres: int(target_num / 2) patches in each crop (and the base view)
+            return max(1, self.budget // 2)
+        return super().row_budget(rows, visual_per_row)
 
     def vit_start(self, cohort) -> None:
         cohort.state["cumulative"] = None
@@ -179,3 +227,65 @@ class FlowCut(InVitMethod):
         cls = torch.zeros(patches.shape[0], 1, dtype=patches.dtype, device=patches.device)
         return torch.cat([cls, patches + 1], dim=1)
 
+
+
+@register_method
+class FlowCutLLM(LayerMethod):
+    """FlowCut's decoder stage for AnyRes inputs (Tong et al., NeurIPS 2025, arXiv 2505.19536; official code
+    TungChintao/FlowCut @ a2ecd24, ``flowcut/main.py`` L23-61 (``prune_layer = 1``, ``target_num``),
+    ``flowcut/modeling_llama_flowcut.py`` L246-290 (scores) and L492-575 (the drop), ``flowcut/utils_flowcut.py``
+    ``compute_score``). ``flowcut`` installs it on LLaVA-NeXT with an int budget; it also runs on its own.
+
+    In decoder layer ``layer − 1`` (official ``prune_layer = 1``; default ``layer=2``, the first layer that sees
+    the pruned sequence) the last prompt token's query and value are compared with the visual tokens' keys and
+    values: relation = softmax(q·k/√dh) and semantic = softmax(v·v/√dh), each over the visual tokens only,
+    averaged over heads (recomputed from that layer's q/k/v; the model stays on SDPA); score = (relation share +
+    semantic share) × ‖head-mean value‖₁, the same rule as FlowCut's ViT stage. The top ``target`` visual tokens
+    per image (the official ``target_num``) are kept for the later layers, in order. ``target`` overrides the
+    budget and ``ratio`` (the dropped fraction, as FastV); without either an int / float budget is the layer
+    average of visual tokens, as FastV. Positions ``compact`` (official: the kept sequence renumbered, decoding
+    shifted by the dropped count).
+
+    Deviations: scores in float32 (official: the model dtype); a padded batch of any padding side (official:
+    right padding only) and several images per sample (``target`` per image); LLaVA-NeXT's row newlines are
+    layout here and never dropped (the official counts them among the visual tokens it ranks).
+    """
+
+    name = "flowcut_llm"
+    paper = "arXiv:2505.19536"
+    signals = ("decoder_attention",)
+    options = {"layer": 2, "ratio": None, "target": None}
+    default_budget = 64
+    default_positions = "compact"
+
+    def validate_options(self) -> None:
+        _validate_layer_ratio(self.name, self.config["layer"], self.config["ratio"])
+        target = self.config["target"]
+        if target is not None and (isinstance(target, bool) or not isinstance(target, int) or target < 1):
+            raise MethodOptionError(f"flowcut_llm option target={target!r} must be an int >= 1 (visual tokens kept "
+                                    "per image from `layer` on).")
+
+    def budget_overrides(self) -> list[str]:
+        return [name for name in ("target", "ratio") if self.config[name] is not None]
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        return _single_layer(self, num_layers)
+
+    def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        target = self.config["target"]
+        if target is None:
+            return _single_stage_schedule(self, num_layers, num_visual, num_images, default_ratio=0.5)
+        return [(self.config["layer"], min(num_visual, target * max(num_images, 1)))]
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        layer = ctx.layers[ctx.layer - 1]
+        q, k, v, scale = query_key_value(layer, ctx.previous_hidden, ctx.previous_position_embeddings, ctx.last)
+        scores = torch.zeros(ctx.visual.shape, dtype=torch.float32, device=ctx.visual.device)
+        for b in range(ctx.visual.shape[0]):
+            columns = torch.nonzero(ctx.visual[b]).flatten()
+            if columns.numel() == 0:
+                continue
+            last = ctx.last[b, 0]
+            scores[b, columns] = flowcut_llm_scores(q[b], k[b][:, columns], v[b][:, last:last + 1],
+                                                    v[b][:, columns], scale).to(scores.device)
+        return scores

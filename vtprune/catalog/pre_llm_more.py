@@ -1,4 +1,4 @@
-"""Pre-LLM methods of issue 17: VisPruner, HiPrune, PruMerge / PruMerge+, CDPruner.
+"""Pre-LLM methods of issue 17: VisPruner, HiPrune, PruMerge / PruMerge+, CDPruner, MustDrop.
 
 Registry glue only: each class reads the signals the engine captured for a :class:`VisualGroup` and calls a
 pure function of ``vtprune.selectors``.
@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from ..errors import MethodOptionError
+from ..errors import BudgetError, MethodOptionError
 from ..registry import Method, Selection, VisionTower, VisualGroup, register_method
 from ..selectors.cdpruner import cdpruner_relevance, cdpruner_select
 from ..selectors.hiprune import anchor_count, hiprune_select
+from ..selectors.mustdrop import mustdrop_merge, threshold_windows, window_scores, windows_for_budget
 from ..selectors.prumerge import iqr_outlier_count, prumerge_indices, prumerge_merge
 from ..selectors.vispruner import split_vispruner_budget, vispruner_select
 
@@ -319,3 +320,128 @@ class CDPruner(Method):
             if not bool(torch.isfinite(relevance).all()):
                 relevance = torch.ones(group.num_tokens, device=features.device)
         return Selection(keep=cdpruner_select(features, relevance.to(features.device), k))
+
+
+@register_method
+class MustDrop(Method):
+    """MustDrop — vision-encoding stage: similar spatially adjacent tokens merged window by window (Liu et al.
+    2024, arXiv 2411.10803 "Multi-Stage Vision Token Dropping"; implemented as ModelTC/LightCompress @ 9701d03
+    ``llmc/compression/token_reduction/mustdrop.py`` L28-227 with ``configs/sparsification/methods/MustDrop/
+    mustdrop.yml``; the authors' code is liuting20/MustDrop @ 909afa5, ``multimodal_encoder/local_merge.py``,
+    ``clip_encoder.py`` L89-112, ``language_model/modelling_sparse_llama.py`` L196-350).
+
+    Stage 1 (this method, pre-LLM on the projector's input = the ViT feature layer's output, LightCompress's
+    ``select_layer`` hook): the patch grid is tiled by non-overlapping ``window_size`` windows (default
+    ``(3, 3)``); a window's score is the mean pairwise cosine similarity of its tokens; the ``r`` best windows
+    each become one token, the mean of its tokens (the official size-weighted average with unit sizes), then
+    projected; all other tokens stay. ``r``: with a token budget ``k`` per image (LightCompress's
+    ``retained_tokens``; LLaVA-NeXT: per crop, ``equal_per_crop``) ``ceil((N - k) / (w - 1))``, so at most
+    ``k`` tokens remain (``exact_count`` is False); with ``budget=None`` (default) the official adaptive count:
+    the windows scoring at least ``spatial_threshold`` (default 0.6, LightCompress's config). ``merge``: None
+    (default) follows LightCompress — LLaVA-1.5 and the other families merge; LLaVA-NeXT keeps each chosen
+    window's bottom-right token unchanged and drops the other 8 (its ``index_masks`` path); True / False
+    force one behaviour. Positions ``compact`` (LLaVA). With ``compact`` on a [CLS] encoder the image's tokens
+    come in the official order: the merged tokens by descending window score, then the others in raster order;
+    otherwise (``positions="original"``, encoders without [CLS]: Qwen3-VL's deepstack rows need one token per
+    anchor) each merged token takes its window's bottom-right position (the official merge destination).
+
+    Stages 2 and 3 of the paper are **not** built here: the authors' prefilling stage (text-guided dual-attention
+    filtering at decoder layers 2, 6, 10, 14, dropping a token when both its summed text attention is below
+    ``global_thr`` of the total and its largest is below ``individual_thr``, always keeping a "key set" of the
+    8 % tokens with the highest [CLS] attention in the last ViT block) keeps a data-dependent number of tokens
+    per sample and layer, which vtprune's in-LLM engine (a schedule of exact counts per layer) cannot express
+    without inventing a budget-to-threshold rule; the decoding stage (after the prefill the KV cache of layers
+    2..14 is cut to the tokens that survived layer 14) depends on it. LightCompress implements stage 1 only.
+    Compose with an in-LLM method (``["mustdrop", "sparsevlm"]``) for a prefilling stage.
+
+    Deviations: ``r`` rounds up (the official ``(N + 1 - k) // (w - 1)`` counts the [CLS] token and can keep
+    more or fewer than ``k``; the two agree at the paper's 64 / 128 / 192 on 576 tokens); grids not divisible
+    by the window (the official asserts) leave the trailing rows / columns unmerged; the threshold count is per
+    image / crop (the official takes the minimum over the batch); ties go to the earlier window; LLaVA-NeXT crops
+    are windowed on their unpadded grids (the official windows the 24x24 crop, then unpads). The authors' own
+    code merges after the first ViT block with threshold 0.8 (the ViT then runs on the merged tokens) — not
+    LightCompress's placement, which this follows. Budgets below what merging every window leaves (``N / w`` for
+    a divisible grid, e.g. 64 of 576 with 3x3) are refused with the smallest reachable one.
+    """
+
+    name = "mustdrop"
+    paper = "arXiv:2411.10803"
+    signals = ("vit_hidden",)
+    options = {"spatial_threshold": 0.6, "window_size": (3, 3), "merge": None}
+    default_budget = None  # the official adaptive count (windows at or above spatial_threshold)
+    budget_policy = "equal_per_crop"
+    default_positions = "compact"
+    exact_count = False
+
+    def __init__(self, budget=None, positions=None, seed: int = 0, **options):
+        super().__init__(budget=budget, positions=positions, seed=seed, **options)
+        self.adaptive = self.budget is None
+        self._merge, self._official_order = True, True
+
+    def validate_options(self) -> None:
+        t = self.config["spatial_threshold"]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not -1 <= t <= 1:
+            raise MethodOptionError(f"mustdrop option spatial_threshold={t!r} must be a cosine similarity in [-1, 1].")
+        w = self.config["window_size"]
+        if not (isinstance(w, (tuple, list)) and len(w) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in w) and w[0] * w[1] >= 2):
+            raise MethodOptionError(f"mustdrop option window_size={w!r} must be two ints (height, width) >= 1 "
+                                    "spanning at least 2 tokens, e.g. (3, 3).")
+        self.config["window_size"] = (int(w[0]), int(w[1]))
+        if self.config["merge"] not in (None, True, False):
+            raise MethodOptionError(f"mustdrop option merge={self.config['merge']!r} must be None (LightCompress's "
+                                    "choice per family), True or False.")
+
+    def bind(self, tower: VisionTower) -> None:
+        merge = self.config["merge"]
+        self._merge = tower.family != "llava_next" if merge is None else merge
+        self._official_order = tower.has_cls
+
+    def _floor(self, num_tokens: int, height: int, width: int) -> int:
+        wh, ww = self.config["window_size"]
+        return num_tokens - (height // wh) * (width // ww) * (wh * ww - 1)
+
+    def _refuse(self, k: int, num_tokens: int, height: int, width: int) -> BudgetError:
+        wh, ww = self.config["window_size"]
+        floor = self._floor(num_tokens, height, width)
+        return BudgetError(
+            f"mustdrop: budget={self.budget!r} asks for {k} of the {num_tokens} tokens of a {height}x{width} grid, "
+            f"but merging every {wh}x{ww} window into one token leaves {floor}; raise the budget to at least "
+            f"{floor} tokens per image (or crop), or pass a larger window_size.")
+
+    def check_image_tokens(self, num_tokens: int) -> int:
+        if self.adaptive:
+            return num_tokens  # at most: the count is decided per image
+        side = int(round(num_tokens ** 0.5))
+        k = super().check_image_tokens(num_tokens)
+        if side * side == num_tokens and k < self._floor(num_tokens, side, side):
+            raise self._refuse(k, num_tokens, side, side)
+        return k
+
+    def select(self, group: VisualGroup, k: int) -> Selection:
+        h, w, n = group.height, group.width, group.num_tokens
+        device = group.features.device
+        if h is None or w is None or h * w != n:
+            raise MethodOptionError("mustdrop merges windows of a rectangular patch grid, but this group of visual "
+                                    "tokens is not one.")
+        hidden = group.signals["vit_hidden"]
+        windows, scores = window_scores(hidden, h, w, self.config["window_size"])
+        if self.adaptive:
+            r = threshold_windows(scores, self.config["spatial_threshold"])
+        else:
+            r = windows_for_budget(n, k, self.config["window_size"])
+            if r > windows.shape[0]:
+                raise self._refuse(k, n, h, w)
+        if r == 0:
+            return Selection(keep=torch.arange(n, device=device))
+        result = mustdrop_merge(hidden, windows, scores, r)
+        if not self._merge:  # LightCompress on LLaVA-NeXT: the window's destination token stays as it is
+            return Selection(keep=torch.sort(torch.cat([result.keep, result.dst])).values.to(device))
+        merged = group.project(result.merged).to(group.features.dtype)
+        if self.positions == "compact" and self._official_order:
+            anchors = torch.zeros(r, dtype=torch.long, device=device)
+            order = torch.arange(-r, 0, device=device)  # all before the image's first token, best window first
+        else:
+            anchors, order = result.dst.to(device), torch.ones(r, dtype=torch.long, device=device)
+        return Selection(keep=result.keep.to(device), merged=merged, anchors=anchors, weights=result.weights,
+                         order=order)

@@ -1,17 +1,27 @@
 """In-LLM stages of the video methods: HoliTom's inner-LLM merge and PruneVid's in-LLM selection (they run on any
-visual span; ``holitom`` / ``prunevid`` install them as companions of their pre-LLM stage)."""
+visual span; ``holitom`` / ``prunevid`` install them as companions of their pre-LLM stage), and FrameFusion
+(similarity merging across frames inside the decoder, then one attention pruning step)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 
 from ..engine.attention_rows import attention_rows as _attention_rows
 from ..errors import BudgetError, MethodOptionError
 from ..registry import register_method
-from ..selectors.video_llm import holitom_inner_merge
+from ..selectors.video_llm import (
+    framefusion_merge,
+    framefusion_merge_flags,
+    framefusion_prune_count,
+    framefusion_similarity,
+    framefusion_weights,
+    holitom_inner_merge,
+)
 from .in_llm import LayerContext, LayerMethod, LayerSelection, _last_query_scores
 
-__all__ = ["HoliTomInner", "PruneVidLLM"]
+__all__ = ["FrameFusion", "HoliTomInner", "PruneVidLLM"]
 
 
 def _check_fraction(name: str, option: str, value, low: float = 0.0, high: float = 1.0) -> None:
@@ -150,4 +160,164 @@ class PruneVidLLM(LayerMethod):
                                key_padding_mask=ctx.real)  # [B, H, Q, L]
         return rows.amax(dim=(1, 2))
 
+
+@dataclass
+class _FrameFusionState:
+    """One sample's FrameFusion state during one prefill (the official module's attributes)."""
+
+    cost: float | None = None                              # FrameFusion's cost for this sample
+    sparsities: list[float] = field(default_factory=list)  # merge fraction of every merging layer so far
+    merging: bool = True                                   # official: not finish_merging
+    pruning: bool = True                                   # official: not finish_pruning
+
+
+@register_method
+class FrameFusion(LayerMethod):
+    """FrameFusion — similarity merging across frames, then importance pruning, inside the LLM (Fu et al., ICCV
+    2025, arXiv 2501.01986). Official code: thu-nics/FrameFusion @ fbec1d2 (``framefusion/main.py`` L8-343:
+    ``FrameFusion.forward``, ``compute_similarity_and_token_index_by_patch``, ``merge_tokens_and_get_mask``,
+    ``_compute_pruning_ratio``; ``framefusion/models/qwen2/modeling_qwen2.py`` L44-67: merging at layer 0 before
+    attention and after the attention of every layer, L166-178: the last query's attention;
+    ``framefusion/interface.py``: defaults ``cost=0.3, similarity_lower_bound=0.6, ratio_lower_bound=0.1``).
+
+    Prefill only. Merging: every visual token is compared (cosine of the decoder's hidden states) with the token
+    at the same place in the previous frame; the tokens with similarity >= ``similarity_lower_bound`` merge, each
+    run of them along time collapsing into the token before it (the plain mean of that token and the run; the
+    merged token keeps that earliest token's position). With s* the sparsity the remaining layers would need to
+    meet ``cost`` and f the fraction of the visual tokens above the bound: f < s* merges them all and records f,
+    and merging stops once f < ``ratio_lower_bound``; f >= s* merges only the int(s*·V) most similar tokens and
+    ends everything (the cost is met). Pruning, at the next layer after merging stopped: the visual tokens keep the
+    top round(V·(1 − p)) by the attention of the last prompt token (mean over heads, recomputed from that layer's
+    q/k: no eager attention), p the sparsity that makes the average over all layers equal ``cost``. Kept and merged
+    tokens keep their original positions (``positions="compact"`` re-indexes them instead).
+
+    Budget: ``cost`` is the official budget, the visual tokens each decoder layer processes averaged over all
+    layers, as a fraction of the sample's visual tokens — the project's "layer average" budget. A float budget is
+    the cost; an int budget is the clip's (image's) equivalent visual tokens, cost = budget / visual tokens (per
+    sample, capped at 1). ``cost`` given as an option overrides the budget (with a warning); neither: the official
+    default 0.3. The merging is data dependent, so the cost is met exactly only when the last step can reach it:
+    when the layers that already ran processed more than cost × layers (decoders shallower than the official 28
+    layers, high similarity fractions just below s*), the prefill raises :class:`BudgetError`, as the official
+    ``_compute_pruning_ratio`` raises ("The cost is too small"); and when merging only stops at the last layer no
+    layer is left to prune, so the layer average stays above the cost (``stats()`` reports what was processed).
+
+    Images: an image is a one-frame clip: no token has a predecessor, so nothing merges (f = 0 ends merging at
+    layer 0) and the method is the pruning step alone at layer 1 (FastV at layer 1 with p from the cost). Tokens
+    of different videos (or images) in one sample are never compared.
+
+    Deviations from the official code: (1) the merges the official code makes after the attention of layer l
+    (before its MLP) happen here before layer l + 1 (this project prunes between decoder layers), so the
+    similarity is that of layer l's output and layer l's MLP still runs on the unmerged tokens; the merge at
+    layer 0 before attention is the official one. The official cost formula counts merge i as acting from layer
+    i on, which is exactly what happens here. (2) The pruning step likewise runs before layer l + 1 with layer
+    l's attention (official: after layer l's attention). (3) ``num_layers`` is the model's decoder depth (official:
+    28 hard-coded, Qwen2-7B). (4) Batches of any size, each sample with its own state (official: batch 1). (5)
+    Similarities and means in float32; ties in the top-k broken by the lower index (official ``torch.topk``).
+    (6) A LLaVA-OneVision video's single trailing newline is structural (never merged or counted); the official
+    LLaVA-Video layout has a newline per row, which takes part in the merging. (7) Qwen3-VL: a merged token gets the
+    deepstack rows of its members averaged like its hidden state (the official code has no Qwen3-VL).
+    Fidelity: tests/test_framefusion.py runs a literal transcription of the official ``forward`` and this method's
+    ``select`` on identical hidden states, point after point (same tokens, states, sparsities and end).
+    """
+
+    name = "framefusion"
+    paper = "FrameFusion (ICCV'25), arXiv:2501.01986"
+    signals = ("decoder_states", "decoder_attention")
+    options = {"cost": None, "similarity_lower_bound": 0.6, "ratio_lower_bound": 0.1}
+    default_budget = None  # the official cost 0.3
+    adaptive = True
+
+    def validate_options(self) -> None:
+        if self.config["cost"] is not None:
+            _check_fraction(self.name, "cost", self.config["cost"], 0.0, 1.0)
+            if self.config["cost"] == 0:
+                raise MethodOptionError("framefusion cost=0 keeps nothing; pass a cost in (0, 1].")
+        _check_fraction(self.name, "similarity_lower_bound", self.config["similarity_lower_bound"], -1.0, 1.0)
+        _check_fraction(self.name, "ratio_lower_bound", self.config["ratio_lower_bound"], 0.0, 1.0)
+
+    def budget_overrides(self) -> list[str]:
+        return ["cost"] if self.config["cost"] is not None else []
+
+    def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        # every layer may merge or prune; the counts are upper bounds (``adaptive``)
+        return [(layer, num_visual) for layer in range(num_layers)]
+
+    def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        return self.plan_schedule(num_layers, num_visual, num_images)  # nothing to warn about before the data
+
+    def _cost(self, num_visual: int, num_images: int) -> float:
+        if self.config["cost"] is not None:
+            return float(self.config["cost"])
+        if self.budget is None:
+            return 0.3
+        return self._target_equivalent(num_visual, num_images) / num_visual
+
+    def prepare(self, inputs_embeds, real, visual, text, source) -> list[_FrameFusionState]:
+        # a sample without visual tokens has nothing to do
+        return [_FrameFusionState(merging=bool(row.any()), pruning=bool(row.any())) for row in visual]
+
+    def active(self, prepared: list[_FrameFusionState]) -> bool:
+        return any(state.merging or state.pruning for state in prepared)
+
+    def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
+        num_layers = len(ctx.layers)
+        scores = None
+        out: list[LayerSelection | None] = []
+        for b, count in enumerate(wanted):
+            state: _FrameFusionState = ctx.prepared[b]
+            if count is None or not (state.merging or state.pruning):
+                out.append(None)
+                continue
+            if state.cost is None:  # the sample's first layer: its visual tokens as they enter the decoder
+                state.cost = self._cost(count, ctx.images[b] if ctx.images else 1)
+            columns = torch.nonzero(ctx.visual[b]).flatten()
+            if state.merging:
+                out.append(self._merge(ctx, b, columns, state, num_layers))
+                continue
+            if scores is None:  # the last prompt token's attention in the layer that just ran
+                scores = _last_query_scores(ctx.layers[ctx.layer - 1], ctx.previous_hidden,
+                                            ctx.previous_position_embeddings, ctx)
+            state.pruning = False
+            keep = self._checked(framefusion_prune_count, count, state, num_layers, ctx.layer)
+            if keep >= count:
+                out.append(None)
+                continue
+            order = torch.sort(scores[b, columns].float(), descending=True, stable=True).indices
+            out.append(LayerSelection(keep=torch.sort(columns[order[:keep]]).values))
+        return out
+
+    def _merge(self, ctx: LayerContext, b: int, columns: torch.Tensor, state: _FrameFusionState,
+               num_layers: int) -> LayerSelection | None:
+        hidden, patch = ctx.hidden[b, columns], ctx.patch[b, columns]  # [V, D], [V]
+        similarity = framefusion_similarity(hidden, patch)
+        c = self.config
+        flags, state.sparsities, finished_merging, finished_pruning = self._checked(
+            framefusion_merge_flags, similarity, state, num_layers, ctx.layer, c["similarity_lower_bound"],
+            c["ratio_lower_bound"])
+        state.merging, state.pruning = not finished_merging, not finished_pruning
+        if not bool(flags.any()):
+            return None
+        keep, new, groups = framefusion_merge(hidden, patch, flags)
+        heads = torch.tensor([head for head, _ in groups], dtype=torch.long, device=columns.device)
+        plain = keep.clone()
+        plain[heads] = False
+        return LayerSelection(keep=columns[plain], merged=new[heads], anchors=columns[heads], replaces=True,
+                              weights=framefusion_weights(groups, columns.numel(), columns.device))
+
+    def _checked(self, step, first, state: _FrameFusionState, num_layers: int, layer: int, *rest):
+        """Run a FrameFusion step; the official ValueError of an unreachable cost becomes a BudgetError."""
+        try:
+            return step(first, state.sparsities, state.cost, num_layers, *rest)
+        except ValueError:
+            spent = 0.0
+            share = 1.0
+            for value in state.sparsities:
+                share *= 1 - value
+                spent += share
+            raise BudgetError(
+                f"framefusion cost={state.cost:.3g} cannot be met on this input: its first {len(state.sparsities)} "
+                f"decoder layer(s) already processed {spent:.2f} layers' worth of the visual tokens, more than "
+                f"cost x {num_layers} layers = {state.cost * num_layers:.2f} (at decoder layer {layer}). "
+                "Raise the budget (or cost=); on shallow decoders the least reachable cost is about 1/layers."
+            ) from None
 

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .. import compat
 
-__all__ = ["attention_over_keys", "attention_rows", "key_states", "last_token_index", "rope_only_rows"]
+__all__ = ["attention_over_keys", "attention_rows", "key_states", "last_token_index", "query_key_value",
+           "rope_only_rows"]
 
 _AUTO = "auto"
 
@@ -85,7 +86,7 @@ def attention_rows(
     attn = layer.self_attn
     if hidden_states.dim() != 3:
         raise ValueError(f"hidden_states must be [B, L, D], got {tuple(hidden_states.shape)}")
-    bsz, length, hidden = hidden_states.shape
+    bsz, length, _ = hidden_states.shape
     device = hidden_states.device
     query_index = _normalise_query_index(query_index, bsz, length, device)
     num_q = query_index.shape[1]
@@ -93,16 +94,8 @@ def attention_rows(
         raise NotImplementedError("attention logit soft-capping (Gemma-2 style) is not supported")
 
     head_dim = _head_dim(attn)
-    x = layer.input_layernorm(hidden_states)
-    x_q = x.gather(1, query_index.unsqueeze(-1).expand(bsz, num_q, hidden))
-
-    q = _project(attn.q_proj, getattr(attn, "q_norm", None), x_q, head_dim)  # [B, H, Q, dh]
-    k = _project(attn.k_proj, getattr(attn, "k_norm", None), x, head_dim)  # [B, Hkv, L, dh]
+    _, q, k = _rotated_queries_keys(layer, hidden_states, position_embeddings, query_index)
     num_heads, num_kv = q.shape[1], k.shape[1]
-    if num_heads % num_kv:
-        raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv} key/value heads")
-
-    q, k = _apply_rope(attn, q, k, position_embeddings, query_index)
 
     # GQA without repeating k: query head h reads kv head h // groups (= transformers' repeat_kv).
     groups = num_heads // num_kv
@@ -129,6 +122,24 @@ def key_states(layer: nn.Module, hidden_states: Tensor, position_embeddings: tup
     k = _project(attn.k_proj, getattr(attn, "k_norm", None), layer.input_layernorm(hidden_states), head_dim)
     first = torch.zeros(hidden_states.shape[0], 1, dtype=torch.long, device=hidden_states.device)
     return _apply_rope(attn, k[:, :1, :1], k, position_embeddings, first)[1]
+
+
+def query_key_value(layer: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                    query_index: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The attention inputs of decoder ``layer`` for ``hidden_states`` [B, L, D] (its input, before
+    ``input_layernorm``), float32, every key/value head repeated to the query heads as transformers' ``repeat_kv``:
+    the ``query_index`` rows [B, Q] of the queries ``[B, H, Q, dh]`` and all keys ``[B, H, L, dh]`` after the
+    q/k norms and RoPE, the values ``[B, H, L, dh]``, and the layer's softmax scaling. Same position-embedding
+    forms as :func:`attention_rows` (FlowCut's decoder stage reads queries, keys and values together)."""
+    attn = layer.self_attn
+    bsz, length, _ = hidden_states.shape
+    query_index = _normalise_query_index(query_index, bsz, length, hidden_states.device)
+    head_dim = _head_dim(attn)
+    x, q, k = _rotated_queries_keys(layer, hidden_states, position_embeddings, query_index)
+    v = _project(attn.v_proj, None, x, head_dim)  # [B, Hkv, L, dh]
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.float().repeat_interleave(groups, dim=1) for t in (k, v))  # [B, H, L, dh]
+    return q.float(), k, v, float(getattr(attn, "scaling", head_dim**-0.5))
 
 
 def rope_only_rows(
@@ -169,6 +180,23 @@ def rope_only_rows(
 
 
 # ----------------------------------------------------------------------------------------- helpers
+
+
+def _rotated_queries_keys(layer: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                          query_index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(the normed input [B, L, D], the ``query_index`` [B, Q] rows of the queries [B, H, Q, dh], all keys
+    [B, Hkv, L, dh]) of decoder ``layer``, after its q/k norms and RoPE."""
+    attn = layer.self_attn
+    bsz, _, hidden = hidden_states.shape
+    head_dim = _head_dim(attn)
+    x = layer.input_layernorm(hidden_states)
+    x_q = x.gather(1, query_index.unsqueeze(-1).expand(bsz, query_index.shape[1], hidden))
+    q = _project(attn.q_proj, getattr(attn, "q_norm", None), x_q, head_dim)  # [B, H, Q, dh]
+    k = _project(attn.k_proj, getattr(attn, "k_norm", None), x, head_dim)  # [B, Hkv, L, dh]
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} key/value heads")
+    q, k = _apply_rope(attn, q, k, position_embeddings, query_index)
+    return x, q, k
 
 
 def _normalise_query_index(query_index: Tensor, bsz: int, length: int, device: torch.device) -> Tensor:

@@ -20,6 +20,7 @@ from ..stats import StageStats
 from .attention_rows import last_token_index
 from .positions import layer_rows, rope_rows
 from .sequence import SamplePlan, assemble
+from .side_inputs import MergedRows, visual_row_index
 from .timing import section
 
 
@@ -55,6 +56,8 @@ class LayerRun:
     image_of: list[torch.Tensor] | None = None  # per sample [L]: image index of each original position, -1 text
     image_rule: Any = None                      # M-RoPE: the adapter's compact_image_positions
     frame_of: list[torch.Tensor] | None = None  # per sample [L]: frame of each original position in its video
+    patch_of: list[torch.Tensor] | None = None  # per sample [L]: place inside its frame (SampleLayout.patch_index)
+    side: Any = None                            # the prefill's per-visual-token side inputs (deepstack), or None
     segments: list[Segment] = field(default_factory=list)
     previous: tuple[torch.Tensor, Any, Any] | None = None   # input (hidden, pos emb, pos ids) of the previous layer
     #: one entry per decoder layer run so far: per sample (sequence length, visual tokens) entering it
@@ -78,14 +81,21 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
     when no sample drops anything here.
     """
     batch, length, _ = hidden.shape
+    adaptive = run.method.adaptive
+    if adaptive and not run.method.active(run.prepared):
+        return None  # the method is done with every sample of this forward
     wanted: list[int | None] = []
     for b in range(batch):
         counts = [keep for layer, keep in run.schedules[b] if layer == layer_idx]
         count = counts[0] if counts else None
-        wanted.append(count if count is not None and count < int(run.visual[b].sum()) else None)
+        present = int(run.visual[b].sum())
+        if adaptive:  # the method decides; the current visual count is the upper bound
+            wanted.append(present if count is not None and present else None)
+        else:
+            wanted.append(count if count is not None and count < present else None)
     if all(w is None for w in wanted):
         for b in range(batch):
-            if any(layer == layer_idx for layer, _ in run.schedules[b]):
+            if not adaptive and any(layer == layer_idx for layer, _ in run.schedules[b]):
                 _record_stage(run, b, layer_idx, added=0)
         return None
     columns = real_columns(mask2d, batch, length, hidden.device)
@@ -94,16 +104,25 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         real[b, columns[b]] = True
         visual[b, columns[b][run.visual[b].to(hidden.device)]] = True
         text[b, columns[b][run.text[b].to(hidden.device)]] = True
+    patch = torch.full((batch, length), -1, dtype=torch.long, device=hidden.device)
+    if run.patch_of is not None:
+        for b in range(batch):
+            patch[b, columns[b]] = run.patch_of[b][run.source[b]].to(hidden.device)
+        patch[~visual] = -1
+    images = [int(run.image_of[b].max()) + 1 if run.image_of[b].numel() else 0 for b in range(batch)] \
+        if run.image_of is not None else None
     prev_hidden, prev_pe, prev_ids = run.previous if run.previous is not None else (None, None, None)
     ctx = LayerContext(
         layer=layer_idx, layers=lm.layers, hidden=hidden, position_embeddings=position_embeddings,
         previous_hidden=prev_hidden, previous_position_embeddings=prev_pe, previous_position_ids=prev_ids,
         rotary=getattr(lm, "rotary_emb", None), real=real, visual=visual,
         last=last_token_index(mask2d, batch, length).to(hidden.device), text=text, source=run.source,
-        prepared=run.prepared, norm=getattr(lm, "norm", None),
+        prepared=run.prepared, norm=getattr(lm, "norm", None), patch=patch, images=images,
     )
     with section(run.timer, "select"):
         selections = run.method.select(ctx, wanted)
+    if adaptive and all(selection is None for selection in selections):
+        return None  # the method left every sample unchanged at this layer
     plans = []
     for b in range(batch):
         cols = columns[b]
@@ -119,7 +138,9 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
             plans.append(SamplePlan(keep=cols, last=int(cols[-1]) if cols.numel() else -1, image_of=image_of,
                                     frame_of=frame_of))
             continue
-        _check_layer_selection(run.method.name, selection, visual[b], wanted[b])
+        _check_layer_selection(run.method.name, selection, visual[b], wanted[b], adaptive)
+        if run.side is not None and selection.merged is not None and selection.weights is not None:
+            _merge_side_rows(run, b, cols, selection)
         keep = torch.sort(torch.cat([cols[~run.visual[b].to(cols.device)], selection.keep.to(cols.device)])).values
         plans.append(SamplePlan(keep=keep, merged=selection.merged, merged_anchors=selection.anchors,
                                 last=int(cols[-1]) if cols.numel() else -1, image_of=image_of, frame_of=frame_of))
@@ -132,7 +153,9 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         run.visual[b] = run.visual[b][local] | added
         run.text[b] = run.text[b][local] & ~added
         run.merged[b] = run.merged[b][local] | added
-        if wanted[b] is not None or any(layer == layer_idx for layer, _ in run.schedules[b]):
+        recorded = selections[b] is not None if adaptive else \
+            wanted[b] is not None or any(layer == layer_idx for layer, _ in run.schedules[b])
+        if recorded:
             _record_stage(run, b, layer_idx, added=int(added.sum()))
     base_shift = run.segments[-1].position_shift if run.segments else torch.zeros_like(pruned.position_shift)
     new_pos = pruned.position_ids
@@ -157,11 +180,50 @@ def _record_stage(run: LayerRun, b: int, layer_idx: int, added: int) -> None:
     ))
 
 
-def _check_layer_selection(name: str, selection: LayerSelection, visual: torch.Tensor, wanted: int) -> None:
+def _merge_side_rows(run: LayerRun, b: int, cols: torch.Tensor, selection: LayerSelection) -> None:
+    """Side rows (Qwen3-VL deepstack) of the tokens sample ``b`` merges at this layer: the selection's weights
+    [m, V] applied to the rows of its V current visual tokens (plain tokens: their own rows; merged ones: the rows
+    recorded for them), recorded under the merged tokens' anchors (replacing a merged anchor's earlier rows)."""
+    side = run.side
+    index = visual_row_index(side.mask)[b]
+    sources = run.source[b][run.visual[b]]  # [V] original position (anchor) of each visual column, ascending
+    is_merged = run.merged[b][run.visual[b]]
+    extra = side.merged[b]
+    plain_rows = index[sources.to(index.device)]
+    if bool((plain_rows[~is_merged.to(index.device)] < 0).any()):
+        raise RuntimeError("a visual token without side inputs was merged inside the decoder")
+    if bool(is_merged.any()):
+        if extra is None or not bool(torch.isin(sources[is_merged], extra.anchors.cpu()).all()):
+            raise RuntimeError("a merged token without side rows was merged again inside the decoder")
+        lookup = torch.searchsorted(extra.anchors.cpu(), sources[is_merged])
+    anchors = run.source[b][torch.searchsorted(cols.cpu(), selection.anchors.cpu())]  # columns -> positions
+    weights = selection.weights.float()
+    new_rows = []
+    for point, rows in enumerate(side.rows):
+        current = rows.new_zeros(sources.numel(), rows.shape[-1]).float()
+        plain = ~is_merged
+        current[plain.to(current.device)] = rows[plain_rows[plain.to(index.device)]].float()
+        if bool(is_merged.any()):
+            current[is_merged.to(current.device)] = extra.rows[point][lookup.to(rows.device)].float()
+        new_rows.append((weights.to(current.device) @ current).to(rows.dtype))
+    if extra is not None:  # keep the rows of the other merged tokens
+        stay = ~torch.isin(extra.anchors.cpu(), anchors)
+        anchors_all = torch.cat([extra.anchors.cpu()[stay], anchors])
+        rows_all = [torch.cat([old[stay.to(old.device)], new.to(old.device)]) for old, new in zip(
+            extra.rows, new_rows, strict=True)]
+    else:
+        anchors_all, rows_all = anchors, new_rows
+    order = torch.argsort(anchors_all)
+    side.merged[b] = MergedRows(anchors=anchors_all[order], rows=[r[order.to(r.device)] for r in rows_all])
+
+
+def _check_layer_selection(name: str, selection: LayerSelection, visual: torch.Tensor, wanted: int,
+                           adaptive: bool = False) -> None:
     keep = selection.keep
     # merged tokens that replace their anchor column (HoliTom's merge into kept tokens) count towards the schedule
     standing = selection.merged.shape[0] if selection.replaces and selection.merged is not None else 0
-    ok = keep.numel() + standing == wanted and bool(visual[keep].all()) and keep.unique().numel() == keep.numel()
+    count_ok = keep.numel() + standing <= wanted if adaptive else keep.numel() + standing == wanted
+    ok = count_ok and bool(visual[keep].all()) and keep.unique().numel() == keep.numel()
     if selection.merged is not None:
         anchors = selection.anchors
         ok = ok and anchors is not None and anchors.numel() == selection.merged.shape[0] and bool(visual[anchors].all())

@@ -127,6 +127,26 @@ class SampleLayout:
                 index[image.positions] = image.frame_of()
         return index
 
+    def patch_index(self, length: int) -> torch.Tensor:
+        """LongTensor[length]: the place of each content token inside its frame, numbered so that tokens of
+        the same place in the frames of one video share it and nothing else does (the tokens of each image and
+        of each video get their own range); -1 for text and structural tokens. FrameFusion compares each token
+        with the previous frame's token of the same place."""
+        index = torch.full((length,), -1, dtype=torch.long)
+        offset = 0
+        for image in self.images:
+            if not image.groups:
+                continue
+            if image.is_video:  # every frame numbers its tokens from the video's offset
+                for group in image.groups:
+                    index[image.positions[group.members]] = offset + torch.arange(group.size)
+                offset += max(group.size for group in image.groups)
+            else:  # an image is one frame: every token has a place of its own
+                members = torch.cat([group.members for group in image.groups])
+                index[image.positions[members]] = offset + torch.arange(members.numel())
+                offset += int(members.numel())
+        return index
+
     @property
     def videos(self) -> list[ImageSpan]:
         return [image for image in self.images if image.is_video]

@@ -214,6 +214,18 @@ class PruneSession:
     def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method]):
         self.model = model
         self.adapter = adapter
+        tower = VisionTower(adapter.family, adapter.vision_depth(), adapter.feature_layer_index(),
+                            "vit_cls_hidden" in adapter.provides)
+        for m in methods:
+            m.bind(tower)  # before the checks: a method's signals (and its companions) may depend on the model
+        # each method's own further stages right after it (e.g. HoliTom's inner merge, FlowCut's AnyRes LLM stage)
+        staged = []
+        for m in methods:
+            companions = m.companions()
+            for c in companions:
+                c.bind(tower)
+            staged += [m, *companions]
+        methods = staged
         self.methods = methods
         pre = [m for m in methods if m.stage == PRE_LLM]
         if len(pre) > 1:
@@ -229,10 +241,6 @@ class PruneSession:
             )
         if layer and pre and methods.index(layer[0]) < methods.index(pre[0]):
             raise VTPruneError("list the pre-LLM method before the in-LLM method when composing.")
-        tower = VisionTower(adapter.family, adapter.vision_depth(), adapter.feature_layer_index(),
-                            "vit_cls_hidden" in adapter.provides)
-        for m in methods:
-            m.bind(tower)  # before the checks: a method's signals may depend on the model
         vit = [m for m in methods if m.stage == IN_VIT]
         check_composition(vit, methods, adapter)
         self.vit_method = vit[0] if vit else None
@@ -781,7 +789,8 @@ class PruneSession:
             prepared=prepared, stages=[[] for _ in range(batch)], timer=self.timer,
             position_ids=new_kwargs["position_ids"], image_of=[p.image_of.cpu() for p in plans],
             frame_of=[p.frame_of.cpu() for p in plans],
-            image_rule=self.adapter.compact_image_positions,
+            patch_of=[layout.patch_index(length) for layout in layouts],
+            image_rule=self.adapter.compact_image_positions, side=self._side,
         )
         self._run_mask = lm_mask
         self._run_layouts, self._run_samples = layouts, samples
@@ -861,6 +870,13 @@ class PruneSession:
             mask = run.segments[-1].prompt_mask
             slots = real_columns(mask, mask.shape[0], mask.shape[1], mask.device)
             self._final_columns = list(zip(slots, run.source, run.merged, strict=True))
+            first = run.segments[0]
+            if first.layer == 0 and self._decode is not None:
+                # a stage before layer 0 (FrameFusion's first merge) shortened every layer's cache, the first one
+                # included: the decode bookkeeping follows layer 0's cache (the language model's own mask is
+                # replaced by the segments' in every layer; its width must match that cache)
+                self._decode.cache_len = first.prompt_mask.shape[1]
+                self._decode.prompt_mask = first.prompt_mask
         elif self._batch is None:  # nothing was pruned: decoding is the plain model's
             self._decode = None
         num_layers = len(self.adapter.decoder_layers)

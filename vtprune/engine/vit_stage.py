@@ -31,7 +31,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..budget import tokens_for
 from ..errors import BudgetError, UnsupportedModelError
 from .timing import section
 
@@ -146,11 +145,7 @@ class VitStage:
         feature_index, num_layers = self.adapter.vit_feature_index(), len(self.layers)
         cohorts, first = [], 0
         for count in per_image:
-            if isinstance(self.method.budget, int):
-                k = max(1, self.method.budget // count)
-            else:
-                k = tokens_for(self.method.budget, visual_per_row)
-            k = min(k, visual_per_row)
+            k = min(self.method.row_budget(count, visual_per_row), visual_per_row)
             if class_token and offset == 0 and k < 1:
                 raise BudgetError("the [CLS] token is kept: a budget of at least 1 token per input is needed.")
             index = torch.arange(first, first + count)

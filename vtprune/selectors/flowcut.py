@@ -3,7 +3,8 @@
 FlowCut (Tong et al., NeurIPS 2025, arXiv 2505.19536); official code TungChintao/FlowCut @ a2ecd24,
 ``flowcut/utils_flowcut.py`` (``compute_score``, ``adaptive_prune_ratio``) and
 ``flowcut/modeling_clip_flowcut.py`` L14-97 (CLS attention, CLS-value "semantic" attention, value metric) and
-L100-172 (per-layer pruning). Pure functions of tensors.
+L100-172 (per-layer pruning); the decoder stage of AnyRes inputs: ``flowcut/modeling_llama_flowcut.py`` L246-290
+(``LlamaSdpaAttention_forward``). Pure functions of tensors.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 
 import torch
 
-__all__ = ["flowcut_layer_signals", "flowcut_score", "adaptive_prune_count", "flowcut_keep"]
+__all__ = ["flowcut_layer_signals", "flowcut_score", "adaptive_prune_count", "flowcut_keep", "flowcut_llm_scores"]
 
 
 def flowcut_layer_signals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
@@ -53,3 +54,15 @@ def adaptive_prune_count(cls_attention: torch.Tensor, remaining_layers: int, tar
 def flowcut_keep(cumulative: torch.Tensor, keep_patches: int) -> torch.Tensor:
     """Indices [B, keep_patches] of the patches with the highest cumulative score, ascending."""
     return torch.topk(cumulative, keep_patches, dim=-1).indices.sort(dim=-1).values
+
+
+def flowcut_llm_scores(query: torch.Tensor, keys: torch.Tensor, query_value: torch.Tensor, values: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """FlowCut's decoder-stage score of V visual tokens [V] for one sample, from one decoder layer's last-token
+    query ``query`` [H, 1, dh], the visual keys ``keys`` [H, V, dh] (both after RoPE), the last token's value
+    ``query_value`` [H, 1, dh] and the visual values ``values`` [H, V, dh]: relation = softmax(q · k × scale)
+    and semantic = softmax(v_last · v × scale), each over the visual tokens only and averaged over heads, then
+    :func:`flowcut_score` with the head-mean values. float32."""
+    relation = torch.softmax(query.float() @ keys.float().transpose(-1, -2) * scale, dim=-1).mean(0)  # [1, V]
+    semantic = torch.softmax(query_value.float() @ values.float().transpose(-1, -2) * scale, dim=-1).mean(0)
+    return flowcut_score(relation, semantic, values.float().mean(0)[None])[0]

@@ -5,7 +5,8 @@
 * PruneVid's in-LLM selection (Visual-AI/PruneVid @ b12600c ``models/pllava/elastic_cache.py`` L108-146):
   :func:`grouped_topk`;
 * FrameFusion (thu-nics/FrameFusion @ fbec1d2 ``framefusion/main.py`` L38-343): :func:`framefusion_similarity`,
-  :func:`framefusion_merge`, :func:`framefusion_pruning_ratio`;
+  :func:`framefusion_merge`, :func:`framefusion_merge_flags`, :func:`framefusion_pruning_ratio`,
+  :func:`framefusion_prune_count`, :func:`framefusion_weights`;
 * DyCoke's decode-time selection (KD-TAO/DyCoke @ dd74634 ``llava/model/language_model/modeling_qwen2.py``
   L78-115): :func:`dycoke_decode_keep`.
 """
@@ -18,8 +19,11 @@ import torch.nn.functional as F
 __all__ = [
     "dycoke_decode_keep",
     "framefusion_merge",
+    "framefusion_merge_flags",
+    "framefusion_prune_count",
     "framefusion_pruning_ratio",
     "framefusion_similarity",
+    "framefusion_weights",
     "grouped_topk",
     "holitom_inner_merge",
 ]
@@ -146,6 +150,47 @@ def framefusion_pruning_ratio(sparsities: list[float], cost: float, num_layers: 
         raise ValueError(f"framefusion: cost={cost} is below what the first {len(sparsities)} layers already spend")
     share = remaining / ((num_layers - len(sparsities)) * s)
     return 0.0 if share > 1 else 1 - share
+
+
+def framefusion_merge_flags(similarity: torch.Tensor, sparsities: list[float], cost: float, num_layers: int,
+                            similarity_lower_bound: float = 0.6, ratio_lower_bound: float = 0.1
+                            ) -> tuple[torch.Tensor, list[float], bool, bool]:
+    """One merging step of FrameFusion (``FrameFusion.forward`` L103-128) on one sample's V visual tokens.
+
+    ``similarity`` [V]: :func:`framefusion_similarity` of the visual tokens (-2 where a token has no same-place
+    predecessor); ``sparsities``: the merge fractions of the earlier steps. With s* the sparsity the remaining
+    layers need (:func:`framefusion_pruning_ratio`) and f the fraction of tokens at or above
+    ``similarity_lower_bound``: f < s* merges them all and records f (merging ends when f < ``ratio_lower_bound``,
+    pruning comes next); otherwise the int(s*·V) most similar tokens merge and both merging and pruning end.
+
+    Returns (flags [V] bool: the tokens merged into their predecessor, the new sparsities, merging finished,
+    pruning finished).
+    """
+    count = similarity.numel()
+    bound = framefusion_pruning_ratio(sparsities, cost, num_layers)
+    flags = similarity >= similarity_lower_bound
+    ratio = int(flags.sum()) / count if count else 0.0
+    if ratio < bound:
+        return flags, [*sparsities, ratio], ratio < ratio_lower_bound, False
+    chosen = torch.sort(similarity.float(), descending=True, stable=True).indices[:int(bound * count)]
+    flags = torch.zeros_like(flags)
+    flags[chosen] = True
+    return flags, list(sparsities), True, True
+
+
+def framefusion_prune_count(count: int, sparsities: list[float], cost: float, num_layers: int) -> int:
+    """FrameFusion's pruning step (``FrameFusion.forward`` L61-79): of the ``count`` visual tokens left after
+    merging, round(count · (1 − p)) stay, p = :func:`framefusion_pruning_ratio` of the recorded sparsities."""
+    return round(count * (1 - framefusion_pruning_ratio(sparsities, cost, num_layers)))
+
+
+def framefusion_weights(groups: list[tuple[int, list[int]]], count: int, device=None) -> torch.Tensor:
+    """[m, count] merge weights of :func:`framefusion_merge`'s groups: each merged token is the plain mean of its
+    head and its run (the official divides by run length + 1)."""
+    weights = torch.zeros(len(groups), count, dtype=torch.float32, device=device)
+    for i, (head, run) in enumerate(groups):
+        weights[i, [head, *run]] = 1.0 / (len(run) + 1)
+    return weights
 
 
 def dycoke_decode_keep(attention: torch.Tensor, valid: torch.Tensor, keep_ratio: float) -> list[torch.Tensor]:

@@ -2,7 +2,8 @@
 model's chat template, as vtprune's own evaluator does) and scoring is vtprune's: exact match after
 ``vtprune.bench.accuracy.normalize_answer``."""
 
-from vtprune.bench.accuracy import normalize_answer
+from vtprune.bench.accuracy import lmms_skill_metrics, mean_of_present
+from vtprune.synth import SKILLS
 
 
 def doc_to_visual(doc):
@@ -14,15 +15,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
-    prediction = results[0].text if hasattr(results[0], "text") else results[0]
-    correct = float(normalize_answer(str(prediction).strip()) == normalize_answer(doc["answer"]))
-    # per-skill metrics carry None for other skills; aggregate_skill averages the present values
-    out = {"exact_match": correct}
-    for skill in ("attribute", "existence", "counting", "spatial", "ocr", "fine_detail"):
-        out[skill] = correct if doc["skill"] == skill else None
-    return out
+    return lmms_skill_metrics(doc, results, SKILLS)
 
 
-def aggregate_skill(values):
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else float("nan")
+aggregate_skill = mean_of_present

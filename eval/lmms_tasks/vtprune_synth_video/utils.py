@@ -4,7 +4,7 @@ is vtprune's: exact match after ``vtprune.bench.accuracy.normalize_answer``."""
 
 from pathlib import Path
 
-from vtprune.bench.accuracy import normalize_answer
+from vtprune.bench.accuracy import lmms_skill_metrics, mean_of_present
 from vtprune.synth.video import VIDEO_SKILLS
 
 _RELATIVE = Path("eval") / "data" / "synth_video" / "test"
@@ -25,15 +25,7 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def process_results(doc, results):
-    prediction = results[0].text if hasattr(results[0], "text") else results[0]
-    correct = float(normalize_answer(str(prediction).strip()) == normalize_answer(doc["answer"]))
-    # per-skill metrics carry None for other skills; aggregate_skill averages the present values
-    out = {"exact_match": correct}
-    for skill in VIDEO_SKILLS:
-        out[skill] = correct if doc["skill"] == skill else None
-    return out
+    return lmms_skill_metrics(doc, results, VIDEO_SKILLS)
 
 
-def aggregate_skill(values):
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else float("nan")
+aggregate_skill = mean_of_present
