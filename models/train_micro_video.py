@@ -86,7 +86,7 @@ VIDEO_WORDS = tuple(sorted(set(
      "into after before then").split()) | set(DIRECTIONS)))
 
 PRESET = {
-    "steps": 2400, "batch_size": 8, "image_batch_size": 16, "video_every": 5, "lr": 1e-3, "warmup": 50,
+    "steps": 1750, "batch_size": 8, "image_batch_size": 16, "video_every": 5, "lr": 1e-3, "warmup": 50,
     "extra_questions": 6, "image_extra_questions": 6, "dense_weight": 0.5, "motion_weight": 0.5, "ground_weight": 0.5,
     "ground_layer": 1, "count_weight": 0.5, "count_layer": 2,
     "init": "models/micro-qwen2vl",
