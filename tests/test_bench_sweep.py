@@ -153,6 +153,20 @@ def test_worker_processes_give_the_serial_rows(tmp_path, saved_tiny_llava):
     assert (tmp_path / "parallel.jsonl").read_text().count("\n") == len(cells)
 
 
+def test_accuracy_cell_times_at_most_its_short_repeats(tmp_path, saved_tiny_llava):
+    """An accuracy cell's one-question latency is an indication: --repeats 5 gives ACCURACY_CELL_REPEATS timed
+    runs there, recorded in the row (the latency task times all five)."""
+    from dataclasses import replace
+
+    from vtprune.bench.sweep import ACCURACY_CELL_REPEATS
+
+    rows = run_sweep([Cell(saved_tiny_llava, "random", 0.5, "synth")], tmp_path / "r.jsonl",
+                     replace(FAST, repeats=5), progress=False)
+    assert rows[0]["status"] == "ok", rows[0]["error"]
+    assert rows[0]["bench"]["repeats"] == 5 and rows[0]["latency"]["repeats"] == ACCURACY_CELL_REPEATS == 2
+    assert len(rows[0]["latency"]["prefill_ms"]["samples"]) == 2
+
+
 def test_next_cell_keeps_a_worker_on_its_model_and_shares_the_last_one():
     """The process runner's dispatch: a worker stays on the model it has loaded, a free worker takes the model
     with the most cells left that nobody holds, and when every model is held it helps with the biggest one."""

@@ -3,7 +3,8 @@
 A *cell* is ``(model, method, budget, task)``. ``method="none"`` is the unpruned model (budget None). Tasks:
 
 ``synth``    accuracy on the synthetic VQA test split (:func:`vtprune.bench.accuracy.evaluate_vqa`), per skill,
-             plus the prefill FLOPs, equivalent tokens and a short latency measurement on one question.
+             plus the prefill FLOPs, equivalent tokens and a short latency measurement on one question
+             (``ACCURACY_CELL_REPEATS`` timed runs at most).
              Refused for random-weight models (presets, ``tiny:``): their answers are noise.
 ``synth_video``  the same on the synthetic *video* QA test split (:mod:`vtprune.synth.video`: 210 mp4 clips of
              16 frames, seven temporal skills; one clip per question through the processor's video path), for
@@ -55,6 +56,9 @@ __all__ = ["Cell", "SweepOptions", "ResultsFile", "plan_cells", "run_cell", "run
 UNPRUNED = "none"
 TASKS = ("synth", "latency", "synth_video")
 ACCURACY_TASKS = ("synth", "synth_video")
+#: timed runs of the one-question latency an accuracy cell also reports (``--repeats`` caps it; the latency
+#: task times ``--repeats`` runs): the accuracy is the cell's result, its latency a short indication
+ACCURACY_CELL_REPEATS = 2
 
 
 def parse_budget(text: str | int | float | None):
@@ -691,8 +695,10 @@ def _synth_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method_o
         out.update(_stats_summary(vtprune.stats(model)))
     accuracy = evaluate_vqa(model, loaded.processor, samples, batch_size=options.batch_size,
                             inputs_cache=loaded.vqa_cache)
+    # a short indication on one question (the latency task is the protocol): at most ACCURACY_CELL_REPEATS
+    # timed runs, recorded in the row's latency.repeats
     latency = measure_latency(model, inputs, new_tokens=options.new_tokens, warmup=options.warmup,
-                              repeats=options.repeats)
+                              repeats=min(options.repeats, ACCURACY_CELL_REPEATS))
     out.update(
         accuracy=accuracy.overall, accuracy_stderr=accuracy.stderr, accuracy_per_skill=accuracy.per_skill,
         accuracy_n=accuracy.n, predictions=accuracy.predictions, latency=latency.to_dict(),
