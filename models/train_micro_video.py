@@ -1,6 +1,6 @@
 """Train the bundled video micro-VLM (models/micro-qwen2vl-video) on synthetic clips and images.
 
-    python models/train_micro_video.py            # -> models/micro-qwen2vl-video/  (~35 min, 1 thread, 2 shared cores)
+    python models/train_micro_video.py            # -> models/micro-qwen2vl-video/  (~25-75 min, 1 thread, 2 shared cores)
 
 A real ``Qwen2VLForConditionalGeneration`` with micro-qwen2vl's architecture (Qwen2-VL ViT, 8 px patches,
 temporal patch 2, 2x2 PatchMerger; Qwen2 decoder with M-RoPE, whose time axis carries the temporal group): a
@@ -19,12 +19,16 @@ Steps alternate: ``video_every - 1`` of every ``video_every`` steps are clip bat
 question first, then ``extra_questions`` more about the same clip (other well-posed questions of the seven
 skills and training-only "What shape is the red object?" turns). Objectives, as for the image models: answer
 tokens; per-token classes on the merged vision tokens (each temporal group's 16x16 px cell: background, colour x
-shape, blank sign, sign with its character -- shown in either frame of the group); per-token motion (the
-direction the token's object moves between the group's two frames, or "still"; moving classes weighted 10x):
-Qwen2-VL's ViT has no absolute positions, so "which way" must be readable from each token, which the temporal
-patch makes possible; and grounding (decoder layer 1's head-averaged attention from each answer-predicting token
-on the visual tokens of the objects the question is about, in every temporal group that shows them; attention
-rows recomputed from q/k on SDPA).
+shape, blank sign, sign with its character -- shown in either frame of the group); per-token change (the
+direction the token's object moves between the group's two frames, or that it appears / disappears between
+them, or "still"; changes weighted 10x): Qwen2-VL's ViT has no absolute or temporal positions, so "which way" and
+"appears here" must be readable from each token, which the temporal patch makes possible (every change of
+``vtprune.synth.video`` lies inside one temporal group); grounding (decoder layer 1's head-averaged attention
+from each answer-predicting token on the visual tokens of the objects the question is about, in every temporal
+group that shows them -- for "Which color appears/disappears first?" only on the first object's token(s) in the
+group of its change; attention rows recomputed from q/k on SDPA); and a running count (decoder layer 2's hidden
+state at a flashing shape's token predicts which flash of the clip it is, 1..4: a causal decoder can count the
+shape's earlier tokens, and the answer token, attending to all of them, reads the mean (n + 1) / 2 for n flashes).
 
 Seeded (weights, data order, question draws); one torch thread by default; ``--state FILE`` saves a resumable
 state every ``--save-every`` steps, ``--resume FILE`` continues it. Writes ``training_log.jsonl`` (every step)
@@ -82,9 +86,9 @@ VIDEO_WORDS = tuple(sorted(set(
      "into after before then").split()) | set(DIRECTIONS)))
 
 PRESET = {
-    "steps": 1600, "batch_size": 8, "image_batch_size": 16, "video_every": 5, "lr": 1e-3, "warmup": 50,
+    "steps": 1750, "batch_size": 8, "image_batch_size": 16, "video_every": 5, "lr": 1e-3, "warmup": 50,
     "extra_questions": 6, "image_extra_questions": 6, "dense_weight": 0.5, "motion_weight": 0.5, "ground_weight": 0.5,
-    "ground_layer": 1,
+    "ground_layer": 1, "count_weight": 0.5, "count_layer": 2,
     "init": "models/micro-qwen2vl",
 }
 
@@ -209,8 +213,11 @@ def _token_blocks(owners: np.ndarray) -> np.ndarray:
     return g.transpose(0, 2, 4, 1, 3, 5).reshape(GROUPS, TOKEN_SIDE * TOKEN_SIDE, -1)
 
 
-MOTION_CLASSES = ("still", *DIRECTIONS)
-MOTION_WEIGHTS = torch.tensor([1.0] + [10.0] * len(DIRECTIONS))
+#: per-token change inside a temporal group: none, a move step (4 directions), the object appears in the group's
+#: second frame, or disappears from it
+MOTION_CLASSES = ("still", *DIRECTIONS, "appear", "disappear")
+MOTION_WEIGHTS = torch.tensor([1.0] + [10.0] * (len(MOTION_CLASSES) - 1))
+MAX_COUNT = 4
 
 
 def _direction(before, after) -> int:
@@ -223,16 +230,20 @@ def _direction(before, after) -> int:
     return 1 + DIRECTIONS.index("down" if dy > 0 else "up")
 
 
-def clip_dense_targets(clip, owners: np.ndarray) -> tuple[list[int], list[int]]:
-    """Per merged visual token (group-major, raster within a group): (class, motion class).
+def clip_dense_targets(clip, owners: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    """Per merged visual token (group-major, raster within a group): (class, motion class, running count).
 
     Class: the track covering most of the token's pixels over both frames if it covers at least 1/8 of them (a
     sign fills a quarter of the token in each frame), else background; a sign is "sign <c>" if either frame of
     the group shows its character. Motion: the direction the token's object moves between the group's two
-    frames (MOTION_CLASSES; "still" elsewhere) -- the temporal patch sees both frames, so each token can carry
-    its own local motion (Qwen2-VL's ViT has no absolute positions for the decoder to compare)."""
+    frames, or whether it appears / disappears between them (MOTION_CLASSES; "still" elsewhere) -- the temporal
+    patch sees both frames, so each token can carry its own local change (Qwen2-VL's ViT has no absolute
+    positions for the decoder to compare). Running count (for the decoder-side count objective): on a flashing
+    shape's token, which flash of the clip it is (1..MAX_COUNT, in time order); -100 (ignored) elsewhere."""
     blocks = _token_blocks(owners)  # [G, 16, 512]
-    labels, motion = [], []
+    labels, motion, counts = [], [], []
+    flash_index = {i: {start // 2: n + 1 for n, (start, _) in enumerate(track.runs())}
+                   for i, track in enumerate(clip.tracks) if track.role == "flash"}
     for g in range(GROUPS):
         coverage = np.stack([(blocks[g] == k).sum(axis=1) for k in range(len(clip.tracks))], axis=1)  # [16, K]
         best, amount = coverage.argmax(axis=1), coverage.max(axis=1)
@@ -240,16 +251,22 @@ def clip_dense_targets(clip, owners: np.ndarray) -> tuple[list[int], list[int]]:
             if amount[token] * 8 < blocks.shape[2]:
                 labels.append(0)
                 motion.append(0)
+                counts.append(-100)
                 continue
             track = clip.tracks[best[token]]
+            counts.append(min(flash_index.get(int(best[token]), {}).get(g, -100), MAX_COUNT))
             if track.kind == "sign":
                 chars = [c for c in track.chars[2 * g:2 * g + 2] if c is not None]
                 labels.append(1 + len(_COMBOS) + (1 + CHARACTERS.index(chars[0]) if chars else 0))
                 motion.append(0)
             else:
                 labels.append(1 + _COMBOS.index((track.colors[2 * g + 1], track.shape)))
-                motion.append(_direction(track.boxes[2 * g], track.boxes[2 * g + 1]))
-    return labels, motion
+                before, after = track.visible[2 * g], track.visible[2 * g + 1]
+                if before != after:
+                    motion.append(MOTION_CLASSES.index("appear" if after else "disappear"))
+                else:
+                    motion.append(_direction(track.boxes[2 * g], track.boxes[2 * g + 1]))
+    return labels, motion, counts
 
 
 def clip_token_mask(owners: np.ndarray, tracks: tuple[int, ...]) -> torch.Tensor:
@@ -259,32 +276,52 @@ def clip_token_mask(owners: np.ndarray, tracks: tuple[int, ...]) -> torch.Tensor
     return torch.from_numpy(wanted.any(axis=2).reshape(-1))
 
 
+def transition_group(track) -> int:
+    """The temporal group in which an appearing / disappearing track changes (its change lies inside it)."""
+    (start, end), = track.runs()
+    return (start if track.role == "appear" else end) // 2
+
+
+def ground_mask(clip, owners: np.ndarray, question: str, targets: tuple[int, ...]) -> torch.Tensor:
+    """Tokens the answer-predicting token is trained to attend to: the tracks the question is about; for
+    "Which color appears/disappears first, X or Y?" only the first track's tokens in the group of its change (the
+    token that carries "appears/disappears here" and the colour, at the earliest temporal position)."""
+    if question.startswith("Which color ") and " first, " in question:
+        first = clip.tracks[targets[0]]
+        mask = clip_token_mask(owners, (targets[0],)).reshape(GROUPS, -1)
+        keep = torch.zeros_like(mask)
+        keep[transition_group(first)] = True
+        return (mask & keep).reshape(-1)
+    return clip_token_mask(owners, tuple(targets))
+
+
 def make_clip_batch(processor, clips, rng: np.random.Generator, extra: int):
     """Processor inputs (one conversation per clip, labels on answers) and per clip the per-turn token masks of
     the tracks each turn asks about, plus the dense targets."""
-    texts, turn_masks, dense, motion = [], [], [], []
+    texts, turn_masks, dense, motion, counts = [], [], [], [], []
     for clip in clips:
         turns = clip_turns(clip, rng, extra)
         texts.append(processor.apply_chat_template(clip_conversation(clip, turns), tokenize=False))
         owners = _group_owners(clip)
-        asked = [clip.targets, *(t[2] for t in turns)]
-        turn_masks.append([(clip_token_mask(owners, tuple(a)), None) for a in asked])
-        classes, moves = clip_dense_targets(clip, owners)
+        asked = [(clip.question, clip.targets), *((t[0], t[2]) for t in turns)]
+        turn_masks.append([(ground_mask(clip, owners, q, tuple(a)), None) for q, a in asked])
+        classes, moves, running = clip_dense_targets(clip, owners)
         dense.extend(classes)
         motion.extend(moves)
+        counts.extend(running)
     batch = processor(videos=[c.frames for c in clips], text=texts, return_tensors="pt", padding=True,
                       padding_side="right")
     header = processor.tokenizer.convert_tokens_to_ids(list(tm._ASSISTANT_HEADER["qwen2vl"]))
     batch["labels"] = tm.answer_labels(batch["input_ids"], batch["attention_mask"], header,
                                        processor.tokenizer.eos_token_id)
-    return batch, turn_masks, torch.tensor(dense), torch.tensor(motion)
+    return batch, turn_masks, torch.tensor(dense), torch.tensor(motion), torch.tensor(counts)
 
 
 def make_image_batch(processor, samples, rng: np.random.Generator, extra: int):
     batch, targets = tm.make_batch(processor, "qwen2vl", samples, rng, extra)
     turn_masks = tm.turn_cell_masks(samples, targets, TOKEN_CELL)
     dense = torch.tensor([tm.dense_targets(s, TOKEN_CELL) for s in samples]).flatten()
-    return batch, turn_masks, dense, None
+    return batch, turn_masks, dense, None, None
 
 
 def evaluate(model, processor, samples, batch_size: int = 16, progress: bool = False):
@@ -344,9 +381,14 @@ def main(argv: list[str] | None = None) -> int:
     video_dense_head = nn.Linear(width, len(VIDEO_DENSE_CLASSES))
     image_dense_head = nn.Linear(width, len(tm.DENSE_CLASSES))
     motion_head = nn.Linear(width, len(MOTION_CLASSES))
-    heads = {"video_dense_head": video_dense_head, "image_dense_head": image_dense_head, "motion_head": motion_head}
+    # running count of a flashing shape's tokens, read from the decoder's hidden states (1..MAX_COUNT; index 0
+    # unused)
+    count_head = nn.Linear(model.config.text_config.hidden_size, MAX_COUNT + 1)
+    heads = {"video_dense_head": video_dense_head, "image_dense_head": image_dense_head, "motion_head": motion_head,
+             "count_head": count_head}
     params = list(model.parameters()) + [p for head in heads.values() for p in head.parameters()]
     layer_capture = tm.LayerInputCapture(model.model.language_model.layers[int(preset["ground_layer"])])
+    count_capture = tm.LayerInputCapture(model.model.language_model.layers[int(preset["count_layer"])])
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": no_decay, "weight_decay": 0.0}],
@@ -356,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "training_log.jsonl"
     first_step, elapsed_before = 0, 0.0
-    ema = {"lm": None, "dense": None, "ground": None, "motion": None}
+    ema = {"lm": None, "dense": None, "ground": None, "motion": None, "count": None}
     if args.resume:
         state = torch.load(args.resume, weights_only=False)
         same = {k: v for k, v in state["preset"].items() if k != "steps"} == {k: v for k, v in preset.items()
@@ -389,15 +431,15 @@ def main(argv: list[str] | None = None) -> int:
             # half busy training clips (many questions each), half clips like the splits' (one event + distractors)
             clips = [generate_training_clip(step * n + i, seed=args.seed) if i % 2 == 0 else
                      generate_clip_train(step * n + i, args.seed) for i in range(n)]
-            batch, turn_masks, dense_target, motion_target = make_clip_batch(processor, clips, rng,
-                                                                             int(preset["extra_questions"]))
+            batch, turn_masks, dense_target, motion_target, count_target = make_clip_batch(
+                processor, clips, rng, int(preset["extra_questions"]))
             cells = tm.image_cells(batch["input_ids"], model.config.video_token_id)
             head = video_dense_head
         else:
             n = int(preset["image_batch_size"])
             samples = [generate_sample("train", step * n + i, seed=args.seed) for i in range(n)]
-            batch, turn_masks, dense_target, motion_target = make_image_batch(processor, samples, rng,
-                                                                              int(preset["image_extra_questions"]))
+            batch, turn_masks, dense_target, motion_target, count_target = make_image_batch(
+                processor, samples, rng, int(preset["image_extra_questions"]))
             cells = tm.image_cells(batch["input_ids"], model.config.image_token_id)
             head = image_dense_head
         peak, warmup = preset["lr"], int(preset["warmup"])
@@ -415,12 +457,20 @@ def main(argv: list[str] | None = None) -> int:
             motion = nn.functional.cross_entropy(motion_head(capture.tokens.float()), motion_target,
                                                  weight=MOTION_WEIGHTS)
             loss = loss + preset["motion_weight"] * motion
+        count = torch.zeros(())
+        if count_target is not None and (count_target >= 0).any():
+            # the decoder's hidden state at a flashing shape's k-th flash token predicts k: attending to all of
+            # the shape's tokens, the answer token then reads the mean running count, (n + 1) / 2 for n flashes
+            visual = count_capture.hidden[cells >= 0].float()   # [B * 128, D], same order as the targets
+            count = nn.functional.cross_entropy(count_head(visual), count_target, ignore_index=-100)
+            loss = loss + preset["count_weight"] * count
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-        values = {"lm": float(output.loss), "dense": float(dense), "ground": float(ground), "motion": float(motion)}
+        values = {"lm": float(output.loss), "dense": float(dense), "ground": float(ground), "motion": float(motion),
+                  "count": float(count)}
         for key, value in values.items():
             ema[key] = value if ema[key] is None else 0.98 * ema[key] + 0.02 * value
         record = {"step": step + 1, "kind": "video" if is_video else "image",
@@ -440,11 +490,12 @@ def main(argv: list[str] | None = None) -> int:
             os.replace(f"{args.state}.tmp", args.state)
         video_steps += is_video
         bar.set_postfix(lm=f"{ema['lm']:.3f}", ground=f"{ema['ground']:.3f}", dense=f"{ema['dense']:.3f}",
-                        motion=f"{ema['motion']:.3f}")
+                        motion=f"{ema['motion']:.3f}", count=f"{ema['count']:.3f}")
     bar.close()
     train_seconds = time.perf_counter() - start
     capture.remove()
     layer_capture.remove()
+    count_capture.remove()
 
     model.eval()
     generation = model.generation_config
@@ -465,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_seconds": round(train_seconds, 1), "steps": steps,
         "final_lm_loss_ema": round(ema["lm"], 4), "final_dense_loss_ema": round(ema["dense"], 4),
         "final_ground_loss_ema": round(ema["ground"], 4), "final_motion_loss_ema": round(ema["motion"], 4),
+        "final_count_loss_ema": round(ema["count"], 4),
         "chance": VIDEO_CHANCE,
         "val": val.to_dict(), "test": test.to_dict(), "image_test": image_test.to_dict(),
         "torch": torch.__version__, "threads": args.threads, "machine": platform.processor() or platform.machine(),

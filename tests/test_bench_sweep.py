@@ -153,6 +153,56 @@ def test_worker_processes_give_the_serial_rows(tmp_path, saved_tiny_llava):
     assert (tmp_path / "parallel.jsonl").read_text().count("\n") == len(cells)
 
 
+def test_accuracy_cell_times_at_most_its_short_repeats(tmp_path, saved_tiny_llava):
+    """An accuracy cell's one-question latency is an indication: --repeats 5 gives ACCURACY_CELL_REPEATS timed
+    runs there, recorded in the row (the latency task times all five)."""
+    from dataclasses import replace
+
+    from vtprune.bench.sweep import ACCURACY_CELL_REPEATS
+
+    rows = run_sweep([Cell(saved_tiny_llava, "random", 0.5, "synth")], tmp_path / "r.jsonl",
+                     replace(FAST, repeats=5), progress=False)
+    assert rows[0]["status"] == "ok", rows[0]["error"]
+    assert rows[0]["bench"]["repeats"] == 5 and rows[0]["latency"]["repeats"] == ACCURACY_CELL_REPEATS == 2
+    assert len(rows[0]["latency"]["prefill_ms"]["samples"]) == 2
+
+
+def test_next_cell_keeps_a_worker_on_its_model_and_shares_the_last_one():
+    """The process runner's dispatch: a worker stays on the model it has loaded, a free worker takes the model
+    with the most cells left that nobody holds, and when every model is held it helps with the biggest one."""
+    from vtprune.bench.sweep import _next_cell
+
+    remaining = {m: [Cell(m, "random", b, "synth") for b in range(1, n + 1)] for m, n in (("a", 2), ("b", 5), ("c", 1))}
+    first = _next_cell(remaining, None, set())
+    assert first.model == "b"                                    # the most cells left
+    assert _next_cell(remaining, None, {"b"}).model == "a"       # b is held by the other worker
+    assert _next_cell(remaining, "a", {"b"}).model == "a"        # stays on its own model
+    assert _next_cell(remaining, "a", {"b"}).model == "c"        # a is done: c is free (b is held)
+    assert _next_cell(remaining, "c", {"b"}).model == "b"        # only b is left: share it
+    assert [c.budget for c in remaining["b"]] == [3, 4, 5]       # cells are dealt in order
+    while any(remaining.values()):
+        assert _next_cell(remaining, "b", set()).model == "b"
+    assert _next_cell(remaining, "b", set()) is None
+
+
+def test_default_run_takes_the_questions_of_its_standard_error_target():
+    """Without --model/--preset the bench evaluates DEFAULT_RUN_QUESTIONS per task (2.5-point standard error at
+    the full-token accuracies); --limit 0 is every question; with --model the default is every question."""
+    import math
+
+    from vtprune.cli import DEFAULT_RUN_QUESTIONS, _bench_limit, build_parser
+
+    assert DEFAULT_RUN_QUESTIONS % 6 == 0 and DEFAULT_RUN_QUESTIONS % 7 == 0  # skill-balanced in both tasks
+    assert 100 * math.sqrt(0.84 * 0.16 / DEFAULT_RUN_QUESTIONS) <= 2.53
+    parser = build_parser()
+    for argv, default_run, expected in ((["bench"], True, DEFAULT_RUN_QUESTIONS), (["bench"], False, None),
+                                        (["bench", "--limit", "0"], True, None),
+                                        (["bench", "--limit", "50"], True, 50)):
+        args = parser.parse_args(argv)
+        args.default_run = default_run
+        assert _bench_limit(args) == expected, argv
+
+
 def test_accuracy_spread_names_best_and_worst_per_budget():
     rows = [{"model": "/m/micro-x", "method": m, "budget": b, "task": "synth", "status": "ok", "accuracy": a,
              "accuracy_n": 600} for m, b, a in [("none", None, 0.9), ("random", 0.5, 0.7), ("divprune", 0.5, 0.85),

@@ -86,3 +86,53 @@ def test_position_questions_name_one_object_and_its_half(train):
     assert not any("red circle" in q for q, _, _ in questions)
     tokenizer = train.build_tokenizer("qwen2vl")
     assert tokenizer.unk_token not in tokenizer.tokenize(questions[0][0])
+
+
+@pytest.fixture(scope="module")
+def train_video(train):
+    sys.path.insert(0, str(ROOT / "models"))
+    try:
+        spec = importlib.util.spec_from_file_location("train_micro_video", ROOT / "models" / "train_micro_video.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "models"))
+    return module
+
+
+def test_video_token_targets_change_count_and_first_change_grounding(train_video):
+    """Per-token targets of train_micro_video on the split's clips: the flashing shape's k-th flash token has
+    running count k (one token per flash: it sits in one 16 px cell), an appearing shape's token of the group
+    of its change is "appear", a moving shape's tokens carry its direction; "Which color ... first?" grounds
+    on the first shape's tokens in the group of its change only."""
+    from vtprune.synth.video import generate_clip
+
+    tv = train_video
+    seen = set()
+    for index in range(70):
+        clip = generate_clip("val", index)
+        owners = tv._group_owners(clip)
+        _, change, counts = tv.clip_dense_targets(clip, owners)
+        target = clip.targets[0]
+        mask = tv.clip_token_mask(owners, (target,)).numpy()
+        if clip.skill == "counting":
+            assert sorted(c for c, m in zip(counts, mask, strict=True) if m) == list(range(1, int(clip.answer) + 1))
+            seen.add("counting")
+        elif clip.skill == "appearance":
+            # a shape split over 4 tokens covers < 1/8 of each in the group of its change (one frame of two) and
+            # is labelled background there; a shape within fewer tokens carries its change
+            group = tv.transition_group(clip.tracks[target])
+            label = tv.MOTION_CLASSES.index(clip.answer)
+            assert all(change[i] != label for i, m in enumerate(mask) if m and i // 16 != group)
+            if label in [change[i] for i in range(group * 16, group * 16 + 16) if mask[i]]:
+                seen.add("appearance")
+        elif clip.skill == "motion":
+            moving = [change[i] for i, m in enumerate(mask) if m and change[i]]
+            assert moving and max(set(moving), key=moving.count) == tv.MOTION_CLASSES.index(clip.answer)
+            seen.add("motion")
+        elif clip.skill == "temporal_order":
+            grounded = tv.ground_mask(clip, owners, clip.question, clip.targets).reshape(8, 16)
+            group = tv.transition_group(clip.tracks[clip.targets[0]])
+            assert grounded.any() and grounded.nonzero()[:, 0].unique().tolist() == [group]
+            seen.add("temporal_order")
+    assert seen == {"counting", "appearance", "motion", "temporal_order"}

@@ -119,6 +119,33 @@ def test_events_happen_in_the_pixels(clips):
                                       clip.frames[t][track_map(clip.tracks, t) == target]) for t in range(NUM_FRAMES))
 
 
+def test_every_change_lies_inside_one_temporal_group(clips):
+    """Appear / disappear / colour change at an odd frame 2g+1 (frame 2g shows the old state), a move step only
+    between the two frames of a group, a flashing shape inside one 16 px token cell: the temporal patch of 2
+    sees each change, and one token carries it -- in the split clips and in the training clips."""
+    training = [generate_training_clip(i, seed=2) for i in range(40)]
+    roles = Counter()
+    for clip in [*clips, *training]:
+        for track in clip.tracks:
+            if track.kind == "sign":
+                continue
+            roles[track.role] += 1
+            changes = [t for t in range(1, NUM_FRAMES) if track.visible[t] != track.visible[t - 1]
+                       or track.colors[t] != track.colors[t - 1]]
+            if track.role in ("appear", "disappear", "color_change"):
+                assert len(changes) == 1 and changes[0] % 2 == 1 and 3 <= changes[0] <= 13, (clip.id, changes)
+            elif track.role == "flash":
+                assert all(t % 2 == 0 for t in changes)   # flashes cover whole groups
+                x0, y0, x1, y1 = track.boxes[0]
+                assert x0 // 16 == (x1 - 1) // 16 and y0 // 16 == (y1 - 1) // 16, track.boxes[0]
+            elif track.role == "move":
+                steps = [t for t in range(1, NUM_FRAMES) if track.boxes[t] != track.boxes[t - 1]]
+                assert steps and all(t % 2 == 1 for t in steps)  # between frames 2g and 2g+1 only
+                assert all(max(abs(a - b) for a, b in zip(track.boxes[t], track.boxes[t - 1], strict=True)) >= 4
+                           for t in steps)
+    assert all(roles[r] > 0 for r in ("appear", "disappear", "color_change", "flash", "move"))
+
+
 def test_training_clips_are_busier_and_answerable():
     counts, skills = [], Counter()
     for i in range(70):

@@ -193,6 +193,17 @@ def test_prunevid_moving_object_stays_dynamic():
     _check_weights(clip, result)
 
 
+def test_prunevid_small_ratio_on_few_tokens_makes_one_cluster():
+    """15 dynamic tokens in a frame at cluster_ratio 0.05: int(15 * 0.05) = 0 clusters would leave the tokens no
+    centre to join (the default bench's 10 % video cells hit this); at least one cluster is made."""
+    torch.manual_seed(0)
+    clip = torch.randn(2, 15, 6)  # random frames: every position dynamic, 15 > min_cluster tokens per frame
+    result, groups = prunevid_merge(clip, cluster_ratio=0.05, segment_ratio=1.0)
+    assert result.keep.numel() == 0 and result.merged.shape[0] == 2
+    assert sum(len(frame) for g in groups for frame in g["dynamic"]) == 2  # one cluster per frame
+    _check_weights(clip, result)
+
+
 def test_visionzip_video_counts():
     torch.manual_seed(0)
     clip, keys, attention = torch.randn(4, 30, 8), torch.randn(4, 30, 5), torch.rand(4, 30)

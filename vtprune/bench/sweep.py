@@ -3,7 +3,8 @@
 A *cell* is ``(model, method, budget, task)``. ``method="none"`` is the unpruned model (budget None). Tasks:
 
 ``synth``    accuracy on the synthetic VQA test split (:func:`vtprune.bench.accuracy.evaluate_vqa`), per skill,
-             plus the prefill FLOPs, equivalent tokens and a short latency measurement on one question.
+             plus the prefill FLOPs, equivalent tokens and a short latency measurement on one question
+             (``ACCURACY_CELL_REPEATS`` timed runs at most).
              Refused for random-weight models (presets, ``tiny:``): their answers are noise.
 ``synth_video``  the same on the synthetic *video* QA test split (:mod:`vtprune.synth.video`: 210 mp4 clips of
              16 frames, seven temporal skills; one clip per question through the processor's video path), for
@@ -55,6 +56,9 @@ __all__ = ["Cell", "SweepOptions", "ResultsFile", "plan_cells", "run_cell", "run
 UNPRUNED = "none"
 TASKS = ("synth", "latency", "synth_video")
 ACCURACY_TASKS = ("synth", "synth_video")
+#: timed runs of the one-question latency an accuracy cell also reports (``--repeats`` caps it; the latency
+#: task times ``--repeats`` runs): the accuracy is the cell's result, its latency a short indication
+ACCURACY_CELL_REPEATS = 2
 
 
 def parse_budget(text: str | int | float | None):
@@ -691,8 +695,10 @@ def _synth_cell(loaded: LoadedModel, cell: Cell, options: SweepOptions, method_o
         out.update(_stats_summary(vtprune.stats(model)))
     accuracy = evaluate_vqa(model, loaded.processor, samples, batch_size=options.batch_size,
                             inputs_cache=loaded.vqa_cache)
+    # a short indication on one question (the latency task is the protocol): at most ACCURACY_CELL_REPEATS
+    # timed runs, recorded in the row's latency.repeats
     latency = measure_latency(model, inputs, new_tokens=options.new_tokens, warmup=options.warmup,
-                              repeats=options.repeats)
+                              repeats=min(options.repeats, ACCURACY_CELL_REPEATS))
     out.update(
         accuracy=accuracy.overall, accuracy_stderr=accuracy.stderr, accuracy_per_skill=accuracy.per_skill,
         accuracy_n=accuracy.n, predictions=accuracy.predictions, latency=latency.to_dict(),
@@ -787,7 +793,7 @@ def run_sweep(
             from .ray_runner import run_cells_with_ray
 
             run_cells_with_ray(todo, options, finished, on_start=bar.describe)
-        elif jobs > 1 and len({cell.model for cell in todo}) > 1:
+        elif jobs > 1 and len(todo) > 1:
             run_cells_in_processes(todo, options, finished, jobs=jobs, on_start=bar.describe)
         else:
             for cell in todo:
@@ -797,15 +803,22 @@ def run_sweep(
     return [row for row in latest_rows(results.load()) if row_key(row) in wanted]
 
 
-def _model_worker(cells: list[Cell], options: SweepOptions, threads: int, queue) -> None:
-    """Worker process of :func:`run_cells_in_processes`: runs its cells in order, reporting on ``queue``."""
+def _model_worker(worker: int, options: SweepOptions, threads: int, inbox, queue) -> None:
+    """Worker process of :func:`run_cells_in_processes`: asks for a cell (naming the model it has loaded), runs
+    it, reports its row on ``queue``, until the parent sends None."""
     import traceback
 
     torch.set_num_threads(threads)
     try:
-        for cell in cells:
+        loaded = None
+        while True:
+            queue.put(("next", (worker, loaded)))
+            cell = inbox.get()
+            if cell is None:
+                break
             queue.put(("start", cell.label))
             row = run_cell(cell, options)
+            loaded = cell.model
             row.setdefault("env", {})["runner"] = f"process ({threads} thread{'s' if threads > 1 else ''})"
             queue.put(("row", row))
     except BaseException:  # report, then let the parent raise
@@ -814,31 +827,48 @@ def _model_worker(cells: list[Cell], options: SweepOptions, threads: int, queue)
         queue.put(("done", None))
 
 
+def _next_cell(remaining: dict[str, list[Cell]], loaded: str | None, held: set[str]) -> Cell | None:
+    """The next cell for a worker that has ``loaded`` resident: one of that model while any is left, else one of
+    the model with the most cells left that no other worker holds (``held``), else of the model with the most
+    cells left (two workers then share the model's last cells), else None."""
+    if loaded is not None and remaining.get(loaded):
+        return remaining[loaded].pop(0)
+    left = [(len(cells), -i, model) for i, (model, cells) in enumerate(remaining.items()) if cells]
+    if not left:
+        return None
+    free = [entry for entry in left if entry[2] not in held]
+    model = max(free or left)[2]
+    return remaining[model].pop(0)
+
+
 def run_cells_in_processes(cells: Sequence[Cell], options: SweepOptions, finished: Callable[[dict[str, Any]], Any],
                            *, jobs: int, on_start: Callable[[str], Any] | None = None) -> None:
-    """Run ``cells`` in up to ``jobs`` spawned worker processes, each owning whole models (a model is loaded by
-    one process only; models are dealt round-robin in order of appearance). Rows reach ``finished`` in the
-    parent as cells complete, so the results file has one writer and resume works as in a serial sweep. Each
-    worker uses ``options.threads`` torch threads, else an equal share of the CPU cores. Latency measured
-    this way shares the machine between the workers: use ``jobs=1`` when the timings matter more than the
-    wall time of the sweep (accuracy, FLOPs and token counts are unaffected)."""
+    """Run ``cells`` in up to ``jobs`` spawned worker processes, dealt one cell at a time as workers become free:
+    a worker gets the next cell of the model it has loaded while that model has cells left, then moves to the
+    model with the most cells left that no other worker is on (loading it; one model resident per worker), and
+    when none is left, helps with another worker's model. So the workers stay busy until the end (the cells of
+    the models differ in cost) and each model is loaded once per worker at most -- near the end two workers
+    may hold the same model (peak memory: ``jobs`` x the largest model; use ``jobs=1`` for large models).
+    Rows reach ``finished`` in the parent as cells complete, so the results file has one writer and resume
+    works as in a serial sweep. Each worker uses ``options.threads`` torch threads, else an equal share of
+    the CPU cores. Latency measured this way shares the machine between the workers: use ``jobs=1`` when the
+    timings matter more than the wall time of the sweep (accuracy, FLOPs and token counts are unaffected)."""
     import multiprocessing
     from queue import Empty
 
-    groups: dict[str, list[Cell]] = {}
+    remaining: dict[str, list[Cell]] = {}
     for cell in cells:
-        groups.setdefault(cell.model, []).append(cell)
-    jobs = max(1, min(jobs, len(groups)))
-    assigned: list[list[Cell]] = [[] for _ in range(jobs)]
-    for i, model_cells in enumerate(groups.values()):
-        assigned[i % jobs].extend(model_cells)
+        remaining.setdefault(cell.model, []).append(cell)
+    jobs = max(1, min(jobs, len(cells)))
     threads = options.threads or max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    workers = [context.Process(target=_model_worker, args=(part, options, threads, queue), daemon=True)
-               for part in assigned]
+    inboxes = [context.Queue() for _ in range(jobs)]
+    workers = [context.Process(target=_model_worker, args=(i, options, threads, inboxes[i], queue), daemon=True)
+               for i in range(jobs)]
     for worker in workers:
         worker.start()
+    holding: dict[int, str | None] = {}
     running, errors = len(workers), []
     try:
         while running:
@@ -850,7 +880,13 @@ def run_cells_in_processes(cells: Sequence[Cell], options: SweepOptions, finishe
                     errors.append(f"worker processes exited without finishing (exit codes {codes})")
                     break
                 continue
-            if kind == "start" and on_start is not None:
+            if kind == "next":
+                index, loaded = payload
+                held = {model for i, model in holding.items() if i != index and model is not None}
+                cell = _next_cell(remaining, loaded, held)
+                holding[index] = None if cell is None else cell.model
+                inboxes[index].put(cell)
+            elif kind == "start" and on_start is not None:
                 on_start(payload)
             elif kind == "row":
                 finished(payload)
@@ -859,6 +895,8 @@ def run_cells_in_processes(cells: Sequence[Cell], options: SweepOptions, finishe
             elif kind == "done":
                 running -= 1
     finally:
+        for inbox in inboxes:  # a worker still waiting for a cell (after another's error) stops
+            inbox.put(None)
         for worker in workers:
             worker.join(timeout=10)
             if worker.is_alive():

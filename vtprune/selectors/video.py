@@ -515,7 +515,9 @@ def prunevid_merge(features: torch.Tensor, tau: float = 0.8, cluster_ratio: floa
 
     Merged tokens stand at their cluster centre: a static token at the centre's position in the segment's first
     frame, a dynamic one in its frame (the official code lays a segment out as [static tokens, dynamic tokens
-    frame by frame]; vtprune keeps each token at a position of the clip).
+    frame by frame]; vtprune keeps each token at a position of the clip). Deviation: a cluster step makes at
+    least one cluster -- int(n · ``cluster_ratio``) is 0 for a few tokens at a small ratio (e.g. 15 dynamic
+    tokens at 0.05), where the official top-k picks no centre and the assignment to the nearest centre fails.
     """
     frames, n, d = _check_clip(features)
     merges = _Merges(frames * n, d, features)
@@ -527,7 +529,7 @@ def prunevid_merge(features: torch.Tensor, tau: float = 0.8, cluster_ratio: floa
     def cluster(feat: torch.Tensor, flat_rows: torch.Tensor, frame_anchor: torch.Tensor, coef_rows: float,
                 collected: list[int]) -> None:
         """``feat`` [m, D]; ``flat_rows`` [m, R] the flat tokens each row averages (R frames)."""
-        count = int(feat.shape[0] * cluster_ratio)
+        count = max(1, int(feat.shape[0] * cluster_ratio))   # at least one cluster (docstring)
         labels, centres = _prunevid_dpc(feat, count, min(knn, feat.shape[0]))
         members = torch.bincount(labels, minlength=count).to(feat.dtype)  # >= 1: a centre is its own member
         tokens = torch.zeros(count, feat.shape[1], dtype=feat.dtype, device=feat.device).index_add_(0, labels, feat)

@@ -10,15 +10,21 @@ that samples frames or tokens uniformly loses the short events.
 Skills (``VIDEO_SKILLS``; one-word answers; chance = uniform guessing among the answers the question allows):
 
 ``static_attribute``  "What color is the square?" about an object that never changes (the control)      1/6
-``appearance``        "Does the red circle appear or disappear?" (the event happens in frames 4-12)      1/2
+``appearance``        "Does the red circle appear or disappear?" (at an odd frame 5-11)                  1/2
 ``brief_ocr``         "What character flashes on the sign?": the sign shows its character for 2-4 frames
                       only (always covering one whole temporal group), blank otherwise                   1/18
-``motion``            "Which way does the blue cross move?" -> left/right/up/down (24-40 px)             1/4
+``motion``            "Which way does the blue cross move?" -> left/right/up/down (32-48 px, a step of
+                      4-6 px inside each temporal group)                                                 1/4
 ``temporal_order``    "Which color appears first, red or green?" (two objects appear, or two disappear,
-                      at least 4 frames apart)                                                           1/2
-``color_change``      "What color does the triangle become?" (one change in frames 4-12)                 1/6
+                      at odd frames at least 4 frames apart)                                             1/2
+``color_change``      "What color does the triangle become?" (one change at an odd frame 5-11)          1/6
 ``counting``          "How many times does the yellow circle flash?" -> 1..4 flashes of 2 frames each,
-                      aligned with the temporal groups, never two in adjacent groups                     1/4
+                      aligned with the temporal groups, never two in adjacent groups; the shape sits in
+                      one 16 px token cell                                                               1/4
+
+Every change happens *inside* a temporal group (appear / disappear / colour change at an odd frame 2g+1, a
+move step between frames 2g and 2g+1, a flash covering whole groups), so Qwen2-VL's temporal patch of 2 sees it
+and a single token carries it; what happened *when* is then only in the tokens' temporal positions.
 
 Every shape in a clip has its own colour *and* its own shape, so "the square" and "the red circle" always name
 one object; a clip has 1-2 static distractors and, half of the time, one distractor event (another object that
@@ -97,7 +103,10 @@ VIDEO_CHANCE: dict[str, float] = {
 
 _SPLIT_CODES = {name: 100 + code for code, name in enumerate(SPLITS)}  # disjoint from the image task's codes
 _TRAINING_CODE = 199                                                   # generate_training_clip's stream
-_EVENT_WINDOW = (4, 12)   # inclusive range of the frame at which an appear/disappear/colour change happens
+#: inclusive range of the frame at which an appear/disappear/colour change happens; always an odd frame 2g+1,
+#: so the change lies inside temporal group g (its first frame shows the old state, its second the new one):
+#: Qwen2-VL's temporal patch of 2 sees the transition and one token per object cell carries it
+_EVENT_WINDOW = (5, 11)
 _SIGN_TONES = ((205, 240), (10, 50))  # light sign face, dark glyph (as in the image task)
 
 Box = tuple[int, int, int, int]
@@ -210,7 +219,7 @@ class _Clip:
             raise ValueError(f"{color} or {shape} is already used in this clip")
         size = int(self.rng.integers(REGULAR_SIZE[0], REGULAR_SIZE[1] + 1))
         if role == "move":
-            distance = int(self.rng.integers(24, 41))
+            distance = int(self.rng.integers(32, 49))
             dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
 
             def fits(block) -> bool:  # the end block lies inside the frame, the swept box clear of others
@@ -226,17 +235,19 @@ class _Clip:
             if block is None:
                 return None
             start = box_in_block(block, size)
-            first, last = int(self.rng.integers(0, 4)), int(self.rng.integers(12, 16))
+            # the move happens inside the temporal groups: between the two frames of each of the 8 groups the
+            # object moves distance / 8 (4-6 px), between groups it stays (so each group's tokens see a clear step)
             boxes = []
             for t in range(NUM_FRAMES):
-                fraction = min(max((t - first) / (last - first), 0.0), 1.0)
+                fraction = (t // 2 + t % 2) / (NUM_FRAMES // 2)
                 ox, oy = round(dx * distance * fraction), round(dy * distance * fraction)
                 boxes.append((start[0] + ox, start[1] + oy, start[2] + ox, start[3] + oy))
             end = boxes[-1]
             self.occupied.append((min(start[0], end[0]), min(start[1], end[1]),
                                   max(start[2], end[2]), max(start[3], end[3])))
         else:
-            block = self._block()
+            # a flashing shape sits in one 16 px token cell (blocks at even cells): one token per flash
+            block = self._block((lambda b: b[0] % 2 == 0 and b[1] % 2 == 0) if role == "flash" else None)
             if block is None:
                 return None
             boxes = [box_in_block(block, size)] * NUM_FRAMES
@@ -262,7 +273,9 @@ class _Clip:
     # ---- events ----------------------------------------------------------------------------------
 
     def event_frame(self) -> int:
-        return int(self.rng.integers(_EVENT_WINDOW[0], _EVENT_WINDOW[1] + 1))
+        """An odd frame in ``_EVENT_WINDOW`` (the transition lies inside one temporal group)."""
+        first, last = (_EVENT_WINDOW[0] - 1) // 2, (_EVENT_WINDOW[1] - 1) // 2
+        return 2 * int(self.rng.integers(first, last + 1)) + 1
 
     def appear(self, appear: bool, color: str, shape: str, at: int | None = None) -> int | None:
         at = self.event_frame() if at is None else at
@@ -355,8 +368,9 @@ def _temporal_order(clip: _Clip, k: int) -> _Built | None:
     appear = (k // 2) % 2 == 0
     first_color = COLOR_NAMES[(k // 4) % len(COLOR_NAMES)]
     second_color = clip.free_color(exclude=(first_color,))
-    t1 = int(clip.rng.integers(2, 9))
-    t2 = int(clip.rng.integers(t1 + 4, 15))
+    g1 = int(clip.rng.integers(1, 5))          # transitions inside temporal groups g1 < g2 (frames 2g+1),
+    g2 = int(clip.rng.integers(g1 + 2, 7))     # at least two groups (4 frames) apart
+    t1, t2 = 2 * g1 + 1, 2 * g2 + 1
     first = clip.appear(appear, first_color, clip.free_shape(), at=t1)
     if first is None:
         return None
