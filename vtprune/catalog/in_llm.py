@@ -44,6 +44,7 @@ class LayerContext:
                           the same place in the frames of one video and by nothing else (a merged column: its
                           anchor's); -1 for text, padding and structural tokens (SampleLayout.patch_index)
     ``images``            per sample: the number of images and videos it holds
+    ``merged``            per sample BoolTensor[n_b]: which real columns (in ``source`` order) are merged tokens
     """
 
     layer: int
@@ -63,6 +64,7 @@ class LayerContext:
     rotary: nn.Module | None = None
     patch: torch.Tensor | None = None
     images: list[int] | None = None
+    merged: list[torch.Tensor] | None = None
 
     def sample_local_position_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer - 1``'s (cos, sin) with each sample's positions counted from its first real token, as
@@ -108,6 +110,10 @@ class LayerMethod(Method):
     #: select returns None for a sample it leaves unchanged, and the engine records a stage only where the
     #: method changed something.
     adaptive: ClassVar[bool] = False
+    #: vision-encoder signals (names as in ``signals``, which must list them too) the method reads per visual token:
+    #: the engine then calls ``prepare(..., vision=...)`` with, per sample, ``{name: Tensor[n_b] float32}`` over the
+    #: sample's real columns in ``source`` order — the token's signal value, NaN for text and merged tokens
+    vision_signals: tuple[str, ...] = ()
 
     def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
         """[(layer, visual tokens kept from that layer on), ...] for one sample, layers ascending

@@ -117,7 +117,7 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         previous_hidden=prev_hidden, previous_position_embeddings=prev_pe, previous_position_ids=prev_ids,
         rotary=getattr(lm, "rotary_emb", None), real=real, visual=visual,
         last=last_token_index(mask2d, batch, length).to(hidden.device), text=text, source=run.source,
-        prepared=run.prepared, norm=getattr(lm, "norm", None), patch=patch, images=images,
+        prepared=run.prepared, norm=getattr(lm, "norm", None), patch=patch, images=images, merged=run.merged,
     )
     with section(run.timer, "select"):
         selections = run.method.select(ctx, wanted)

@@ -781,8 +781,12 @@ class PruneSession:
             lm_real[b, cols] = True
             lm_visual[b, cols[visual[b].to(cols.device)]] = True
             lm_text[b, cols[text[b].to(cols.device)]] = True
+        extra = {}
+        if self.layer_method.vision_signals:
+            extra["vision"] = self._column_signals(layouts, length, source, [m.cpu() for m in merged],
+                                                   self.layer_method.vision_signals)
         with section(self.timer, "select"):
-            prepared = self.layer_method.prepare(lm_embeds, lm_real, lm_visual, lm_text, source)
+            prepared = self.layer_method.prepare(lm_embeds, lm_real, lm_visual, lm_text, source, **extra)
         self._run = LayerRun(
             method=self.layer_method, schedules=schedules, source=source, visual=visual,
             merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural, text=text,
@@ -802,6 +806,30 @@ class PruneSession:
             position_shift=shift,
         )
         return new_kwargs
+
+    def _column_signals(self, layouts: list[SampleLayout], length: int, sources: list[torch.Tensor],
+                        merged: list[torch.Tensor], names) -> list[dict[str, torch.Tensor]]:
+        """Per sample ``{name: Tensor[n_b] float32}``: the captured vision signal of each real column (``sources``:
+        its original position), NaN for text, structural and merged columns (LayerMethod.vision_signals)."""
+        out = []
+        for b, layout in enumerate(layouts):
+            values = {}
+            for name in names:
+                by_position = torch.full((length,), float("nan"))
+                for image in layout.images:
+                    modality = VIDEO if image.is_video else IMAGE
+                    if not self.store.has(modality, name):
+                        raise VTPruneError(f"signal {name!r} was not captured during the {modality} encoder's "
+                                           "forward.")
+                    table = self.store.table(modality, name)
+                    for group in image.groups:
+                        rows = table[group.vision_row.to(table.device), group.patch_index.to(table.device)]
+                        by_position[image.positions[group.members]] = rows.float().cpu()
+                column = by_position[sources[b]]
+                column[merged[b]] = float("nan")
+                values[name] = column
+            out.append(values)
+        return out
 
     def _on_decoder_layer(self, index: int, module, args, kwargs):
         run = self._run
