@@ -35,6 +35,7 @@ METHODS = [
     ("transprune", {"budget": 0.6}),                     # stages 1, 2 on the 4-layer tiny decoder
     ("framefusion", {"budget": 0.6}),                    # an image: nothing to merge, the pruning step at layer 1
     ("flowcut_llm", {"ratio": 0.5}),                     # FlowCut's LLaVA-NeXT decoder stage, alone
+    ("mustdrop_llm", {"budget": 0.6}),                   # MustDrop's prefilling filter (counts from the budget)
 ]
 #: options under which each method keeps every visual token
 NOTHING_PRUNED = {
@@ -47,6 +48,7 @@ NOTHING_PRUNED = {
     "transprune": {"budget": 1.0},
     "framefusion": {"budget": 1.0},
     "flowcut_llm": {"ratio": 0.0},
+    "mustdrop_llm": {"global_thr": 0.0},  # no summed attention is below 0
 }
 #: methods whose kept tokens are a subset of the input (no merged tokens), with multi-stage schedules
 REFERENCE_METHODS = [

@@ -11,10 +11,9 @@ from typing import Any
 
 import torch
 
-from ..errors import BudgetError, MethodOptionError
 from ..engine.attention_rows import attention_rows
+from ..errors import BudgetError, MethodOptionError
 from ..registry import Method, Selection, VisionTower, VisualGroup, register_method
-from .in_llm import LayerContext, LayerMethod, LayerSelection, _ascending_layers
 from ..selectors.cdpruner import cdpruner_relevance, cdpruner_select
 from ..selectors.hiprune import anchor_count, hiprune_select
 from ..selectors.mustdrop import (
@@ -28,6 +27,7 @@ from ..selectors.mustdrop import (
 )
 from ..selectors.prumerge import iqr_outlier_count, prumerge_indices, prumerge_merge
 from ..selectors.vispruner import split_vispruner_budget, vispruner_select
+from .in_llm import LayerContext, LayerMethod, LayerSelection, _ascending_layers
 
 
 def _fraction(method: str, name: str, value: Any, low_open: bool = False) -> None:
