@@ -264,3 +264,68 @@ def test_options_are_checked():
     assert MustDropLLM().filter_layers(32) == [2, 6, 10, 14]
     assert MustDropLLM().filter_layers(4) == [0, 1]
     assert MustDropLLM().filter_layers(40) == [2, 7, 12, 17]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding stage: the KV cache of the filtering layers cut to the survivors
+# ---------------------------------------------------------------------------------------------------------
+def _prefill_cache(model, inputs, **options):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.no_grad(), vtprune.pruned(model, "mustdrop_llm", 0.5, **options):
+        out = model(**inputs, use_cache=True, past_key_values=cache)
+        sample_stats = vtprune.stats(model).samples
+    return cache, out.logits, sample_stats
+
+
+def test_cut_cache_keeps_the_survivors_entries():
+    model, processor = tiny_vlm("llava", text_config={"num_hidden_layers": 8})
+    images = [tiny_image(0), None, tiny_image(1, (48, 64))]
+    inputs = dict(tiny_inputs(processor, images, ["describe the image please", "hi", "what color"],
+                              padding_side="left"))
+    full, logits_full, _ = _prefill_cache(model, inputs, cut_cache=False)
+    cut, logits_cut, stats = _prefill_cache(model, inputs, cut_cache=True)
+    assert torch.equal(logits_full, logits_cut)  # the prefill is untouched
+    lengths = [layer.keys.shape[-2] for layer in full.layers]
+    assert lengths[0] > lengths[1] > lengths[2] > lengths[3] > lengths[4] == lengths[7]  # filters 0-3: drops at 1-4
+    # layers 0..3 (the filtering layers, from the first) now hold what layer 4 holds; layers 4.. are unchanged
+    for index, (a, b) in enumerate(zip(full.layers, cut.layers, strict=True)):
+        if index >= 4:
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+            continue
+        assert b.keys.shape[-2] == lengths[4]
+        # the entries of the survivors, gathered from the layer's own (uncut) cache: compare per sample through the
+        # keys' values (each real cached entry of the cut layer is one of the uncut layer's entries)
+        for row in range(b.keys.shape[0]):
+            real = inputs["attention_mask"][row].bool()
+            final_real = int(real.sum()) - (stats[row].visual_in - stats[row].stages[-1].visual_out
+                                            if stats[row].stages else 0)
+            got = b.keys[row, :, -final_real:]  # left padding: the real entries are the last ones
+            flat = a.keys[row].transpose(0, 1).reshape(a.keys.shape[-2], -1)
+            matches = (got.transpose(0, 1).reshape(final_real, -1)[:, None] == flat[None]).all(-1)
+            assert bool(matches.any(-1).all())
+            where = matches.float().argmax(-1)
+            assert bool((where[1:] > where[:-1]).all())  # in order
+
+
+def test_cut_cache_generation_matches_each_sample_alone():
+    model, processor = tiny_vlm("llava", text_config={"num_hidden_layers": 8})
+    images = [tiny_image(0), tiny_image(1, (48, 64))]
+    prompts = ["describe the image please", "what color"]
+    batch = dict(tiny_inputs(processor, images, prompts, padding_side="left"))
+    with torch.no_grad(), vtprune.pruned(model, "mustdrop_llm", 0.5):
+        together = model.generate(**batch, max_new_tokens=6, do_sample=False)[:, -6:]
+        for row in range(2):
+            alone = dict(tiny_inputs(processor, [images[row]], [prompts[row]]))
+            single = model.generate(**alone, max_new_tokens=6, do_sample=False)[:, -6:]
+            assert together[row].tolist() == single[0].tolist()
+        uncut = None
+    with torch.no_grad(), vtprune.pruned(model, "mustdrop_llm", 0.5, cut_cache=False):
+        uncut = model.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True,
+                               return_dict_in_generate=True)
+    with torch.no_grad(), vtprune.pruned(model, "mustdrop_llm", 0.5):
+        cut = model.generate(**batch, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert torch.equal(uncut.logits[0], cut.logits[0])  # the prefill's logits
+    assert not torch.allclose(uncut.logits[1], cut.logits[1])  # decode steps see the cut layers

@@ -170,6 +170,12 @@ class LayerMethod(Method):
                 "nothing is pruned; lower the budget."
             )
 
+    def cache_cut_from(self, num_layers: int) -> int | None:
+        """The first decoder layer whose KV cache is cut, after the prefill, to the tokens the last pruning layer
+        kept (MustDrop's decoding stage; the engine's :func:`~vtprune.engine.layer_stage.cut_cache_to_final`).
+        None (default): every layer keeps the cache of the tokens it processed."""
+        return None
+
     def active(self, prepared: Any) -> bool:
         """Adaptive methods: whether :meth:`select` may still change anything in this forward (``prepared`` is
         what :meth:`prepare` returned); False lets the engine skip the remaining layers. Default: True."""

@@ -590,6 +590,9 @@ class MustDropLLM(LayerMethod):
     def pruning_layers(self, num_layers: int) -> list[int]:
         return [layer + 1 for layer in self.filter_layers(num_layers)]
 
+    def cache_cut_from(self, num_layers: int) -> int | None:
+        return self.filter_layers(num_layers)[0] if self.config["cut_cache"] else None
+
     def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
         return [(layer, num_visual) for layer in self.pruning_layers(num_layers)]  # upper bounds (adaptive)
 

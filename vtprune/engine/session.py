@@ -27,7 +27,14 @@ from .. import compat
 from ..adapters.base import ENGINE_SIGNALS, IMAGE, VIDEO, Adapter, SignalStore
 from ..budget import split_equal, split_proportional, tokens_for
 from ..engine.decode_stage import DecodeStage
-from ..engine.layer_stage import LayerRun, Segment, decode_segment_inputs, prune_at_layer, real_columns
+from ..engine.layer_stage import (
+    LayerRun,
+    Segment,
+    cut_cache_to_final,
+    decode_segment_inputs,
+    prune_at_layer,
+    real_columns,
+)
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..engine.positions import layer_rows
 from ..engine.sequence import PrunedBatch, SamplePlan, assemble
@@ -894,6 +901,11 @@ class PruneSession:
         self._step = None
         if run is None:
             return None
+        cut_from = self.layer_method.cache_cut_from(len(self.adapter.decoder_layers)) if run.segments else None
+        if cut_from is not None and self._decode is not None:  # the method's decoding stage (MustDrop)
+            cut = cut_cache_to_final(run, self._decode.cache, cut_from)
+            if cut is not None:
+                run.segments = cut
         if run.segments:  # the loss reads the logits of the sequence the last segment left
             mask = run.segments[-1].prompt_mask
             slots = real_columns(mask, mask.shape[0], mask.shape[1], mask.device)
