@@ -536,9 +536,13 @@ class MustDropLLM(LayerMethod):
     per sample (the official: per image); (2) batches of any size, each sample with its own queries, key set and
     counts (official: batch 1); (3) the filtering layers are scaled to the decoder's depth (official: 2, 6, 10,
     14 and 32 layers hard-coded); (4) the text queries are the sample's text tokens after its last visual token
-    (official: every token after the image span). Fidelity: tests/test_mustdrop.py runs a literal transcription
-    of the official ``dual_attention_filter`` with the key-set union on identical attention and compares the kept
-    tokens, and checks the layer's kept columns against eager attention of the same layer.
+    (official: every token after the image span; the same for one image followed by the prompt); (5) the cache cut
+    covers a dynamic cache only, and is skipped (each layer keeps the cache of what it processed, still correct)
+    when the cache held tokens before the prefill; the official loop also hard-codes 32 layers there.
+    Fidelity: tests/test_mustdrop_prefill.py transcribes the official prefill loop (eager weights of each
+    filtering layer, ``dual_attention_filter``, key-set union, ``index_select`` of the hidden states with compact
+    positions) and the official key set, and compares the kept tokens after every filter with ``stats()`` on the
+    tiny LLaVA and the trained micro-llava; the rule and the key set also on random attention.
     """
 
     name = "mustdrop_llm"
