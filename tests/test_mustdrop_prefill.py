@@ -329,3 +329,16 @@ def test_cut_cache_generation_matches_each_sample_alone():
                              return_dict_in_generate=True)
     assert torch.equal(uncut.logits[0], cut.logits[0])  # the prefill's logits
     assert not torch.allclose(uncut.logits[1], cut.logits[1])  # decode steps see the cut layers
+
+
+def test_static_cache_decodes_uncut_with_a_warning():
+    model, processor = tiny_vlm("llava")
+    inputs = dict(tiny_inputs(processor, [tiny_image(0)], [PROMPTS[0]]))
+    strict = {"global_thr": 0.05, "individual_thr": 0.2}
+    with torch.no_grad():
+        with vtprune.pruned(model, "mustdrop", 0.75, cut_cache=False, **strict):
+            uncut = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        with vtprune.pruned(model, "mustdrop", 0.75, **strict):
+            with pytest.warns(vtprune.DegeneratePruningWarning, match="cut does not run"):
+                static = model.generate(**inputs, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert static.tolist() == uncut.tolist()

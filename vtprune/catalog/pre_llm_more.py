@@ -517,7 +517,7 @@ class MustDropLLM(LayerMethod):
     every token; later layers hold only the survivors already), and decode steps at those layers use the last
     filter's mask and positions, as the official per-layer cache cut and cache-length positions do. Only a
     ``DynamicCache`` is cut (a static cache, whose buffers are fixed, keeps the per-filter caches: ``cut_cache``
-    has no effect there).
+    has no effect there, and a warning says so).
 
     Thresholds: the official defaults are ``global_thr=1.0, individual_thr=0.0`` (nothing is dropped); the
     published scripts use (0.001, 0.001) for 192 tokens, (0.0012, 0.001) for 128 and (0.011, 0.01) for 64 on

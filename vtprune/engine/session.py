@@ -906,6 +906,11 @@ class PruneSession:
             cut = cut_cache_to_final(run, self._decode.cache, cut_from)
             if cut is not None:
                 run.segments = cut
+            elif not compat.is_dynamic_cache_layer(self._decode.cache, cut_from):
+                self.layer_method.warn_once(
+                    f"the {type(self._decode.cache).__name__} has fixed per-layer buffers, so the decoding stage's "
+                    "KV-cache cut does not run: each layer decodes from the cache of what it processed; use the "
+                    "default dynamic cache for the cut, or pass cut_cache=False to silence this.")
         if run.segments:  # the loss reads the logits of the sequence the last segment left
             mask = run.segments[-1].prompt_mask
             slots = real_columns(mask, mask.shape[0], mask.shape[1], mask.device)
