@@ -587,8 +587,10 @@ class MustDropLLM(LayerMethod):
         if not layers or layers[-1] > num_layers - 2:
             raise MethodOptionError(
                 f"mustdrop_llm filters after layers {list(layers)}, but a {num_layers}-layer decoder needs a layer "
-                f"after each; pass layers= with values in [0, {num_layers - 2}]" if num_layers >= 2 else
-                f"mustdrop_llm needs a decoder of at least 2 layers (this one has {num_layers}); use mustdrop alone.")
+                f"after each; pass layers= (mustdrop: prefill_layers=) with values in [0, {num_layers - 2}]."
+                if num_layers >= 2 else
+                f"mustdrop_llm needs a decoder of at least 2 layers (this one has {num_layers}); run mustdrop's "
+                "window merge alone with prefill=False.")
         return list(layers)
 
     def pruning_layers(self, num_layers: int) -> list[int]:
