@@ -23,7 +23,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 import vtprune
 from vtprune.catalog.pre_llm_more import MustDropLLM
 from vtprune.errors import MethodOptionError
-from vtprune.selectors.mustdrop import dual_attention_keep, key_set, key_set_count
+from vtprune.selectors.cls_attention import topk_select
+from vtprune.selectors.mustdrop import dual_attention_keep, key_set_count
 from vtprune.testing import tiny_image, tiny_inputs, tiny_vlm
 
 MICRO_LLAVA = Path(__file__).resolve().parent.parent / "models" / "micro-llava"
@@ -154,7 +155,7 @@ def test_key_set_matches_the_official_topk():
     scores = attn[0, :, 0, 1:].mean(0)
     assert key_set_count(64, 0.08) == official.numel() == 6
     assert key_set_count(576, 0.08) == 47
-    assert torch.equal(key_set(scores, 6), official)
+    assert torch.equal(topk_select(scores, 6), official)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -216,6 +216,23 @@ def top_scored(ctx: LayerContext, scores: torch.Tensor, wanted: list[int | None]
     return out
 
 
+def geometric_layer_average(lam: float, layers: list[int], num_layers: int, num_visual: int) -> float:
+    """Visual tokens per decoder layer, averaged over ``num_layers`` layers, when the ``num_visual`` tokens are cut to
+    ``num_visual · lam^i`` from pruning layer ``layers[i − 1]`` on (all of them before ``layers[0]``)."""
+    bounds = [0, *layers, num_layers]
+    return sum((bounds[i + 1] - bounds[i]) * num_visual * lam**i for i in range(len(bounds) - 1)) / num_layers
+
+
+def geometric_ratio(target: float, layers: list[int], num_layers: int, num_visual: int) -> float:
+    """The ``lam`` in [0, 1] whose :func:`geometric_layer_average` is ``target`` (bisection: the average grows
+    monotonically with ``lam``); the caller checks that ``target`` lies between the averages at 0 and 1."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if geometric_layer_average(mid, layers, num_layers, num_visual) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
 def _last_query_scores(layer: nn.Module, hidden, position_embeddings, ctx: LayerContext) -> torch.Tensor:
     rows = attention_rows(layer, hidden, position_embeddings, ctx.last, key_padding_mask=ctx.real,
                           average_heads=True)  # [B, 1, L]
@@ -381,8 +398,7 @@ class PyramidDrop(LayerMethod):
 
     @staticmethod
     def _equivalent(lam: float, layers: list[int], num_layers: int, num_visual: int) -> float:
-        bounds = [0, *layers, num_layers]
-        return sum((bounds[i + 1] - bounds[i]) * num_visual * lam**i for i in range(len(bounds) - 1)) / num_layers
+        return geometric_layer_average(lam, layers, num_layers, num_visual)
 
     @staticmethod
     def stage_counts(num_visual: int, lam: float, stages: int) -> list[int]:
@@ -411,11 +427,7 @@ class PyramidDrop(LayerMethod):
                     f"pdrop with stages at {layers} keeps all {num_visual} visual tokens for {layers[0]} layers, "
                     f"so the smallest reachable budget is {minimum:.1f}; raise the budget or move the stages."
                 )
-            lo, hi = 0.0, 1.0
-            for _ in range(60):  # the equivalent count grows monotonically with λ
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if self._equivalent(mid, layers, num_layers, num_visual) < target else (lo, mid)
-            lam = (lo + hi) / 2
+            lam = geometric_ratio(target, layers, num_layers, num_visual)
         return list(zip(layers, self.stage_counts(num_visual, lam, len(layers)), strict=True))
 
     def score(self, ctx: LayerContext) -> torch.Tensor:

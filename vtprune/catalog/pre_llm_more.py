@@ -15,10 +15,10 @@ from ..engine.attention_rows import attention_rows
 from ..errors import BudgetError, MethodOptionError
 from ..registry import Method, Selection, VisionTower, VisualGroup, register_method
 from ..selectors.cdpruner import cdpruner_relevance, cdpruner_select
+from ..selectors.cls_attention import topk_select
 from ..selectors.hiprune import anchor_count, hiprune_select
 from ..selectors.mustdrop import (
     dual_attention_keep,
-    key_set,
     key_set_count,
     mustdrop_merge,
     threshold_windows,
@@ -27,7 +27,15 @@ from ..selectors.mustdrop import (
 )
 from ..selectors.prumerge import iqr_outlier_count, prumerge_indices, prumerge_merge
 from ..selectors.vispruner import split_vispruner_budget, vispruner_select
-from .in_llm import LayerContext, LayerMethod, LayerSelection, _ascending_layers
+from .in_llm import (
+    LayerContext,
+    LayerMethod,
+    LayerSelection,
+    _ascending_layers,
+    geometric_layer_average,
+    geometric_ratio,
+)
+from .video_llm import _check_fraction
 
 
 def _fraction(method: str, name: str, value: Any, low_open: bool = False) -> None:
@@ -567,9 +575,7 @@ class MustDropLLM(LayerMethod):
             raise MethodOptionError(f"mustdrop_llm layers={layers!r} must be strictly ascending decoder layer "
                                     "indices >= 0 (the layers whose attention filters), e.g. [2, 6, 10, 14].")
         for option in ("global_thr", "individual_thr", "key_ratio"):
-            value = c[option]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-                raise MethodOptionError(f"mustdrop_llm {option}={value!r} must be a number in [0, 1].")
+            _check_fraction(self.name, option, c[option])
         if not isinstance(c["cut_cache"], bool):
             raise MethodOptionError("mustdrop_llm cut_cache= must be True or False.")
 
@@ -612,30 +618,20 @@ class MustDropLLM(LayerMethod):
             scores = vision[b][name]  # [n_b] over the sample's real columns, NaN off the unmerged visual tokens
             count = int(visual[b].sum())
             candidates = torch.nonzero(~torch.isnan(scores)).flatten()
-            chosen = key_set(scores[candidates], min(candidates.numel(), key_set_count(count, self.config["key_ratio"])))
+            chosen = topk_select(scores[candidates], min(candidates.numel(), key_set_count(count, self.config["key_ratio"])))
             states.append(_MustDropState(key=source[b][candidates[chosen]]))
         return states
 
     def _budget_ratio(self, layers: list[int], num_layers: int, fraction: float) -> float:
-        """The kept fraction per filter whose layer average (layers before the first pruning layer: all tokens;
-        after filter i: fraction^(i + 1)) equals ``fraction`` of the visual tokens."""
+        """The kept fraction per filter whose layer average (all tokens before the first pruning layer, then
+        fraction^(i + 1) after filter i) equals ``fraction`` of the visual tokens."""
         if fraction >= 1.0:
             return 1.0
-        bounds = [*layers, num_layers]
-
-        def average(rho: float) -> float:
-            return (bounds[0] + sum((bounds[i + 1] - bounds[i]) * rho ** (i + 1)
-                                    for i in range(len(layers)))) / num_layers
-
-        if average(0.0) > fraction:
-            raise BudgetError(f"mustdrop_llm processes every visual token in its first {bounds[0]} of {num_layers} "
+        if geometric_layer_average(0.0, layers, num_layers, 1) > fraction:
+            raise BudgetError(f"mustdrop_llm processes every visual token in its first {layers[0]} of {num_layers} "
                               f"decoder layers, so it cannot average {fraction:.3f} of them; raise the budget or "
                               "pass earlier layers=.")
-        low, high = 0.0, 1.0
-        for _ in range(60):
-            mid = (low + high) / 2
-            low, high = (mid, high) if average(mid) < fraction else (low, mid)
-        return low
+        return geometric_ratio(fraction, layers, num_layers, 1)
 
     def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
         batch = ctx.hidden.shape[0]

@@ -10,7 +10,8 @@ highest-scoring windows each become one token; every other token stays as it is.
 
 The prefilling stage (:func:`dual_attention_keep`, :func:`key_set`) follows the authors' own code,
 ``llava/model/language_model/modelling_sparse_llama.py`` L336-354 (``dual_attention_filter``) and
-``multimodal_encoder/clip_encoder.py`` L97-107 (the key set).
+``multimodal_encoder/clip_encoder.py`` L97-107 (the key set: :func:`key_set_count` tokens picked by
+:func:`~vtprune.selectors.cls_attention.topk_select`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["WindowMerge", "window_scores", "windows_for_budget", "threshold_windows", "mustdrop_merge",
-           "dual_attention_keep", "key_set_count", "key_set"]
+           "dual_attention_keep", "key_set_count"]
 
 
 @dataclass(frozen=True)
@@ -118,10 +119,3 @@ def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_t
 def key_set_count(num_tokens: int, ratio: float) -> int:
     """The official key-set size: ``ceil(ratio * N)`` of the image's N tokens (0.08 * 576 -> 47)."""
     return min(num_tokens, math.ceil(ratio * num_tokens))
-
-
-def key_set(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """LongTensor[count], ascending: the ``count`` highest ``scores`` [N] ([CLS] attention); ties to the earlier
-    token."""
-    order = torch.sort(scores.float(), descending=True, stable=True).indices[:count]
-    return torch.sort(order).values
