@@ -158,9 +158,9 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         run.base_mask, run.base_length = mask2d, length
         run.column_id = [torch.arange(src.numel()) for src in run.source]
     for b in range(batch):
-        run.column_id[b] = run.column_id[b][torch.searchsorted(columns[b], pruned.source[b]).cpu()]
         # each column of the new sequence comes from a column of the old one (merged tokens: their anchor)
         local = torch.searchsorted(columns[b], pruned.source[b]).cpu()
+        run.column_id[b] = run.column_id[b][local]
         added = pruned.merged[b].cpu()
         run.source[b] = run.source[b][local]
         run.visual[b] = run.visual[b][local] | added
