@@ -373,11 +373,34 @@ def rotary(lm, hidden, positions):
     return lm.rotary_emb(hidden, position_ids=positions[None] if positions.dim() == 1 else positions[:, None])
 
 
+def cache_cut_from(model, method: str, options: dict) -> int | None:
+    """The first decoder layer whose KV cache ``method`` (with ``options``, budget included) cuts to the last
+    pruning layer's tokens after the prefill (MustDrop's decoding stage), or None."""
+    from vtprune.registry import build_method
+
+    built = build_method(method, **options)
+    hook = getattr(built, "cache_cut_from", None)
+    return hook(len(model.model.language_model.layers)) if hook is not None else None
+
+
+def cut_cache_lengths(lengths: list[int], cut_from: int | None) -> list[int]:
+    """The per-layer cache lengths after a prefill whose layers ``cut_from`` .. (last pruning layer − 1) were cut to
+    the last pruning layer's tokens (``lengths``: the sequence length entering each layer)."""
+    if cut_from is None:
+        return list(lengths)
+    last = max(i for i in range(1, len(lengths)) if lengths[i] != lengths[i - 1]) if len(set(lengths)) > 1 else 0
+    return [lengths[last] if cut_from <= i < last else n for i, n in enumerate(lengths)]
+
+
 def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dict[int, torch.Tensor],
-                      convention: str, cells: dict, placeholders: torch.Tensor, steps: int = NEW_TOKENS):
+                      convention: str, cells: dict, placeholders: torch.Tensor, steps: int = NEW_TOKENS,
+                      cut_from: int | None = None):
     """Run the decoder layers by hand on one unpadded sequence, dropping the recorded columns before each
     pruning layer, with a per-layer DynamicCache; then decode greedily (each layer continues one position after
-    its own last position). ``placeholders``: positions of the image tokens (all others are text).
+    its own last position). ``placeholders``: positions of the image tokens (all others are text). ``cut_from``
+    (MustDrop's decoding stage): after the prefill, the caches of layers ``cut_from`` .. (last pruning layer − 1)
+    keep only the entries of the tokens the last pruning layer kept, and those layers decode one position after
+    the last pruning layer's last position.
     Returns (prefill logits [n, V], per-layer lengths, tokens, step logits [steps, V])."""
 
     lm = model.model.language_model
@@ -385,7 +408,7 @@ def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dic
     hidden = embeds[None]
     source = torch.arange(embeds.shape[0])  # original position of each current column
     visual = torch.nonzero(side.mask).flatten().tolist() if side is not None else []
-    lengths, last_positions = [], []
+    lengths, last_positions, sources = [], [], []
     for index, layer in enumerate(lm.layers):
         if index in kept:
             cols = kept[index]
@@ -403,6 +426,7 @@ def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dic
                 positions = reference_compact(positions[..., 0], [cells.get(int(p)) for p in source])
         lengths.append(hidden.shape[1])
         last_positions.append(positions[..., -1])
+        sources.append(source)
         hidden = layer(hidden, attention_mask=None, position_embeddings=rotary(lm, hidden, positions),
                        **compat.cache_kwargs(cache), use_cache=True)
         if side is not None and index < len(side.rows):  # deepstack: add the rows of the visual tokens present
@@ -411,6 +435,13 @@ def reference_decoder(model, embeds, positions, side: SideRows | None, kept: dic
             hidden = hidden.clone()
             hidden[0, columns] += rows
     logits = model.lm_head(lm.norm(hidden))[0]
+    if cut_from is not None and kept:
+        last = max(kept)
+        for index in range(cut_from, last):
+            cols = torch.nonzero(torch.isin(sources[index], sources[last])).flatten()
+            entry = cache.layers[index]
+            entry.keys, entry.values = entry.keys[:, :, cols], entry.values[:, :, cols]
+            last_positions[index] = last_positions[last]
     tokens, step_logits = [], []
     out = logits[-1:]
     for t in range(steps):

@@ -11,9 +11,11 @@ from reference_runs import (
     DEEPSTACK_FAMILIES,
     IN_LLM,
     NEW_TOKENS,
+    cache_cut_from,
     call_positions,
     call_side_rows,
     capture_lm_calls,
+    cut_cache_lengths,
     image_cells,
     record_kept_columns,
     reference_decoder,
@@ -35,6 +37,7 @@ METHODS = [
     ("transprune", {"budget": 0.6}),                     # stages 1, 2 on the 4-layer tiny decoder
     ("framefusion", {"budget": 0.6}),                    # an image: nothing to merge, the pruning step at layer 1
     ("flowcut_llm", {"ratio": 0.5}),                     # FlowCut's LLaVA-NeXT decoder stage, alone
+    ("mustdrop_llm", {"budget": 0.6}),                   # MustDrop's prefilling filter (counts from the budget)
 ]
 #: options under which each method keeps every visual token
 NOTHING_PRUNED = {
@@ -47,6 +50,7 @@ NOTHING_PRUNED = {
     "transprune": {"budget": 1.0},
     "framefusion": {"budget": 1.0},
     "flowcut_llm": {"ratio": 0.0},
+    "mustdrop_llm": {"global_thr": 0.0},  # no summed attention is below 0
 }
 #: methods whose kept tokens are a subset of the input (no merged tokens), with multi-stage schedules
 REFERENCE_METHODS = [
@@ -230,8 +234,9 @@ def _assert_cache_holds_only_kept_tokens(model, single_input, method, **options)
         stats = vtprune.stats(model).samples[0]
     cache = compat.output_cache(out)
     lengths = [cache.layers[i].get_seq_length() for i in range(len(cache.layers))]
-    assert lengths == stats.layer_lengths
-    assert lengths[-1] < lengths[0]
+    # MustDrop's decoding stage cuts the caches of its filtering layers to the last filter's tokens
+    assert lengths == cut_cache_lengths(stats.layer_lengths, cache_cut_from(model, method, options))
+    assert stats.layer_lengths[-1] < stats.layer_lengths[0]
 
 
 def test_kv_cache_holds_only_kept_tokens(tiny_models):
@@ -444,7 +449,7 @@ def test_every_family_reference_equivalence(new_family_model, method, positions,
     placeholders = torch.nonzero(single["input_ids"][0] == model.config.image_token_id).flatten()
     logits, lengths, tokens, step_logits = reference_decoder(
         model, call["inputs_embeds"][0], call_positions(call), call_side_rows(call), kept, positions, cells,
-        placeholders)
+        placeholders, cut_from=cache_cut_from(model, method, options_for(method)))
     assert stats.layer_lengths == lengths
     torch.testing.assert_close(pruned_logits, logits, atol=1e-5, rtol=1e-5)
     generated = out.sequences[0, single["input_ids"].shape[1]:].tolist()

@@ -18,6 +18,7 @@ from reference_runs import (
     NEW_TOKENS,
     PRE_LLM,
     assert_same_greedy,
+    cache_cut_from,
     call_positions,
     call_side_rows,
     capture_lm_calls,
@@ -270,6 +271,7 @@ def test_several_images_in_llm_reference(qwen_family, method, positions, monkeyp
             tokens, step_logits = generate(model, case.inputs)
     logits, _, ref_tokens, ref_step_logits = reference_decoder(
         model, calls[0]["inputs_embeds"][0], call_positions(calls[0]), call_side_rows(calls[0]), kept, positions,
-        image_cells(model, case.inputs), case.image_positions, steps=NEW_TOKENS)
+        image_cells(model, case.inputs), case.image_positions, steps=NEW_TOKENS,
+        cut_from=cache_cut_from(model, method, {"budget": BUDGET[method], **OPTIONS.get(method, {})}))
     torch.testing.assert_close(pruned_logits, logits, rtol=1e-5, atol=1e-5)
     assert_same_greedy((tokens[0].tolist(), step_logits[0]), (ref_tokens, ref_step_logits), case.eos)

@@ -235,7 +235,9 @@ def test_options_and_unreachable_budgets_are_refused(tiny_models):
         vtprune.apply(model, "mustdrop", 16)  # 8 x 8 grid: four full 3x3 windows
     assert not vtprune.is_pruned(model)
     info = vtprune.methods()["mustdrop"]
-    assert info.defaults == {"spatial_threshold": 0.6, "window_size": (3, 3), "merge": None}
+    assert info.defaults == {"spatial_threshold": 0.6, "window_size": (3, 3), "merge": None, "prefill": True,
+                             "prefill_layers": None, "global_thr": 0.001, "individual_thr": 0.001, "key_ratio": 0.08,
+                             "cut_cache": True}
     assert info.stage == "pre-llm" and info.positions == "compact" and info.default_budget is None
 
 

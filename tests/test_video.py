@@ -443,7 +443,8 @@ def test_in_llm_reference_equivalence(vcase, method, positions, monkeypatch):
         assert kept and sample.pruned
         logits, lengths, tokens, step_logits = reference_decoder(
             model, call["inputs_embeds"][0], call_positions(call), call_side_rows(call), kept, positions,
-            vcase.cells, vcase.image_positions)
+            vcase.cells, vcase.image_positions,
+            cut_from=reference_runs.cache_cut_from(model, method, in_llm_options(vcase.family, method)))
     assert sample.layer_lengths == lengths
     torch.testing.assert_close(pruned_logits, logits, atol=1e-5, rtol=1e-5)
     generated = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
@@ -555,7 +556,9 @@ def test_kv_cache_holds_only_kept_tokens(vcase, method):
         out = vcase.model(**vcase.inputs, use_cache=True)
         sample = vtprune.stats(vcase.model).samples[0]
     cache = compat.output_cache(out)
-    assert [layer.get_seq_length() for layer in cache.layers] == sample.layer_lengths
+    cut_from = reference_runs.cache_cut_from(vcase.model, method, in_llm_options(vcase.family, method))
+    assert [layer.get_seq_length() for layer in cache.layers] == reference_runs.cut_cache_lengths(
+        sample.layer_lengths, cut_from)
     assert sample.layer_lengths[-1] < sample.layer_lengths[0]
 
 

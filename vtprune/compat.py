@@ -116,6 +116,20 @@ def cache_layer_tensors(cache: Any) -> list[tuple[Any, Any]]:
     return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in cache.layers]
 
 
+def is_dynamic_cache_layer(cache: Any, index: int) -> bool:
+    """Whether layer ``index`` of ``cache`` is a plain growing layer (``DynamicLayer``: its keys / values are the
+    cached entries and nothing else), whose entries may be replaced by a subset."""
+    from transformers.cache_utils import DynamicLayer
+
+    return type(cache.layers[index]) is DynamicLayer
+
+
+def set_cache_layer_tensors(cache: Any, index: int, keys: Any, values: Any) -> None:
+    """Replace the cached keys / values of a ``DynamicLayer`` (see :func:`is_dynamic_cache_layer`)."""
+    layer = cache.layers[index]
+    layer.keys, layer.values = keys, values
+
+
 def new_dynamic_cache(config) -> Any:
     return transformers.DynamicCache(config=config)
 

@@ -173,7 +173,9 @@ class _ClipLlavaAdapter(Adapter):
 
         ``flat_cls_attention`` [rows, P]: the [CLS] row of
         ``softmax(q k^T / sqrt(C))`` with q, k the full-width projections (one head spanning all C channels);
-        ``flat_keys`` [rows, P, C]: the full-width keys."""
+        ``flat_keys`` [rows, P, C]: the full-width keys;
+        ``cls_attention`` [rows, P]: the [CLS] row of the block's own multi-head attention, mean over heads (as the
+        feature layer's ``cls_attention``, at another block)."""
         if not store.capturing:
             return
         hidden = _call_arg(args, kwargs, "hidden_states")  # [rows, T, C] after layer_norm1
@@ -188,6 +190,9 @@ class _ClipLlavaAdapter(Adapter):
                     store[name] = torch.softmax(logits, dim=-1)[:, 0, offset:]
                 elif kind == "flat_keys":
                     store[name] = keys[:, offset:].detach()
+                elif kind == "cls_attention":
+                    heads = keys.view(rows, tokens, module.num_heads, module.head_dim)  # [rows, T, H, dh]
+                    store[name] = _ClipLlavaAdapter._attention_scores(module, hidden, heads)[:, offset:]
 
     @staticmethod
     def _attention_scores(module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -44,6 +44,7 @@ class LayerContext:
                           the same place in the frames of one video and by nothing else (a merged column: its
                           anchor's); -1 for text, padding and structural tokens (SampleLayout.patch_index)
     ``images``            per sample: the number of images and videos it holds
+    ``merged``            per sample BoolTensor[n_b]: which real columns (in ``source`` order) are merged tokens
     """
 
     layer: int
@@ -63,6 +64,7 @@ class LayerContext:
     rotary: nn.Module | None = None
     patch: torch.Tensor | None = None
     images: list[int] | None = None
+    merged: list[torch.Tensor] | None = None
 
     def sample_local_position_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer - 1``'s (cos, sin) with each sample's positions counted from its first real token, as
@@ -108,6 +110,10 @@ class LayerMethod(Method):
     #: select returns None for a sample it leaves unchanged, and the engine records a stage only where the
     #: method changed something.
     adaptive: ClassVar[bool] = False
+    #: vision-encoder signals (names as in ``signals``, which must list them too) the method reads per visual token:
+    #: the engine then calls ``prepare(..., vision=...)`` with, per sample, ``{name: Tensor[n_b] float32}`` over the
+    #: sample's real columns in ``source`` order — the token's signal value, NaN for text and merged tokens
+    vision_signals: tuple[str, ...] = ()
 
     def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
         """[(layer, visual tokens kept from that layer on), ...] for one sample, layers ascending
@@ -164,6 +170,12 @@ class LayerMethod(Method):
                 "nothing is pruned; lower the budget."
             )
 
+    def cache_cut_from(self, num_layers: int) -> int | None:
+        """The first decoder layer whose KV cache is cut, after the prefill, to the tokens the last pruning layer
+        kept (MustDrop's decoding stage; the engine's :func:`~vtprune.engine.layer_stage.cut_cache_to_final`).
+        None (default): every layer keeps the cache of the tokens it processed."""
+        return None
+
     def active(self, prepared: Any) -> bool:
         """Adaptive methods: whether :meth:`select` may still change anything in this forward (``prepared`` is
         what :meth:`prepare` returned); False lets the engine skip the remaining layers. Default: True."""
@@ -202,6 +214,23 @@ def top_scored(ctx: LayerContext, scores: torch.Tensor, wanted: list[int | None]
         order = torch.argsort(scores[b, candidates], descending=True, stable=True)
         out.append(LayerSelection(keep=torch.sort(candidates[order[:k]]).values))
     return out
+
+
+def geometric_layer_average(lam: float, layers: list[int], num_layers: int, num_visual: int) -> float:
+    """Visual tokens per decoder layer, averaged over ``num_layers`` layers, when the ``num_visual`` tokens are cut to
+    ``num_visual · lam^i`` from pruning layer ``layers[i − 1]`` on (all of them before ``layers[0]``)."""
+    bounds = [0, *layers, num_layers]
+    return sum((bounds[i + 1] - bounds[i]) * num_visual * lam**i for i in range(len(bounds) - 1)) / num_layers
+
+
+def geometric_ratio(target: float, layers: list[int], num_layers: int, num_visual: int) -> float:
+    """The ``lam`` in [0, 1] whose :func:`geometric_layer_average` is ``target`` (bisection: the average grows
+    monotonically with ``lam``); the caller checks that ``target`` lies between the averages at 0 and 1."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if geometric_layer_average(mid, layers, num_layers, num_visual) < target else (lo, mid)
+    return (lo + hi) / 2
 
 
 def _last_query_scores(layer: nn.Module, hidden, position_embeddings, ctx: LayerContext) -> torch.Tensor:
@@ -369,8 +398,7 @@ class PyramidDrop(LayerMethod):
 
     @staticmethod
     def _equivalent(lam: float, layers: list[int], num_layers: int, num_visual: int) -> float:
-        bounds = [0, *layers, num_layers]
-        return sum((bounds[i + 1] - bounds[i]) * num_visual * lam**i for i in range(len(bounds) - 1)) / num_layers
+        return geometric_layer_average(lam, layers, num_layers, num_visual)
 
     @staticmethod
     def stage_counts(num_visual: int, lam: float, stages: int) -> list[int]:
@@ -399,11 +427,7 @@ class PyramidDrop(LayerMethod):
                     f"pdrop with stages at {layers} keeps all {num_visual} visual tokens for {layers[0]} layers, "
                     f"so the smallest reachable budget is {minimum:.1f}; raise the budget or move the stages."
                 )
-            lo, hi = 0.0, 1.0
-            for _ in range(60):  # the equivalent count grows monotonically with λ
-                mid = (lo + hi) / 2
-                lo, hi = (mid, hi) if self._equivalent(mid, layers, num_layers, num_visual) < target else (lo, mid)
-            lam = (lo + hi) / 2
+            lam = geometric_ratio(target, layers, num_layers, num_visual)
         return list(zip(layers, self.stage_counts(num_visual, lam, len(layers)), strict=True))
 
     def score(self, ctx: LayerContext) -> torch.Tensor:

@@ -6,17 +6,36 @@ pure function of ``vtprune.selectors``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..engine.attention_rows import attention_rows
 from ..errors import BudgetError, MethodOptionError
 from ..registry import Method, Selection, VisionTower, VisualGroup, register_method
 from ..selectors.cdpruner import cdpruner_relevance, cdpruner_select
+from ..selectors.cls_attention import topk_select
 from ..selectors.hiprune import anchor_count, hiprune_select
-from ..selectors.mustdrop import mustdrop_merge, threshold_windows, window_scores, windows_for_budget
+from ..selectors.mustdrop import (
+    dual_attention_keep,
+    key_set_count,
+    mustdrop_merge,
+    threshold_windows,
+    window_scores,
+    windows_for_budget,
+)
 from ..selectors.prumerge import iqr_outlier_count, prumerge_indices, prumerge_merge
 from ..selectors.vispruner import split_vispruner_budget, vispruner_select
+from .in_llm import (
+    LayerContext,
+    LayerMethod,
+    LayerSelection,
+    _ascending_layers,
+    geometric_layer_average,
+    geometric_ratio,
+)
+from .video_llm import _check_fraction
 
 
 def _fraction(method: str, name: str, value: Any, low_open: bool = False) -> None:
@@ -345,14 +364,15 @@ class MustDrop(Method):
     otherwise (``positions="original"``, encoders without [CLS]: Qwen3-VL's deepstack rows need one token per
     anchor) each merged token takes its window's bottom-right position (the official merge destination).
 
-    Stages 2 and 3 of the paper are **not** built here: the authors' prefilling stage (text-guided dual-attention
-    filtering at decoder layers 2, 6, 10, 14, dropping a token when both its summed text attention is below
-    ``global_thr`` of the total and its largest is below ``individual_thr``, always keeping a "key set" of the
-    8 % tokens with the highest [CLS] attention in the last ViT block) keeps a data-dependent number of tokens
-    per sample and layer, which vtprune's in-LLM engine (a schedule of exact counts per layer) cannot express
-    without inventing a budget-to-threshold rule; the decoding stage (after the prefill the KV cache of layers
-    2..14 is cut to the tokens that survived layer 14) depends on it. LightCompress implements stage 1 only.
-    Compose with an in-LLM method (``["mustdrop", "sparsevlm"]``) for a prefilling stage.
+    Stages 2 and 3 (``prefill=True``, default): the companion in-LLM stage :class:`MustDropLLM` (``mustdrop_llm``,
+    see its docstring) filters the visual tokens by text attention after decoder layers ``prefill_layers`` (None:
+    the authors' 2, 6, 10, 14 of 32, scaled to the depth) with ``global_thr`` / ``individual_thr`` (default 0.001 /
+    0.001, the authors' 192-token script), always keeping the key set (the ceil(``key_ratio`` · N) tokens with the
+    highest [CLS] attention in the last ViT block, ``key_ratio=0.08``), and with ``cut_cache=True`` cuts the KV cache
+    of the filtering layers to the survivors after the prefill (the decoding stage). The budget applies to stage 1
+    (the count entering the LLM); stage 2 drops what the thresholds say on top (data dependent, per sample and
+    layer; ``stats()`` reports the layer average). ``prefill=False`` (``solo``) runs stage 1 alone (LightCompress
+    implements stage 1 only). ``budget=1.0`` prunes nothing in either stage.
 
     Deviations: ``r`` rounds up (the official ``(N + 1 - k) // (w - 1)`` counts the [CLS] token and can keep
     more or fewer than ``k``; the two agree at the paper's 64 / 128 / 192 on 576 tokens); grids not divisible
@@ -367,7 +387,10 @@ class MustDrop(Method):
     name = "mustdrop"
     paper = "arXiv:2411.10803"
     signals = ("vit_hidden",)
-    options = {"spatial_threshold": 0.6, "window_size": (3, 3), "merge": None}
+    options = {"spatial_threshold": 0.6, "window_size": (3, 3), "merge": None, "prefill": True,
+               "prefill_layers": None, "global_thr": 0.001, "individual_thr": 0.001, "key_ratio": 0.08,
+               "cut_cache": True}
+    solo = {"prefill": False}
     default_budget = None  # the official adaptive count (windows at or above spatial_threshold)
     budget_policy = "equal_per_crop"
     default_positions = "compact"
@@ -391,6 +414,21 @@ class MustDrop(Method):
         if self.config["merge"] not in (None, True, False):
             raise MethodOptionError(f"mustdrop option merge={self.config['merge']!r} must be None (LightCompress's "
                                     "choice per family), True or False.")
+        if not isinstance(self.config["prefill"], bool):
+            raise MethodOptionError(f"mustdrop option prefill={self.config['prefill']!r} must be True (the in-LLM "
+                                    "filtering stage too) or False (the window merge alone).")
+        self._companion()  # its options are checked now, before anything is installed
+
+    def _companion(self) -> MustDropLLM:
+        c = self.config
+        nothing = self.budget == 1.0  # budget 1.0: nothing pruned anywhere
+        stage = MustDropLLM(layers=c["prefill_layers"], global_thr=0.0 if nothing else c["global_thr"],
+                            individual_thr=c["individual_thr"], key_ratio=c["key_ratio"], cut_cache=c["cut_cache"])
+        stage.image_budget = self.budget if isinstance(self.budget, int) else None
+        return stage
+
+    def companions(self) -> list[Method]:
+        return [self._companion()] if self.config["prefill"] else []
 
     def bind(self, tower: VisionTower) -> None:
         merge = self.config["merge"]
@@ -445,3 +483,219 @@ class MustDrop(Method):
             anchors, order = result.dst.to(device), torch.ones(r, dtype=torch.long, device=device)
         return Selection(keep=result.keep.to(device), merged=merged, anchors=anchors, weights=result.weights,
                          order=order)
+
+
+#: the authors' filtering layers (liuting20/MustDrop @ 909afa5 ``modelling_sparse_llama.py`` L103) on LLaVA-1.5-7B's
+#: 32 decoder layers
+_MUSTDROP_LAYERS, _MUSTDROP_DEPTH = (2, 6, 10, 14), 32
+
+
+@dataclass
+class _MustDropState:
+    """One sample's prefilling state during one forward."""
+
+    key: torch.Tensor                  # LongTensor: original positions of the key set (never dropped)
+    entering: int | None = None        # visual tokens entering the first filter (budget mode)
+    ratio: float | None = None         # budget mode: the kept fraction per filter (geometric)
+    stage: int = 0                     # filters run so far
+
+
+@register_method
+class MustDropLLM(LayerMethod):
+    """MustDrop's prefilling stage — text-guided dual-attention filtering inside the LLM (Liu et al. 2024, arXiv
+    2411.10803; the authors' code liuting20/MustDrop @ 909afa5 ``llava/model/language_model/modelling_sparse_llama.py``
+    L196-264 (the loop), L336-354 (``dual_attention_filter``), L266-309 (the decoding stage's cache cut);
+    ``multimodal_encoder/clip_encoder.py`` L89-107 (the key set); thresholds in ``scripts/v1_5/eval/*.sh``).
+    Installed by ``mustdrop`` (``prefill=True``, default) after its window merge; usable alone.
+
+    After each filtering decoder layer l (``layers``; default the authors' 2, 6, 10, 14 of 32, scaled to this
+    decoder's depth as ``l * depth // 32``, duplicates dropped, at most depth − 2), the attention of layer l (from its
+    q/k: no eager attention) of every text token after the image to the visual tokens — softmax over each query's
+    whole causal row, mean over heads, [T, V] — decides: a visual token is dropped when its attention summed over
+    the T queries is below ``global_thr`` × the sum over all V tokens AND its largest single-query attention is below
+    ``individual_thr``. The key set is never dropped: the ceil(``key_ratio`` · N) tokens (0.08 · 576 → 47) with the
+    highest [CLS] attention (mean over heads) in the vision encoder's last block (``cls_attention@-1``; encoders
+    without [CLS]: the adapter's ``cls_attention``, mean received attention of the feature layer). The drop takes
+    effect from layer l + 1 on (this project's pruning point "before layer l + 1"; layer l itself, its KV cache
+    included, saw every token, as in the official code). Positions ``compact`` (the official narrows
+    ``position_ids``: the survivors are re-indexed after each drop).
+
+    Decoding stage (``cut_cache=True``, default): after the prefill, the KV cache of layers ``layers[0]`` ..
+    ``layers[-1]`` keeps only the visual tokens that survived the last filter (layers before ``layers[0]`` keep
+    every token; later layers hold only the survivors already), and decode steps at those layers use the last
+    filter's mask and positions, as the official per-layer cache cut and cache-length positions do. Only a
+    ``DynamicCache`` is cut (a static cache, whose buffers are fixed, keeps the per-filter caches: ``cut_cache``
+    has no effect there, and a warning says so).
+
+    Thresholds: the official defaults are ``global_thr=1.0, individual_thr=0.0`` (nothing is dropped); the
+    published scripts use (0.001, 0.001) for 192 tokens, (0.0012, 0.001) for 128 and (0.011, 0.01) for 64 on
+    TextVQA, (0.005, 0.001) for 64 on VizWiz; the default here is the 192-token pair. Budget: ``None`` (default)
+    = the thresholds decide (a data-dependent count per sample and layer). A float / int budget (equivalent visual
+    tokens, averaged over layers, as for the other in-LLM methods) replaces the thresholds by counts: every
+    filter keeps the same fraction of the visual tokens that entered the first one, solved so that the layer
+    average meets the budget, and drops the tokens that the dual rule ranks lowest (rank: max(summed share /
+    ``global_thr``, largest / ``individual_thr``), the official rule drops exactly the tokens ranked below 1); the
+    key set is kept on top, so a budget below it is not met (``stats()`` reports what was kept).
+
+    Deviations from the official code: (1) the key set is chosen among the tokens that enter the LLM unmerged,
+    by their [CLS] attention in the ViT run on the unmerged patches (the official merges inside the ViT after its
+    first block, so its merged tokens have their own attention; here stage 1 merges after the ViT, and merged
+    tokens are never key tokens); its size is ceil(``key_ratio`` × the sample's visual tokens entering the LLM),
+    per sample (the official: per image); (2) batches of any size, each sample with its own queries, key set and
+    counts (official: batch 1); (3) the filtering layers are scaled to the decoder's depth (official: 2, 6, 10,
+    14 and 32 layers hard-coded); (4) the text queries are the sample's text tokens after its last visual token
+    (official: every token after the image span; the same for one image followed by the prompt); (5) the cache cut
+    covers a dynamic cache only, and is skipped (each layer keeps the cache of what it processed, still correct)
+    when the cache held tokens before the prefill; the official loop also hard-codes 32 layers there.
+    Fidelity: tests/test_mustdrop_prefill.py transcribes the official prefill loop (eager weights of each
+    filtering layer, ``dual_attention_filter``, key-set union, ``index_select`` of the hidden states with compact
+    positions) and the official key set, and compares the kept tokens after every filter with ``stats()`` on the
+    tiny LLaVA and the trained micro-llava; the rule and the key set also on random attention.
+    """
+
+    name = "mustdrop_llm"
+    paper = "arXiv:2411.10803 (prefilling stage)"
+    signals = ("decoder_attention", "cls_attention@-1")
+    options = {"layers": None, "global_thr": 0.001, "individual_thr": 0.001, "key_ratio": 0.08, "cut_cache": True}
+    default_budget = None  # the thresholds decide
+    default_positions = "compact"
+    adaptive = True
+
+    def __init__(self, budget=None, positions=None, seed: int = 0, **options):
+        super().__init__(budget=budget, positions=positions, seed=seed, **options)
+        self.vision_signals = ("cls_attention@-1",)
+        #: set by ``mustdrop``: its int budget (tokens per image); a sample whose visual tokens fit it is left
+        #: unpruned here too (invariant 1: a budget at or above the visual tokens prunes nothing)
+        self.image_budget: int | None = None
+
+    def validate_options(self) -> None:
+        c = self.config
+        layers = c["layers"]
+        if layers is not None and not _ascending_layers(layers, 0):
+            raise MethodOptionError(f"mustdrop_llm layers={layers!r} must be strictly ascending decoder layer "
+                                    "indices >= 0 (the layers whose attention filters), e.g. [2, 6, 10, 14].")
+        for option in ("global_thr", "individual_thr", "key_ratio"):
+            _check_fraction(self.name, option, c[option])
+        if not isinstance(c["cut_cache"], bool):
+            raise MethodOptionError("mustdrop_llm cut_cache= must be True or False.")
+
+    def bind(self, tower: VisionTower) -> None:
+        key = "cls_attention@-1" if tower.has_cls else "cls_attention"
+        self.signals = ("decoder_attention", key)
+        self.vision_signals = (key,)
+
+    def filter_layers(self, num_layers: int) -> list[int]:
+        """The decoder layers whose attention filters (the official 2, 6, 10, 14 of 32, scaled)."""
+        layers = self.config["layers"]
+        if layers is None:
+            layers = sorted({min(layer * num_layers // _MUSTDROP_DEPTH, num_layers - 2) for layer in _MUSTDROP_LAYERS})
+            layers = [layer for layer in layers if layer >= 0]
+        if not layers or layers[-1] > num_layers - 2:
+            raise MethodOptionError(
+                f"mustdrop_llm filters after layers {list(layers)}, but a {num_layers}-layer decoder needs a layer "
+                f"after each; pass layers= (mustdrop: prefill_layers=) with values in [0, {num_layers - 2}]."
+                if num_layers >= 2 else
+                f"mustdrop_llm needs a decoder of at least 2 layers (this one has {num_layers}); run mustdrop's "
+                "window merge alone with prefill=False.")
+        return list(layers)
+
+    def pruning_layers(self, num_layers: int) -> list[int]:
+        return [layer + 1 for layer in self.filter_layers(num_layers)]
+
+    def cache_cut_from(self, num_layers: int) -> int | None:
+        return self.filter_layers(num_layers)[0] if self.config["cut_cache"] else None
+
+    def plan_schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        return [(layer, num_visual) for layer in self.pruning_layers(num_layers)]  # upper bounds (adaptive)
+
+    def schedule(self, num_layers: int, num_visual: int, num_images: int) -> list[tuple[int, int]]:
+        return self.plan_schedule(num_layers, num_visual, num_images)  # nothing to warn about before the data
+
+    def prepare(self, inputs_embeds, real, visual, text, source, vision=None) -> list[_MustDropState]:
+        name = self.vision_signals[0]
+        states = []
+        for b in range(inputs_embeds.shape[0]):
+            scores = vision[b][name]  # [n_b] over the sample's real columns, NaN off the unmerged visual tokens
+            count = int(visual[b].sum())
+            candidates = torch.nonzero(~torch.isnan(scores)).flatten()
+            chosen = topk_select(scores[candidates], min(candidates.numel(), key_set_count(count, self.config["key_ratio"])))
+            states.append(_MustDropState(key=source[b][candidates[chosen]]))
+        return states
+
+    def _budget_ratio(self, layers: list[int], num_layers: int, fraction: float) -> float:
+        """The kept fraction per filter whose layer average (all tokens before the first pruning layer, then
+        fraction^(i + 1) after filter i) equals ``fraction`` of the visual tokens."""
+        if fraction >= 1.0:
+            return 1.0
+        if geometric_layer_average(0.0, layers, num_layers, 1) > fraction:
+            raise BudgetError(f"mustdrop_llm processes every visual token in its first {layers[0]} of {num_layers} "
+                              f"decoder layers, so it cannot average {fraction:.3f} of them; raise the budget or "
+                              "pass earlier layers=.")
+        return geometric_ratio(fraction, layers, num_layers, 1)
+
+    def select(self, ctx: LayerContext, wanted: list[int | None]) -> list[LayerSelection | None]:
+        batch = ctx.hidden.shape[0]
+        queries, visuals = [], []
+        for b in range(batch):
+            visual = torch.nonzero(ctx.visual[b]).flatten()
+            text = torch.nonzero(ctx.text[b] & ctx.real[b]).flatten()
+            after = text[text > visual[-1]] if visual.numel() else text[:0]
+            visuals.append(visual)
+            queries.append(after)
+        todo = [b for b in range(batch) if wanted[b] is not None and queries[b].numel() and visuals[b].numel()]
+        out: list[LayerSelection | None] = [None] * batch
+        if not todo:
+            return out
+        width = max(queries[b].numel() for b in todo)
+        index = torch.stack([torch.cat([q, q[-1:].expand(width - q.numel())]) if q.numel() else
+                             torch.zeros(width, dtype=torch.long, device=ctx.hidden.device) for q in queries])
+        rows = attention_rows(ctx.layers[ctx.layer - 1], ctx.previous_hidden, ctx.previous_position_embeddings,
+                              index, key_padding_mask=ctx.real, average_heads=True)  # [B, Q, L]
+        c = self.config
+        for b in todo:
+            state: _MustDropState = ctx.prepared[b]
+            visual = visuals[b]
+            images = max(ctx.images[b] if ctx.images else 1, 1)
+            if state.stage == 0 and self.image_budget is not None and self.image_budget * images >= visual.numel():
+                state.stage = -1  # the budget covers every visual token of this sample: nothing is pruned
+            if state.stage < 0:
+                continue
+            attention = rows[b, :queries[b].numel()][:, visual]  # [T, V]
+            local = torch.searchsorted(torch.nonzero(ctx.real[b]).flatten(), visual).cpu()  # real-column index
+            positions = ctx.source[b][local]
+            merged = ctx.merged[b][local] if ctx.merged is not None else torch.zeros_like(positions, dtype=torch.bool)
+            key = (torch.isin(positions, state.key.cpu()) & ~merged).to(visual.device)
+            if self.budget is None:
+                keep = dual_attention_keep(attention, c["global_thr"], c["individual_thr"]) | key
+            else:
+                keep = self._budget_keep(ctx, b, state, attention, key)
+            state.stage += 1
+            if bool(keep.all()):
+                continue
+            out[b] = LayerSelection(keep=visual[keep])
+        return out
+
+    def _budget_keep(self, ctx: LayerContext, b: int, state: _MustDropState, attention: torch.Tensor,
+                     key: torch.Tensor) -> torch.Tensor:
+        count = attention.shape[1]
+        num_layers = len(ctx.layers)
+        if state.ratio is None:
+            state.entering = count
+            images = ctx.images[b] if ctx.images else 1
+            fraction = self._target_equivalent(count, images) / count
+            state.ratio = self._budget_ratio(self.pruning_layers(num_layers), num_layers, fraction)
+        target = round(state.entering * state.ratio ** (state.stage + 1))
+        if target >= count:
+            return torch.ones(count, dtype=torch.bool, device=attention.device)
+        total = attention.float().sum(dim=0)  # [V]
+        share = total / total.sum()
+        largest = attention.float().max(dim=0).values
+        c = self.config
+        inf = torch.full_like(share, float("inf"))
+        rank = torch.maximum(share / c["global_thr"] if c["global_thr"] > 0 else inf,
+                             largest / c["individual_thr"] if c["individual_thr"] > 0 else inf)
+        rank = torch.where(key, inf, rank)  # the key set first
+        order = torch.sort(rank, descending=True, stable=True).indices[:max(target, int(key.sum()))]
+        keep = torch.zeros(count, dtype=torch.bool, device=attention.device)
+        keep[order] = True
+        return keep

@@ -8,6 +8,7 @@ those layers a mask sized to their own (shorter) cache.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,9 @@ class Segment:
     position_embeddings: Any = None             # prefill, or the current decode step
     attention_mask: Any = None                  # 4-D / None, prefill or the current decode step
     hidden: torch.Tensor | None = None          # prefill: the pruned hidden states entering ``layer``
+    #: per sample: for each real column, the index of the real column of the stage's input (before any in-LLM
+    #: segment) it comes from; identifies the cached entries across segments (:func:`cut_cache_to_final`)
+    column_id: list[torch.Tensor] | None = None
 
 
 @dataclass
@@ -63,6 +67,11 @@ class LayerRun:
     #: one entry per decoder layer run so far: per sample (sequence length, visual tokens) entering it
     history: list[list[tuple[int, int]]] = field(default_factory=list)
     timer: Any = None                         # the session's timer (engine/timing.py), None when not timing
+    #: the sequence entering layer 0 (set when the first segment is built): its 2-D mask (None: no padding), its
+    #: length, and per sample the ids of its real columns (0..n_b-1); later segments carry ``column_id``
+    base_mask: torch.Tensor | None = None
+    base_length: int = 0
+    column_id: list[torch.Tensor] = field(default_factory=list)
 
 
 def real_columns(mask2d: torch.Tensor | None, batch: int, length: int, device) -> list[torch.Tensor]:
@@ -117,7 +126,7 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         previous_hidden=prev_hidden, previous_position_embeddings=prev_pe, previous_position_ids=prev_ids,
         rotary=getattr(lm, "rotary_emb", None), real=real, visual=visual,
         last=last_token_index(mask2d, batch, length).to(hidden.device), text=text, source=run.source,
-        prepared=run.prepared, norm=getattr(lm, "norm", None), patch=patch, images=images,
+        prepared=run.prepared, norm=getattr(lm, "norm", None), patch=patch, images=images, merged=run.merged,
     )
     with section(run.timer, "select"):
         selections = run.method.select(ctx, wanted)
@@ -145,9 +154,13 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         plans.append(SamplePlan(keep=keep, merged=selection.merged, merged_anchors=selection.anchors,
                                 last=int(cols[-1]) if cols.numel() else -1, image_of=image_of, frame_of=frame_of))
     pruned = assemble(hidden, position_ids, plans, run.method.positions, run.pad_left, run.image_rule)
+    if not run.segments:  # the sequence entering layer 0
+        run.base_mask, run.base_length = mask2d, length
+        run.column_id = [torch.arange(src.numel()) for src in run.source]
     for b in range(batch):
         # each column of the new sequence comes from a column of the old one (merged tokens: their anchor)
         local = torch.searchsorted(columns[b], pruned.source[b]).cpu()
+        run.column_id[b] = run.column_id[b][local]
         added = pruned.merged[b].cpu()
         run.source[b] = run.source[b][local]
         run.visual[b] = run.visual[b][local] | added
@@ -163,13 +176,53 @@ def prune_at_layer(run: LayerRun, lm: nn.Module, layer_idx: int, hidden: torch.T
         layer=layer_idx, prompt_mask=pruned.attention_mask, position_shift=base_shift + pruned.position_shift,
         position_ids=new_pos,
         position_embeddings=lm.rotary_emb(pruned.inputs_embeds, position_ids=rope_rows(new_pos)),
-        hidden=pruned.inputs_embeds,
+        hidden=pruned.inputs_embeds, column_id=[ids.clone() for ids in run.column_id],
     )
     segment.attention_mask = compat.create_causal_mask(
         lm.config, pruned.inputs_embeds, pruned.attention_mask, cache, layer_rows(new_pos), layer_idx=layer_idx,
     )
     run.segments.append(segment)
     return segment
+
+
+def cut_cache_to_final(run: LayerRun, cache, start: int) -> list[Segment] | None:
+    """After a prefill: cut the cached keys / values of decoder layers ``start`` .. (the last segment's layer − 1)
+    to the tokens of the last segment (MustDrop's decoding stage), and return the segments the decode steps then
+    use (the last segment, from ``start`` on). None, with nothing changed, when there is nothing to cut or it
+    cannot be done exactly: no segment, a cache that is not a per-layer dynamic cache, a cache that held tokens
+    before this prefill, or tokens merged inside the decoder (their entries are new, not a subset)."""
+    if cache is None or not run.segments:
+        return None
+    final = run.segments[-1]
+    if start >= final.layer:
+        return None
+    layers = compat.cache_layer_tensors(cache)
+    batch, width = final.prompt_mask.shape
+    if len(layers) < final.layer or any(ids.unique().numel() != ids.numel() for ids in run.column_id):
+        return None
+    plans = []
+    for index in range(start, final.layer):
+        earlier = [seg for seg in run.segments if seg.layer <= index]
+        mask = earlier[-1].prompt_mask if earlier else run.base_mask
+        length = mask.shape[1] if mask is not None else run.base_length
+        ids = earlier[-1].column_id if earlier else [torch.arange(n) for n in (
+            [int(m.sum()) for m in mask] if mask is not None else [length] * batch)]
+        keys, values = layers[index]
+        if not compat.is_dynamic_cache_layer(cache, index) or keys is None or keys.shape[-2] != length:
+            return None
+        plans.append((index, mask, length, ids))
+    final_slots = real_columns(final.prompt_mask, batch, width, final.prompt_mask.device)
+    for index, mask, length, ids in plans:
+        keys, values = layers[index]
+        slots = real_columns(mask, batch, length, keys.device)
+        gather = torch.zeros(batch, width, dtype=torch.long, device=keys.device)  # padding entries: masked out
+        for b in range(batch):
+            where = torch.searchsorted(ids[b], run.column_id[b])
+            gather[b, final_slots[b].to(keys.device)] = slots[b][where.to(keys.device)]
+        heads, dim = keys.shape[1], keys.shape[-1]
+        index_kv = gather[:, None, :, None].expand(batch, heads, width, dim)
+        compat.set_cache_layer_tensors(cache, index, keys.gather(2, index_kv), values.gather(2, index_kv))
+    return [*[seg for seg in run.segments if seg.layer < start], dataclasses.replace(final, layer=start)]
 
 
 def _record_stage(run: LayerRun, b: int, layer_idx: int, added: int) -> None:

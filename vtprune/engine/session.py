@@ -27,7 +27,14 @@ from .. import compat
 from ..adapters.base import ENGINE_SIGNALS, IMAGE, VIDEO, Adapter, SignalStore
 from ..budget import split_equal, split_proportional, tokens_for
 from ..engine.decode_stage import DecodeStage
-from ..engine.layer_stage import LayerRun, Segment, decode_segment_inputs, prune_at_layer, real_columns
+from ..engine.layer_stage import (
+    LayerRun,
+    Segment,
+    cut_cache_to_final,
+    decode_segment_inputs,
+    prune_at_layer,
+    real_columns,
+)
 from ..engine.layout import ImageSpan, SampleLayout, TokenGroup
 from ..engine.positions import layer_rows
 from ..engine.sequence import PrunedBatch, SamplePlan, assemble
@@ -781,8 +788,12 @@ class PruneSession:
             lm_real[b, cols] = True
             lm_visual[b, cols[visual[b].to(cols.device)]] = True
             lm_text[b, cols[text[b].to(cols.device)]] = True
+        extra = {}
+        if self.layer_method.vision_signals:
+            extra["vision"] = self._column_signals(layouts, length, source, [m.cpu() for m in merged],
+                                                   self.layer_method.vision_signals)
         with section(self.timer, "select"):
-            prepared = self.layer_method.prepare(lm_embeds, lm_real, lm_visual, lm_text, source)
+            prepared = self.layer_method.prepare(lm_embeds, lm_real, lm_visual, lm_text, source, **extra)
         self._run = LayerRun(
             method=self.layer_method, schedules=schedules, source=source, visual=visual,
             merged=[m.cpu() for m in merged], pad_left=pad_left, structural=structural, text=text,
@@ -802,6 +813,30 @@ class PruneSession:
             position_shift=shift,
         )
         return new_kwargs
+
+    def _column_signals(self, layouts: list[SampleLayout], length: int, sources: list[torch.Tensor],
+                        merged: list[torch.Tensor], names) -> list[dict[str, torch.Tensor]]:
+        """Per sample ``{name: Tensor[n_b] float32}``: the captured vision signal of each real column (``sources``:
+        its original position), NaN for text, structural and merged columns (LayerMethod.vision_signals)."""
+        out = []
+        for b, layout in enumerate(layouts):
+            values = {}
+            for name in names:
+                by_position = torch.full((length,), float("nan"))
+                for image in layout.images:
+                    modality = VIDEO if image.is_video else IMAGE
+                    if not self.store.has(modality, name):
+                        raise VTPruneError(f"signal {name!r} was not captured during the {modality} encoder's "
+                                           "forward.")
+                    table = self.store.table(modality, name)
+                    for group in image.groups:
+                        rows = table[group.vision_row.to(table.device), group.patch_index.to(table.device)]
+                        by_position[image.positions[group.members]] = rows.float().cpu()
+                column = by_position[sources[b]]
+                column[merged[b]] = float("nan")
+                values[name] = column
+            out.append(values)
+        return out
 
     def _on_decoder_layer(self, index: int, module, args, kwargs):
         run = self._run
@@ -866,6 +901,16 @@ class PruneSession:
         self._step = None
         if run is None:
             return None
+        cut_from = self.layer_method.cache_cut_from(len(self.adapter.decoder_layers)) if run.segments else None
+        if cut_from is not None and self._decode is not None:  # the method's decoding stage (MustDrop)
+            cut = cut_cache_to_final(run, self._decode.cache, cut_from)
+            if cut is not None:
+                run.segments = cut
+            elif not compat.is_dynamic_cache_layer(self._decode.cache, cut_from):
+                self.layer_method.warn_once(
+                    f"the {type(self._decode.cache).__name__} has fixed per-layer buffers, so the decoding stage's "
+                    "KV-cache cut does not run: each layer decodes from the cache of what it processed; use the "
+                    "default dynamic cache for the cut, or pass cut_cache=False to silence this.")
         if run.segments:  # the loss reads the logits of the sequence the last segment left
             mask = run.segments[-1].prompt_mask
             slots = real_columns(mask, mask.shape[0], mask.shape[1], mask.device)

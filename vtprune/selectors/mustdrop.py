@@ -7,6 +7,11 @@ ModelTC/LightCompress @ 9701d03 ``llmc/compression/token_reduction/mustdrop.py``
 The patch grid is tiled by non-overlapping ``wh x ww`` windows (row-major over windows, raster order inside a
 window). A window's score is the mean pairwise cosine similarity of its tokens (self-pairs excluded). The ``r``
 highest-scoring windows each become one token; every other token stays as it is.
+
+The prefilling stage (:func:`dual_attention_keep`, :func:`key_set`) follows the authors' own code,
+``llava/model/language_model/modelling_sparse_llama.py`` L336-354 (``dual_attention_filter``) and
+``multimodal_encoder/clip_encoder.py`` L97-107 (the key set: :func:`key_set_count` tokens picked by
+:func:`~vtprune.selectors.cls_attention.topk_select`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["WindowMerge", "window_scores", "windows_for_budget", "threshold_windows", "mustdrop_merge"]
+__all__ = ["WindowMerge", "window_scores", "windows_for_budget", "threshold_windows", "mustdrop_merge",
+           "dual_attention_keep", "key_set_count"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +103,19 @@ def mustdrop_merge(features: torch.Tensor, windows: torch.Tensor, scores: torch.
     weights.scatter_(1, chosen, 1.0 / w)
     merged = features.float()[chosen].mean(dim=1).to(features.dtype)  # [r, C]
     return WindowMerge(windows=chosen, dst=chosen[:, -1], keep=keep, weights=weights, merged=merged)
+
+
+def dual_attention_keep(attention: torch.Tensor, global_thr: float, individual_thr: float) -> torch.Tensor:
+    """BoolTensor[V]: the visual tokens the dual-attention filter keeps, from ``attention`` [T, V] (float32: the
+    head-mean softmax attention of T text queries to the V visual tokens, each row over the query's whole causal
+    row). A token is dropped when its attention summed over the queries is below ``global_thr`` times the sum over
+    all V tokens AND its largest attention from a single query is below ``individual_thr``."""
+    attention = attention.float()
+    total = attention.sum(dim=0)  # [V] global attention
+    dropped = (total < total.sum() * global_thr) & (attention.max(dim=0).values < individual_thr)
+    return ~dropped
+
+
+def key_set_count(num_tokens: int, ratio: float) -> int:
+    """The official key-set size: ``ceil(ratio * N)`` of the image's N tokens (0.08 * 576 -> 47)."""
+    return min(num_tokens, math.ceil(ratio * num_tokens))
