@@ -191,8 +191,10 @@ class _ClipLlavaAdapter(Adapter):
                 elif kind == "flat_keys":
                     store[name] = keys[:, offset:].detach()
                 elif kind == "cls_attention":
-                    heads = keys.view(rows, tokens, module.num_heads, module.head_dim)  # [rows, T, H, dh]
-                    store[name] = _ClipLlavaAdapter._attention_scores(module, hidden, heads)[:, offset:]
+                    shape = (rows, tokens, module.num_heads, module.head_dim)
+                    heads = keys.view(shape)  # [rows, T, H, dh]
+                    queries = module.q_proj(hidden[:, :1]).view(rows, 1, *shape[2:])  # the [CLS] query only
+                    store[name] = _ClipLlavaAdapter._attention_scores(module, queries, heads)[:, offset:]
 
     @staticmethod
     def _attention_scores(module, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
