@@ -11,6 +11,8 @@ position) with the same hidden states (float32, within 1e-5), the same recorded 
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,10 @@ from vtprune.testing import tiny_image, tiny_inputs, tiny_video
 RANDOM_CASES = 24
 FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
+
+needs_video = pytest.mark.skipif(
+    importlib.util.find_spec("torchvision") is None,
+    reason="video inputs go through the HF video processors, which need torchvision (the video extra)")
 
 @pytest.fixture(autouse=True)
 def _no_grad():
@@ -263,6 +269,7 @@ def _video_inputs(processor, clips, padding_side="left"):
     return tiny_inputs(processor, [None] * len(clips), prompts, padding_side=padding_side, videos=list(clips))
 
 
+@needs_video
 @pytest.mark.parametrize("family", FAMILIES)
 def test_static_clip_merges_every_place_into_its_first_frame(family, tiny_models):
     """A static clip of T frames (temporal groups) of 16 tokens at cost c: at layer 0 the (T−1)/T of the tokens
@@ -290,6 +297,7 @@ def _layout(model, inputs):
     return adapter_for(model).build_layouts(dict(inputs))[0].images[0]
 
 
+@needs_video
 def test_static_clip_merged_tokens_are_the_first_frame(tiny_models):
     """The merged tokens of a static clip are the means of identical states: the sequence entering layer 0 is
     the unpruned one with frames 1-3 removed (frame 0's tokens at their original positions)."""
@@ -321,6 +329,7 @@ def test_static_clip_merged_tokens_are_the_first_frame(tiny_models):
 # ---------------------------------------------------------------------------------------------------------
 
 
+@needs_video
 @pytest.mark.parametrize("positions", ["original", "compact"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batch_with_merges_equals_alone(family, positions, tiny_models):
@@ -369,6 +378,7 @@ def _framefusion_stats(model, inputs, **kwargs):
         return vtprune.stats(model).samples[0]
 
 
+@needs_video
 def test_budget_is_the_cost_and_an_int_budget_the_clips_equivalent_tokens(tiny_models):
     """A float budget is the cost (the layer average of the visual tokens, as a fraction); an int budget is the
     clip's equivalent tokens (cost = budget / visual tokens); ``cost`` overrides a budget with a warning. On a noisy
@@ -388,6 +398,7 @@ def test_budget_is_the_cost_and_an_int_budget_the_clips_equivalent_tokens(tiny_m
         build_method("framefusion", budget=0.3, cost=0.6)
 
 
+@needs_video
 def test_unreachable_cost_is_a_budget_error(tiny_models):
     """Budget 0.2 on a 4-layer decoder with a clip where nothing merges: layer 0 already processes every visual
     token (one layer's worth of the 0.8 allowed is fine), merging ends, and the pruning step at layer 1 cannot meet
