@@ -472,6 +472,16 @@ def official_fastvid(video_hidden, frame_attn, frame_global, ratio, c=8, tau=0.9
     return hidden[order], keep[order]
 
 
+def _assert_same_as_official(clip, got, want, want_idx):
+    """FastVID's kept and merged tokens, in position order, equal the official output and its positions."""
+    flat = clip.reshape(-1, clip.shape[-1])
+    index = torch.cat([got.keep, got.anchors])
+    tokens = torch.cat([flat[got.keep], got.merged])
+    order = torch.argsort(index)
+    assert torch.equal(index[order], want_idx)
+    torch.testing.assert_close(tokens[order], want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", range(CASES))
 def test_fastvid_matches_official(case):
     g = torch.Generator().manual_seed(100 + case)
@@ -484,12 +494,7 @@ def test_fastvid_matches_official(case):
     torch.manual_seed(case)
     want, want_idx = official_fastvid(clip, attention, glob, ratio, c=4)
     got = fastvid_select(clip, attention, glob, frame_keep=int(n * ratio), cuts=4)
-    flat = clip.reshape(-1, d)
-    index = torch.cat([got.keep, got.anchors])
-    tokens = torch.cat([flat[got.keep], got.merged])
-    order = torch.argsort(index)
-    assert torch.equal(index[order], want_idx)
-    torch.testing.assert_close(tokens[order], want, atol=1e-5, rtol=1e-5)
+    _assert_same_as_official(clip, got, want, want_idx)
     _check_weights(clip, got)
 
 
@@ -510,12 +515,7 @@ def test_fastvid_matches_official_on_the_micro_video_shape(ratio):
     want, want_idx = official_fastvid(clip, attention, glob, ratio, c=8)
     got = fastvid_select(clip, attention, glob, frame_keep=int(n * ratio), cuts=8)
     assert fastvid_segments(glob, cuts=8) == [1] * frames
-    flat = clip.reshape(-1, d)
-    index = torch.cat([got.keep, got.anchors])
-    tokens = torch.cat([flat[got.keep], got.merged])
-    order = torch.argsort(index)
-    assert torch.equal(index[order], want_idx)
-    torch.testing.assert_close(tokens[order], want, atol=1e-5, rtol=1e-5)
+    _assert_same_as_official(clip, got, want, want_idx)
 
 
 def official_dycoke_ttm(image_feature, num_tokens_per_frame, merging_ratio=0.7):
