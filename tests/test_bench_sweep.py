@@ -186,14 +186,21 @@ def test_next_cell_keeps_a_worker_on_its_model_and_shares_the_last_one():
 
 
 def test_default_run_takes_the_questions_of_its_standard_error_target():
-    """Without --model/--preset the bench evaluates DEFAULT_RUN_QUESTIONS per task (2.5-point standard error at
-    the full-token accuracies); --limit 0 is every question; with --model the default is every question."""
+    """Without --model/--preset the bench evaluates DEFAULT_RUN_QUESTIONS per task (at most 2.5 points of
+    standard error at the default models' recorded full-token accuracies); --limit 0 is every question; with
+    --model the default is every question."""
+    import json
     import math
 
+    from vtprune.bench.sweep import DEFAULT_IMAGE_MODELS, VIDEO_MODEL
     from vtprune.cli import DEFAULT_RUN_QUESTIONS, _bench_limit, build_parser
+    from vtprune.loading import bundled_model_dir
 
     assert DEFAULT_RUN_QUESTIONS % 6 == 0 and DEFAULT_RUN_QUESTIONS % 7 == 0  # skill-balanced in both tasks
-    assert 100 * math.sqrt(0.84 * 0.16 / DEFAULT_RUN_QUESTIONS) <= 2.53
+    for name in (*DEFAULT_IMAGE_MODELS, VIDEO_MODEL):
+        recorded = json.loads((bundled_model_dir(name) / "eval_results.json").read_text())
+        p = recorded["test"]["overall"]
+        assert 100 * math.sqrt(p * (1 - p) / DEFAULT_RUN_QUESTIONS) <= 2.5, (name, p)
     parser = build_parser()
     for argv, default_run, expected in ((["bench"], True, DEFAULT_RUN_QUESTIONS), (["bench"], False, None),
                                         (["bench", "--limit", "0"], True, None),

@@ -429,8 +429,8 @@ def _check_bench_args(args) -> tuple[list[str], list[str], list[str], dict[str, 
     if not models and not presets:
         models = default_models()
         if not models:
-            raise VTPruneError("no bundled micro-VLM found in models/ (micro-llava, micro-qwen2vl); pass --model "
-                               "DIR or --preset NAME")
+            raise VTPruneError("no bundled micro-VLM found in models/ (micro-llava); pass --model DIR or "
+                               "--preset NAME")
     registered = list(methods())
     chosen = registered if args.methods in (None, "all") else _split(args.methods)
     if not chosen:
@@ -525,9 +525,9 @@ def _sweep_runs(args) -> list[tuple[int, list[tuple[str, object]]]]:
 
 #: questions per task in the default ``vtprune bench`` (no --model / --preset): the first 210 of each test split
 #: (35 per image skill, all 210 clips = 30 per video skill); one binomial standard error sqrt(p (1 - p) / n) is
-#: about 2.5 points at the bundled models' full-token accuracies (1.9 / 2.5 / 2.6 at p = 0.914 / 0.843 / 0.829),
-#: 3.5 at p = 0.5; methods are
-#: compared on the same questions (paired), so their differences are tighter
+#: at most 2.5 points at the default models' full-token accuracies (micro-llava 91.4 % -> 1.9,
+#: micro-qwen2vl-video 88.6 % -> 2.2; 3.5 at p = 0.5); methods are compared on the same questions (paired), so
+#: their differences are tighter
 DEFAULT_RUN_QUESTIONS = 210
 
 
@@ -771,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="sweep methods x budgets x models x tasks; JSONL rows (resumable) + tables", epilog=BUDGET_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", metavar="DIR",
-                   help="HF model directory (repeatable); default: the bundled micro-VLMs")
+                   help="HF model directory (repeatable); default: models/micro-llava (task synth) and "
+                        "models/micro-qwen2vl-video (task synth_video)")
     p.add_argument("--preset", action="append", metavar="NAME",
                    help="shape preset of models/presets with random weights, latency only (repeatable)")
     p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
