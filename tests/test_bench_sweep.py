@@ -558,3 +558,32 @@ def test_synth_video_refuses_a_model_without_videos(tmp_path, saved_tiny_llava):
     rows = run_sweep([Cell(saved_tiny_llava, "none", None, "synth_video")], tmp_path / "r.jsonl", FAST,
                      progress=False)
     assert rows[0]["status"] == "error" and "takes no videos" in rows[0]["error"]
+
+
+def test_a_crashing_cell_is_recorded_the_sweep_goes_on_and_the_command_fails(tmp_path, monkeypatch, capsys):
+    """A bug (any exception but a VTPruneError refusal) in one cell: the row says "crash" with the traceback, the
+    other cells run, the row is not done (a re-run measures it again), and `vtprune bench` exits 1 naming it."""
+    from vtprune.catalog import pre_llm
+    from vtprune.cli import main
+
+    def broken(features, k):
+        raise RuntimeError("selector bug for the test")
+
+    monkeypatch.setattr(pre_llm, "divprune_select", broken)
+    out = tmp_path / "r.jsonl"
+    cells = plan_cells(["tiny:llava"], ["divprune", "random"], ["0.5"], ["latency"])
+    rows = run_sweep(cells, out, FAST, progress=False)
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["random"]["status"] == "ok"
+    crashed = by_method["divprune"]
+    assert crashed["status"] == "crash" and crashed["error"] == "RuntimeError: selector bug for the test"
+    assert "broken" in crashed["traceback"] and "latency" not in crashed
+    assert not vtprune.is_pruned(load_for_bench("tiny:llava", FAST).model)
+    assert "CRASH" in report.to_markdown(report.summaries(rows))
+    capsys.readouterr()
+    code = main(["bench", "--model", "tiny:llava", "--tasks", "latency", "--methods", "divprune,random",
+                 "--budgets", "0.5", "--repeats", "1", "--warmup", "0", "--new-tokens", "1", "--out", str(out),
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "1 cell(s) crashed" in err and "divprune @ 0.5 (latency): RuntimeError" in err
+    assert [r["method"] for r in ResultsFile(out).load()].count("divprune") == 2  # measured again, not reused

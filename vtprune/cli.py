@@ -624,6 +624,15 @@ def cmd_bench(args) -> int:
     if sections:
         Path(f"{stem}_targets.md").write_text("\n".join(sections))
         print("\n".join(sections) if args.targets else f"latency targets (pass/fail): {stem}_targets.md (--targets prints them)")
+    crashed = [row for row in rows if row.get("status") == "crash"]
+    if crashed:  # a bug, not a refusal: the run must not look successful
+        print(f"vtprune bench: {len(crashed)} cell(s) crashed -- a bug in vtprune or the model code, not a refusal; "
+              f"the other cells' rows are in {out}, the crashed ones carry their traceback there and run again "
+              "next time:", file=sys.stderr)
+        for row in crashed:
+            print(f"  {Path(str(row['model'])).name} {row['method']} @ {row['budget']} ({row['task']}): {row['error']}",
+                  file=sys.stderr)
+        return 1
     return 0
 
 

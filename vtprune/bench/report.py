@@ -173,7 +173,9 @@ def _table(records: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[str]
 
 
 def _errors(records: Sequence[dict[str, Any]]) -> list[str]:
-    return [f"{_short_model(r['model'])} {r['method']} @ {r['budget']}: {r.get('error')}"
+    """One line per cell that did not run: refusals ("error") by their message, crashes (bugs) marked CRASH."""
+    return [f"{_short_model(r['model'])} {r['method']} @ {r['budget']}: "
+            f"{'CRASH (a bug; traceback in results.jsonl) ' if r.get('status') == 'crash' else ''}{r.get('error')}"
             for r in records if r.get("status") != "ok"]
 
 

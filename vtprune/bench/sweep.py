@@ -618,8 +618,13 @@ def _unpruned_stats(model, inputs) -> dict[str, Any] | None:
 
 
 def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
-    """Measure one cell; returns its row (``status`` "ok", or "error" with the message for errors that
-    would recur on a re-run, e.g. a budget the method cannot reach)."""
+    """Measure one cell; returns its row: ``status`` "ok"; "error" with the message of a :class:`VTPruneError`
+    (a refusal that would recur on a re-run, e.g. a budget the method cannot reach); or "crash" for any other
+    exception -- a bug -- with its message and ``traceback``, so one broken cell does not cost the sweep its other
+    cells. Neither kind counts as done: a re-run measures them again, and ``vtprune bench`` exits non-zero when a
+    cell crashed."""
+    import traceback
+
     import vtprune
 
     if options.threads:
@@ -651,6 +656,9 @@ def run_cell(cell: Cell, options: SweepOptions) -> dict[str, Any]:
             row.update(_latency_cell(loaded, cell, options, method_options))
     except VTPruneError as error:
         row["status"], row["error"] = "error", f"{type(error).__name__}: {error}"
+    except Exception as error:  # a bug in a method or an adapter: recorded loudly, the sweep goes on
+        row["status"], row["error"] = "crash", f"{type(error).__name__}: {error}"
+        row["traceback"] = traceback.format_exc()
     finally:
         if vtprune.is_pruned(loaded.model):
             vtprune.remove(loaded.model)
