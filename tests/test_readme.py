@@ -181,3 +181,4 @@ def test_methods_command_prints_the_table_and_reachable_budgets(capsys):
     assert rows["divprune"] == f"1–{tokens}"
     lowest_fastv = int(rows["fastv"].split("–")[0])
     assert 1 < lowest_fastv < tokens  # layer 2 keeps every token before it
+    assert rows["framefusion"].startswith("decided per input")  # adaptive: no range is claimed

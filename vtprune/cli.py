@@ -134,7 +134,8 @@ def cmd_methods(args) -> int:
 def _reachable_budgets(model, processor) -> tuple[dict[str, str], str]:
     """Per method, the int budgets (equivalent visual tokens per image) it can reach on ``model`` for the
     bundled test image: pre-LLM methods any count up to the image's tokens; in-LLM methods from the smallest
-    layer average their stages allow (they keep every token before their first layer)."""
+    layer average their stages allow (they keep every token before their first layer); adaptive in-LLM methods
+    (FrameFusion) decide their count from the input itself, so no range is claimed for them."""
     import warnings
 
     from .adapters.base import adapter_for
@@ -161,6 +162,9 @@ def _reachable_budgets(model, processor) -> tuple[dict[str, str], str]:
             continue
         if info.stage != "in-llm":
             out[name] = f"1–{tokens}"
+            continue
+        if getattr(method_class(name), "adaptive", False):  # FrameFusion: merging decides the count per input
+            out[name] = f"decided per input (≤ {tokens})"
             continue
         lowest = None
         with warnings.catch_warnings():
