@@ -491,3 +491,21 @@ def test_random_seed_changes_selection(case):
     _, _, stats = pruned_run(case, "random", seed=1)
     seed1 = stats.samples[0].stages[0].kept_positions
     assert seed0.numel() > 0 and not torch.equal(seed0, seed1)
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_stage_stats_account_for_every_visual_token_leaving_it(case, method):
+    """Each stage's kept tokens plus its merged tokens (``merged_positions``: the places merged tokens take, what
+    ``vtprune run --show`` outlines) are the visual tokens leaving it, all at visual positions of the input."""
+    from vtprune.adapters.base import adapter_for
+
+    _, _, stats = pruned_run(case, method)
+    visual = adapter_for(case.model).build_layouts(dict(case.inputs))[0].visual_positions()
+    for stage in stats.samples[0].stages:
+        merged = stage.merged_positions
+        count = 0 if merged is None else merged.numel()
+        assert stage.kept_positions.numel() + count == stage.visual_out, (stage.name, stage.layer)
+        assert torch.isin(stage.kept_positions, visual).all()
+        if merged is not None:
+            assert count > 0 and torch.equal(merged, torch.sort(merged).values)
+            assert torch.isin(merged, visual).all(), (stage.name, merged)

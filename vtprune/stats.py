@@ -14,6 +14,11 @@ class StageStats:
     kept_positions: torch.Tensor  # LongTensor, ascending: original positions of the visual tokens kept
     merged: int = 0              # extra merged tokens the stage added
     visual_out: int = 0          # visual tokens leaving the stage (kept + merged)
+    #: LongTensor, ascending: for each merged token leaving the stage, the original position it takes (its
+    #: anchor's); positions may repeat, and may equal a kept token's where a method places merged tokens at kept
+    #: ones (SparseVLM's recycled tokens, VisionZip's contextual tokens on LLaVA-NeXT). len(kept_positions) +
+    #: len(merged_positions) == visual_out. None when the stage holds no merged token
+    merged_positions: torch.Tensor | None = None
 
 
 @dataclass

@@ -309,7 +309,8 @@ def strip(model, inputs: dict[str, Any], video, sample: int = 0, caption: str | 
             if not (height and width):
                 raise ValueError("the video tokens of this model have no 2-D grid per frame to draw.")
             panels.append(_panel(Image.fromarray(frames[first]), height, width, np.arange(group.size), kept,
-                                 stage.merged > 0, merged, f"{label}\nkept {int(kept.sum())}/{group.size}",
+                                 stage.merged > 0, merged, f"{label}\nkept {int(kept.sum())}/{group.size}" +
+                                 (f", {int(merged.sum())} merged here" if merged is not None and merged.any() else ""),
                                  side=_STRIP_PANEL))
         total = sum(group.size for group in span.groups)
         title = f"{stage.name} @L{stage.layer}: kept {kept_total}/{total} video tokens over {len(span.groups)} frames"

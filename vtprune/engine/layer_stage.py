@@ -227,9 +227,11 @@ def cut_cache_to_final(run: LayerRun, cache, start: int) -> list[Segment] | None
 
 def _record_stage(run: LayerRun, b: int, layer_idx: int, added: int) -> None:
     kept = run.source[b][run.visual[b] & ~run.merged[b]]
+    merged = run.source[b][run.visual[b] & run.merged[b]]  # a merged token carries its anchor's position
     run.stages[b].append(StageStats(
         name=run.method.name, layer=layer_idx, kept_positions=torch.sort(kept).values, merged=added,
         visual_out=int(run.visual[b].sum()),
+        merged_positions=torch.sort(merged).values if merged.numel() else None,
     ))
 
 

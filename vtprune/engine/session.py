@@ -948,7 +948,7 @@ class PruneSession:
         merged, anchors, orders = [], [], []
         kept_visual, num_merged = [], 0
         self._merge_records.append([])
-        vit_kept, vit_merged = [], 0
+        vit_kept, vit_merged, vit_merged_at = [], 0, []
         if self.vit_stage is not None and not self.vit_stage.started():
             raise self._unpruned_error(f"the in-ViT stage {self.vit_method.name!r} saw no vision-encoder block run")
         for image_idx, image in enumerate(layout.images):
@@ -957,6 +957,7 @@ class PruneSession:
                 whole = alive & (sizes == 1) | image.structural & self._rows_alive(image, alive)
                 vit_kept.append(image.positions[whole])
                 vit_merged += int((sizes > 1).sum())
+                vit_merged_at.append(image.positions[alive & (sizes > 1)])
             if self.pre_method is None:
                 span_keep = torch.ones(image.num_tokens, dtype=torch.bool) if alive is None else \
                     alive | image.structural & self._rows_alive(image, alive)
@@ -986,11 +987,13 @@ class PruneSession:
             # tokens, each at the position of its representative patch
             vit_positions = torch.sort(torch.cat(vit_kept)).values if vit_kept else layout.visual_positions()
             sample.stages.append(StageStats(name=self.vit_method.name, layer=0, kept_positions=vit_positions,
-                                            merged=vit_merged, visual_out=int(vit_positions.numel()) + vit_merged))
+                                            merged=vit_merged, visual_out=int(vit_positions.numel()) + vit_merged,
+                                            merged_positions=_sorted_or_none(vit_merged_at)))
         if self.pre_method is not None:
             sample.stages.append(StageStats(
                 name=self.pre_method.name, layer=0, kept_positions=kept_positions, merged=num_merged,
                 visual_out=int(kept_positions.numel()) + num_merged,
+                merged_positions=_sorted_or_none([a.cpu() for a in anchors]),
             ))
         return plan, sample
 
@@ -1276,3 +1279,9 @@ class PruneSession:
             pruned[b, slot.to(logits.device)] = values.to(logits.device)
         return model.loss_function(logits=logits, labels=None, shift_labels=pruned, vocab_size=vocab,
                                    **targets.loss_kwargs)
+
+
+def _sorted_or_none(positions: list[torch.Tensor]) -> torch.Tensor | None:
+    """The ascending concatenation of ``positions`` (LongTensors), or None when they hold nothing."""
+    joined = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
+    return torch.sort(joined).values if joined.numel() else None
