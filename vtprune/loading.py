@@ -10,7 +10,7 @@ import torch
 from .errors import VTPruneError
 
 #: micro-VLMs trained by this project (models/), looked up next to the package and in the working directory
-BUNDLED_MODELS = ("micro-llava", "micro-qwen2vl")
+BUNDLED_MODELS = ("micro-llava", "micro-qwen2vl", "micro-qwen2vl-video")
 
 
 def bundled_model_dir(name: str = "micro-llava") -> Path | None:
