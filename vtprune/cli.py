@@ -801,8 +801,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="synth / synth_video: the first N questions of the test split (skill-balanced prefix); 0 = "
                         "all (600 image questions, 210 clips); default: all with --model, and "
                         f"{DEFAULT_RUN_QUESTIONS} (35 image questions per skill, all 210 clips) for the default run "
-                        "without --model/--preset: a binomial standard error of about 2.5 accuracy points at "
-                        "the bundled models' full-token accuracies (82-91 %%)")
+                        "without --model/--preset: a binomial standard error of at most 2.5 accuracy points at "
+                        "the default models' full-token accuracies (89-91 %%)")
     p.add_argument("--batch-size", type=_int_at_least(1), default=16)
     p.add_argument("--repeats", type=_int_at_least(1, "timed runs per measurement"), default=5)
     p.add_argument("--warmup", type=_int_at_least(0), default=1)

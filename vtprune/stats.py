@@ -21,6 +21,13 @@ class StageStats:
     merged_positions: torch.Tensor | None = None
 
 
+def merged_positions(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """``StageStats.merged_positions`` from per-span LongTensors of merged tokens' positions: ascending, or None
+    when there is none."""
+    joined = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+    return torch.sort(joined).values if joined.numel() else None
+
+
 @dataclass
 class SampleStats:
     visual_in: int                        # visual tokens before pruning (placeholders, newlines included)

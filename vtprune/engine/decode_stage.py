@@ -85,7 +85,6 @@ class _View:
             allowed[b, :r.numel()] = True
         self.prompt = prompt
         self.allowed = None if bool(allowed.all()) else allowed
-        self.allowed = allowed
         self.buffers: dict[int, list] = {}   # layer -> [keys [B, Hkv, cap, dh], values, filled]
         self.mask: Any = None                 # the layers' attention mask of the current step (built once)
         self.mask_for: int = -1               # the cache length ``mask`` was built for

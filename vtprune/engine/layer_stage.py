@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import compat
 from ..catalog.in_llm import LayerContext, LayerMethod, LayerSelection
-from ..stats import StageStats
+from ..stats import StageStats, merged_positions
 from .attention_rows import last_token_index
 from .positions import layer_rows, rope_rows
 from .sequence import SamplePlan, assemble
@@ -231,7 +231,7 @@ def _record_stage(run: LayerRun, b: int, layer_idx: int, added: int) -> None:
     run.stages[b].append(StageStats(
         name=run.method.name, layer=layer_idx, kept_positions=torch.sort(kept).values, merged=added,
         visual_out=int(run.visual[b].sum()),
-        merged_positions=torch.sort(merged).values if merged.numel() else None,
+        merged_positions=merged_positions([merged]),
     ))
 
 

@@ -54,7 +54,7 @@ from ..registry import (
     VisionTower,
     VisualGroup,
 )
-from ..stats import PruneStats, SampleStats, StageStats
+from ..stats import PruneStats, SampleStats, StageStats, merged_positions
 
 SESSION_ATTRIBUTE = "_vtprune_session"
 
@@ -988,12 +988,12 @@ class PruneSession:
             vit_positions = torch.sort(torch.cat(vit_kept)).values if vit_kept else layout.visual_positions()
             sample.stages.append(StageStats(name=self.vit_method.name, layer=0, kept_positions=vit_positions,
                                             merged=vit_merged, visual_out=int(vit_positions.numel()) + vit_merged,
-                                            merged_positions=_sorted_or_none(vit_merged_at)))
+                                            merged_positions=merged_positions(vit_merged_at)))
         if self.pre_method is not None:
             sample.stages.append(StageStats(
                 name=self.pre_method.name, layer=0, kept_positions=kept_positions, merged=num_merged,
                 visual_out=int(kept_positions.numel()) + num_merged,
-                merged_positions=_sorted_or_none([a.cpu() for a in anchors]),
+                merged_positions=merged_positions([a.cpu() for a in anchors]),
             ))
         return plan, sample
 
@@ -1279,9 +1279,3 @@ class PruneSession:
             pruned[b, slot.to(logits.device)] = values.to(logits.device)
         return model.loss_function(logits=logits, labels=None, shift_labels=pruned, vocab_size=vocab,
                                    **targets.loss_kwargs)
-
-
-def _sorted_or_none(positions: list[torch.Tensor]) -> torch.Tensor | None:
-    """The ascending concatenation of ``positions`` (LongTensors), or None when they hold nothing."""
-    joined = torch.cat(positions) if positions else torch.empty(0, dtype=torch.long)
-    return torch.sort(joined).values if joined.numel() else None

@@ -8,7 +8,7 @@ The patch grid is tiled by non-overlapping ``wh x ww`` windows (row-major over w
 window). A window's score is the mean pairwise cosine similarity of its tokens (self-pairs excluded). The ``r``
 highest-scoring windows each become one token; every other token stays as it is.
 
-The prefilling stage (:func:`dual_attention_keep`, :func:`key_set`) follows the authors' own code,
+The prefilling stage (:func:`dual_attention_keep` and the key set) follows the authors' own code,
 ``llava/model/language_model/modelling_sparse_llama.py`` L336-354 (``dual_attention_filter``) and
 ``multimodal_encoder/clip_encoder.py`` L97-107 (the key set: :func:`key_set_count` tokens picked by
 :func:`~vtprune.selectors.cls_attention.topk_select`).
